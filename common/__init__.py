@@ -1,0 +1,1 @@
+"""efmuon.common: the transport-free EF21-Muon algorithm (LMOs, compressors, state), tasks and tools."""

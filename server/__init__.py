@@ -1,0 +1,1 @@
+"""efmuon.server: the grpc.aio parameter server around common.algorithm.ServerState."""

@@ -1,0 +1,316 @@
+"""EF21-Muon: the state each side holds and the round of DESIGN.md §1, with no transport.
+
+The networked server and worker, the in-process simulator and the tests all drive these two
+classes, so a networked run and a simulated run with the same seeds end in the same bits.
+
+One round k (k = 1, 2, ...):
+
+    server:  X  <- X + t_k * lmo(G)             (per layer; + decoupled decay X *= 1 - t_k*wd)
+             S  <- C_down(X - W)                 frames encoded ONCE, the same bytes go to every worker
+             W  <- W + S
+    worker:  W  <- W + S
+             g  <- stochastic gradient of f_j at W
+             M_j <- (1 - beta) M_j + beta g      (beta weights the new gradient)
+             R_j <- C_up(M_j - G_j) ;  G_j <- G_j + R_j ;  send R_j
+    server:  G  <- G + (1/n) sum_j R_j           (so G == mean_j G_j at every step)
+
+Both sides add the *decoded* frame, never the tensor before encoding, so the worker's G_j and
+the server's copy of it, and the worker's W and the server's W, hold identical bits.
+
+Initialisation (`init`): 'grad' (default) sets G_j = M_j = g_j(X_0), sent uncompressed once
+(`WorkerState.init_uplink` / `ServerState.aggregate(..., init=True)`); 'zero' starts from
+G_j = M_j = 0 and skips that exchange.
+
+`method='ef14'` runs classic residual error feedback instead, for comparison: the worker keeps an
+error e_j and sends C_up(M_j + e_j) (e_j <- M_j + e_j - decoded); the server uses the mean of this
+round's decoded messages as G. Its downlink C_down(X - W) is the same expression as EF21-P, since
+X - W is exactly the server's accumulated residual. `ef14_variant='airbench'` replaces the downlink
+with the seed note's "ErrorFeedbackQuantizedMuon": the post-LMO update is quantised per tensor
+with max-abs scaling to `ef14_bits` bits, applied to both X and W (X == W), and its error feeds a
+buffer b <- decay*b + (1-decay)*(update - quantised) that is added to G before the next LMO.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+
+import torch
+
+from efmuon.common.compress import Compressor, parse_spec
+from efmuon.common.config import RunConfig
+from efmuon.common.errors import FrameError, ProtocolError
+from efmuon.common.lmo import LayerSpec, dual_norm, lmo_all
+
+UP, DOWN, INIT = 1, 2, 3
+_MASK64 = (1 << 63) - 1
+
+
+def frame_seed(run_seed: int, direction: int, round_: int, layer: int, client: int = 0) -> int:
+    """Seed of one frame's randomness (randk mask, rankk sketch, stochastic rounding).
+
+    A pure function of where the frame sits in the run, so both ends (and a resumed run)
+    derive the same seed without sending it around.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{run_seed}/{direction}/{round_}/{layer}/{client}".encode())
+    return int.from_bytes(h.digest(), "little") & _MASK64
+
+
+def lr_at(cfg: RunConfig, k: int) -> float:
+    """Step size t_k of round k = 1..rounds: linear warm-up, then constant, cosine or linear decay.
+
+    Decay reaches zero one step after the last round, so no round takes a zero step.
+    """
+    lr, rounds, warmup = float(cfg.lr), int(cfg.rounds), int(cfg.warmup)
+    if warmup and k <= warmup:
+        return lr * k / warmup
+    if cfg.schedule == "constant":
+        return lr
+    progress = (k - warmup - 1) / max(1, rounds - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "linear":
+        return lr * (1.0 - progress)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mapping[str, str]) -> list[Compressor]:
+    """Per-layer compressor: the first name pattern (fnmatch) that matches wins, else `default`."""
+    out = []
+    for s in specs:
+        chosen = default
+        for pat, spec in patterns.items():
+            if fnmatchcase(s.name, pat):
+                chosen = spec
+                break
+        out.append(parse_spec(chosen))
+    return out
+
+
+_IDENTITY = None
+
+
+def _identity() -> Compressor:
+    global _IDENTITY
+    if _IDENTITY is None:
+        _IDENTITY = parse_spec("identity")
+    return _IDENTITY
+
+
+def _decode_all(comps: Sequence[Compressor], frames: Sequence, specs: Sequence[LayerSpec], device, who: str) -> list[torch.Tensor]:
+    if len(frames) != len(specs):
+        raise FrameError(f"{who}: expected {len(specs)} layer frames, got {len(frames)}")
+    return [c.decode(f, s.shape, device=device) for c, f, s in zip(comps, frames, specs)]
+
+
+def params_sha256(params: Sequence[torch.Tensor], names: Sequence[str]) -> str:
+    """sha256 over the float32 little-endian bytes of the parameters, in sorted name order."""
+    h = hashlib.sha256()
+    for _, p in sorted(zip(names, params), key=lambda t: t[0]):
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ServerState:
+    """Server side of EF21-Muon: X (exact model), W (workers' model), G = mean_j G_j, step k.
+
+    It also keeps each client's estimator G_j (`estimators`), which lets a client that lost its
+    state re-sync and lets partial participation keep G the mean over all n clients.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], specs: Sequence[LayerSpec], cfg: RunConfig,
+                 n_clients: int, device: str | torch.device = "cpu", keep_estimators: bool = True):
+        if len(params) != len(specs):
+            raise ValueError("one LayerSpec per parameter is required")
+        self.cfg, self.specs, self.n = cfg, list(specs), int(n_clients)
+        self.device = torch.device(device)
+        self.X = [p.detach().to(self.device, torch.float32).clone() for p in params]
+        self.W = [x.clone() for x in self.X]
+        self.G = [torch.zeros_like(x) for x in self.X]
+        self.estimators: dict[int, list[torch.Tensor]] | None = {} if keep_estimators else None
+        self.round = 0  # number of LMO steps taken (== downlinks produced)
+        self.up = layer_compressors(specs, cfg.uplink, cfg.uplink_layers)
+        self.down = layer_compressors(specs, cfg.downlink, cfg.downlink_layers)
+        self.stale_nuclear: float | None = None  # muonmax: sum of nuclear norms from the last step
+        self.ef14_buffer = [torch.zeros_like(x) for x in self.X] if self._airbench else None
+        if self._airbench:
+            bits = cfg.ef14_bits
+            self.down = [parse_spec("identity") if bits == 32 else parse_spec(f"quant:{bits}:{max(1, x.numel())}")
+                         for x in self.X]
+
+    @property
+    def _airbench(self) -> bool:
+        return self.cfg.method == "ef14" and self.cfg.ef14_variant == "airbench"
+
+    # ------------------------------------------------------------------ uplink
+    def decode_uplinks(self, uplinks: Mapping[int, Sequence], init: bool = False) -> dict[int, list[torch.Tensor]]:
+        """Validate and decode every client's frames; raises FrameError/ProtocolError, mutates nothing."""
+        out = {}
+        for j in sorted(uplinks):
+            if not isinstance(j, int) or not 0 <= j < self.n:
+                raise ProtocolError(f"unknown client {j!r}: clients are 0..{self.n - 1}")
+            comps = [_identity()] * len(self.specs) if init else self.up
+            decoded = _decode_all(comps, uplinks[j], self.specs, self.device, f"client {j} uplink")
+            for i, d in enumerate(decoded):
+                if not torch.isfinite(d).all():
+                    raise FrameError(f"client {j} uplink, layer {self.specs[i].name}: non-finite values")
+            out[j] = decoded
+        return out
+
+    def aggregate(self, uplinks: Mapping[int, Sequence], init: bool = False) -> None:
+        """G <- G + (1/n) sum_j R_j over the clients present (sorted by id, so the sum is reproducible).
+
+        With `init=True` the frames are the uncompressed g_j(X_0) of the 'grad' initialisation.
+        For method 'ef14', G is replaced by the mean of this round's messages instead.
+        Everything is decoded and checked before any state changes.
+        """
+        decoded = self.decode_uplinks(uplinks, init=init)
+        self.apply_decoded(decoded)
+
+    def apply_decoded(self, decoded: Mapping[int, Sequence[torch.Tensor]]) -> None:
+        if not decoded:
+            return
+        order = sorted(decoded)
+        ef14 = self.cfg.method == "ef14"
+        for i in range(len(self.specs)):
+            acc = decoded[order[0]][i].clone()
+            for j in order[1:]:
+                acc.add_(decoded[j][i])
+            if ef14:
+                self.G[i] = acc.div_(len(order))
+            else:
+                self.G[i].add_(acc.div_(self.n))
+        if self.estimators is not None:
+            for j in order:
+                est = self.estimators.get(j)
+                if est is None or ef14:
+                    self.estimators[j] = [r.clone() for r in decoded[j]]
+                else:
+                    for e, r in zip(est, decoded[j]):
+                        e.add_(r)
+
+    # ------------------------------------------------------------------ LMO step + downlink
+    def step_sizes(self, directions: Sequence[torch.Tensor], G: Sequence[torch.Tensor], t: float) -> list[float]:
+        """Per-layer t_i for this step, from the preset (DESIGN.md §3)."""
+        cfg = self.cfg
+        mult = [float(cfg.lr_mult.get(s.norm, s.lr_mult)) for s in self.specs]
+        if cfg.preset == "gluon":
+            # Gluon's layer-wise adaptive step t_i = ||G_i||_* / (L0 + L1 ||G_i||_*), times the schedule.
+            out = []
+            for g, d, s, m in zip(G, directions, self.specs, mult):
+                dn = dual_norm(g, s, direction=d)
+                out.append(t * m * dn / (cfg.gluon_l0 + cfg.gluon_l1 * dn))
+            return out
+        if cfg.preset == "muonmax":
+            # MuonMax: every layer's step is scaled by the sum of nuclear norms (the dual of the max-norm
+            # over layers). Stale trick: use the sum from the previous step, fresh only on the first.
+            fresh = sum(dual_norm(g, s, direction=d) for g, d, s in zip(G, directions, self.specs) if s.norm == "spectral")
+            scale = fresh if self.stale_nuclear is None else self.stale_nuclear
+            self.stale_nuclear = fresh
+            return [t * m * scale for m in mult]
+        return [t * m for m in mult]
+
+    def step(self) -> list[bytes]:
+        """One server step: X += t lmo(G); frames = C_down(X - W); W += decode(frames). Returns the frames."""
+        k = self.round + 1
+        t = lr_at(self.cfg, k)
+        G = self.G
+        if self.ef14_buffer is not None:
+            G = [g + b for g, b in zip(G, self.ef14_buffer)]
+        directions = lmo_all(G, self.specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs)
+        ts = self.step_sizes(directions, G, t)
+        wd = self.cfg.weight_decay
+        frames = []
+        for i, (d, ti) in enumerate(zip(directions, ts)):
+            if self._airbench:
+                update = d.mul(ti)
+                if wd:
+                    update.sub_(self.X[i], alpha=t * wd)
+                frame = self.down[i].encode(update, frame_seed(self.cfg.seed, DOWN, k, i))
+                q = self.down[i].decode(frame, self.specs[i].shape, device=self.device)
+                self.X[i].add_(q)
+                self.W[i].add_(q)
+                if ti > 0:
+                    self.ef14_buffer[i].mul_(self.cfg.ef14_decay).add_((update - q) / ti, alpha=1 - self.cfg.ef14_decay)
+                frames.append(frame)
+                continue
+            if wd:
+                self.X[i].mul_(1.0 - t * wd)
+            self.X[i].add_(d, alpha=ti)
+            frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, i))
+            self.W[i].add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
+            frames.append(frame)
+        self.round = k
+        return frames
+
+
+class WorkerState:
+    """Worker side of EF21-Muon: W (identical bits to the server's), momentum M_j, estimator G_j."""
+
+    def __init__(self, params: Sequence[torch.Tensor], specs: Sequence[LayerSpec], cfg: RunConfig,
+                 client_id: int, device: str | torch.device = "cpu"):
+        self.cfg, self.specs, self.client = cfg, list(specs), int(client_id)
+        self.device = torch.device(device)
+        self.W = [p.detach().to(self.device, torch.float32).clone() for p in params]
+        self.M = [torch.zeros_like(w) for w in self.W]
+        self.Gj = [torch.zeros_like(w) for w in self.W]
+        self.error = [torch.zeros_like(w) for w in self.W] if cfg.method == "ef14" else None
+        self.round = 0  # number of downlinks applied
+        self.up = layer_compressors(specs, cfg.uplink, cfg.uplink_layers)
+        self.down = layer_compressors(specs, cfg.downlink, cfg.downlink_layers)
+        if cfg.method == "ef14" and cfg.ef14_variant == "airbench":
+            bits = cfg.ef14_bits
+            self.down = [parse_spec("identity") if bits == 32 else parse_spec(f"quant:{bits}:{max(1, w.numel())}")
+                         for w in self.W]
+
+    def _check_grads(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(grads) != len(self.W):
+            raise ValueError(f"expected {len(self.W)} gradients, got {len(grads)}")
+        out = []
+        for g, w, s in zip(grads, self.W, self.specs):
+            if g is None:
+                g = torch.zeros_like(w)
+            if tuple(g.shape) != tuple(w.shape):
+                raise ValueError(f"gradient of {s.name} has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+            out.append(g.detach().to(self.device, torch.float32))
+        return out
+
+    def init_uplink(self, grads: Sequence[torch.Tensor]) -> list[bytes]:
+        """'grad' initialisation: G_j = M_j = g_j(X_0); returns the uncompressed frames to send once."""
+        grads = self._check_grads(grads)
+        ident = _identity()
+        frames = [ident.encode(g, 0) for g in grads]
+        for i, (f, s) in enumerate(zip(frames, self.specs)):
+            g = ident.decode(f, s.shape, device=self.device)
+            self.M[i] = g.clone()
+            self.Gj[i] = g
+        return frames
+
+    def apply_downlink(self, frames: Sequence) -> None:
+        """W <- W + S. Decodes every layer before touching W, so a bad frame changes nothing."""
+        S = _decode_all(self.down, frames, self.specs, self.device, "downlink")
+        for w, s in zip(self.W, S):
+            w.add_(s)
+        self.round += 1
+
+    def make_uplink(self, grads: Sequence[torch.Tensor]) -> list[bytes]:
+        """M_j <- (1-beta) M_j + beta g; R_j = C_up(M_j - G_j); G_j += R_j. Returns R_j's frames."""
+        grads = self._check_grads(grads)
+        beta = float(self.cfg.beta)
+        k = self.round
+        frames = []
+        for i, (g, comp, s) in enumerate(zip(grads, self.up, self.specs)):
+            self.M[i].mul_(1.0 - beta).add_(g, alpha=beta)
+            seed = frame_seed(self.cfg.seed, UP, k, i, self.client)
+            if self.error is not None:  # ef14: send C(M + e), keep the residual
+                v = self.M[i] + self.error[i]
+                frame = comp.encode(v, seed)
+                r = comp.decode(frame, s.shape, device=self.device)
+                self.error[i] = v.sub_(r)
+                self.Gj[i] = r
+            else:
+                frame = comp.encode(self.M[i] - self.Gj[i], seed)
+                self.Gj[i].add_(comp.decode(frame, s.shape, device=self.device))
+            frames.append(frame)
+        return frames

@@ -1,0 +1,190 @@
+"""Typed run configuration, validated at the edge.
+
+One `RunConfig` describes a training run for `efmuon simulate`, `run`, `server` and `worker`.
+It is filled, in increasing priority, from: the dataclass defaults, the task's recommended
+settings (`Task.defaults`, for fields left as None), a TOML file (`--config`), and flags.
+Unknown keys and bad values raise `ConfigError` naming the key and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from efmuon.common.errors import ConfigError
+
+TASKS = ("lsq", "digits", "gpt-char")
+PRESETS = ("muon", "scion", "gluon", "muonmax")
+METHODS = ("ef21", "ef14")
+SCHEDULES = ("constant", "cosine", "linear")
+INITS = ("grad", "zero")
+EF14_VARIANTS = ("classic", "airbench")
+DEVICES = ("cpu", "cuda", "auto")
+NS_COEFFS = ("jordan", "polar_express")
+
+# The embedded default pairing: compressed both ways (see BENCHMARKS.md, "bytes to target").
+DEFAULT_UPLINK = "topk:0.1"
+DEFAULT_DOWNLINK = "topk:0.1"
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run. Fields set to None take the task's recommended value."""
+
+    # --- what to train
+    task: str = "gpt-char"
+    task_options: dict = field(default_factory=dict)
+    workers: int = 4
+    rounds: int | None = None
+    seed: int = 0
+    # --- the algorithm (DESIGN.md §1)
+    method: str = "ef21"
+    preset: str | None = None
+    lr: float | None = None
+    beta: float | None = None  # weight of the NEW gradient in the momentum (Scion convention)
+    schedule: str | None = None
+    warmup: int | None = None
+    weight_decay: float = 0.0
+    init: str = "grad"  # G_j = M_j = g_j(X_0) sent uncompressed once ('grad'), or G_j = M_j = 0 ('zero')
+    ns_steps: int = 5
+    ns_coeffs: str = "jordan"
+    lr_mult: dict = field(default_factory=dict)  # {norm: multiplier}, e.g. {"sign": 4.0}
+    norms: dict = field(default_factory=dict)  # {param-name pattern: norm[:scale_rule]}
+    gluon_l0: float = 1.0
+    gluon_l1: float = 1.0
+    ef14_variant: str = "classic"
+    ef14_bits: int = 8
+    ef14_decay: float = 0.9
+    # --- compression (DESIGN.md §2)
+    uplink: str = DEFAULT_UPLINK
+    downlink: str = DEFAULT_DOWNLINK
+    uplink_layers: dict = field(default_factory=dict)  # {param-name pattern: spec}
+    downlink_layers: dict = field(default_factory=dict)
+    # --- execution
+    device: str = "cpu"
+    threads: int = 1
+    eval_every: int = 1
+    log_every: int = 10
+    report: str | None = None
+    metrics: str | None = None  # JSONL stream, one line per round
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def from_mapping(data: dict[str, Any], base: RunConfig | None = None, where: str = "config") -> RunConfig:
+    """Overlay `data` on `base`, rejecting unknown keys with the list of valid ones."""
+    base = base or RunConfig()
+    valid = set(RunConfig.keys())
+    unknown = sorted(k for k in data if k not in valid)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys are: {', '.join(sorted(valid))}"
+        )
+    cfg = dataclasses.replace(base, **{k.replace("-", "_"): v for k, v in data.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_toml(path: str, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML config file. Top-level keys are RunConfig fields; tables give the dict fields."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    return from_mapping(data, base, where=path)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value, allow_zero: bool = False, integer: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} must be a number")
+    if integer and not float(value).is_integer():
+        raise ConfigError(f"{name}={value!r} must be a whole number")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'} and finite")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field; raise ConfigError naming the field and the allowed values."""
+    _choice("task", cfg.task, TASKS)
+    _choice("method", cfg.method, METHODS)
+    _choice("preset", cfg.preset, PRESETS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("init", cfg.init, INITS)
+    _choice("ef14_variant", cfg.ef14_variant, EF14_VARIANTS)
+    _choice("device", cfg.device, DEVICES)
+    _choice("ns_coeffs", cfg.ns_coeffs, NS_COEFFS)
+    _positive("workers", cfg.workers, integer=True)
+    _positive("rounds", cfg.rounds, integer=True)
+    _positive("seed", cfg.seed, allow_zero=True, integer=True)
+    _positive("lr", cfg.lr, allow_zero=True)
+    _positive("warmup", cfg.warmup, allow_zero=True, integer=True)
+    _positive("weight_decay", cfg.weight_decay, allow_zero=True)
+    _positive("ns_steps", cfg.ns_steps, integer=True)
+    _positive("threads", cfg.threads, integer=True)
+    _positive("eval_every", cfg.eval_every, integer=True)
+    _positive("log_every", cfg.log_every, integer=True)
+    _positive("gluon_l0", cfg.gluon_l0, allow_zero=True)
+    _positive("gluon_l1", cfg.gluon_l1, allow_zero=True)
+    if cfg.gluon_l0 == 0 and cfg.gluon_l1 == 0:
+        raise ConfigError("gluon_l0 and gluon_l1 cannot both be 0 (the Gluon step t = ||G||_*/(L0 + L1||G||_*) would divide by zero)")
+    if cfg.beta is not None:
+        _positive("beta", cfg.beta)
+        if cfg.beta > 1:
+            raise ConfigError(f"beta={cfg.beta!r} must be in (0, 1]: it weights the new gradient (1 = no momentum)")
+    if cfg.ef14_bits not in (4, 8, 16, 32):
+        raise ConfigError(f"ef14_bits={cfg.ef14_bits!r} is not valid; choose one of: 4, 8, 16, 32")
+    if not 0 <= cfg.ef14_decay < 1:
+        raise ConfigError(f"ef14_decay={cfg.ef14_decay!r} must be in [0, 1)")
+    for name in ("task_options", "lr_mult", "norms", "uplink_layers", "downlink_layers"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise ConfigError(f"{name} must be a table (mapping), got {type(getattr(cfg, name)).__name__}")
+    for name in ("uplink", "downlink"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise ConfigError(f"{name} must be a compressor spec string such as 'topk:0.1'")
+    # Compressor specs are checked by parsing them (the parser names the valid forms).
+    from efmuon.common.compress import parse_spec
+
+    for spec in [cfg.uplink, cfg.downlink, *cfg.uplink_layers.values(), *cfg.downlink_layers.values()]:
+        parse_spec(spec)
+    return cfg
+
+
+def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
+    """Fill the fields left as None from the task's recommended settings."""
+    fill = {}
+    generic = {"rounds": 100, "preset": "muon", "lr": 0.02, "beta": 0.1, "schedule": "cosine", "warmup": 0}
+    for key, fallback in generic.items():
+        if getattr(cfg, key) is None:
+            fill[key] = task_defaults.get(key, fallback)
+    if not cfg.lr_mult and task_defaults.get("lr_mult"):
+        fill["lr_mult"] = dict(task_defaults["lr_mult"])
+    out = dataclasses.replace(cfg, **fill)
+    validate(out)
+    if out.warmup >= out.rounds:
+        raise ConfigError(f"warmup={out.warmup} must be smaller than rounds={out.rounds}")
+    return out

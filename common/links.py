@@ -1,0 +1,615 @@
+"""Wire-byte counting and in-process link emulation for gRPC connections (DESIGN.md section 5).
+
+`CountingRelay` is a TCP relay that runs in the caller's process. A gRPC client channel connects to
+the relay instead of the server, and the relay forwards every byte to the real target. Bytes are
+counted at the socket, so the counts include everything the connection carried: HTTP/2 and gRPC
+framing, and TLS records when TLS is on. IP/TCP headers are not included. This gives the "wire"
+figure of DESIGN.md section 5::
+
+    with CountingRelay("127.0.0.1", server_port) as relay:
+        host, port = relay.address
+        channel = grpc.aio.insecure_channel(f"{host}:{port}")
+        ...
+        relay.counters()  # {"up": bytes client->server, "down": bytes server->client}
+
+With a `LinkProfile`, the relay also shapes each direction. That is emulation level (a) of the
+design: it needs no root, and TCP ends at the relay on both sides, so it reproduces rate and latency
+as the application sees them (including HTTP/2 window updates), but not kernel congestion control
+over a long path. In each direction:
+
+* rate: a token bucket with debt accounting. It refills from `time.monotonic()`, tokens may go
+  negative, and the sleep pays back the debt, so sleep overshoot does not lower the rate. The bucket
+  starts empty, and its cap is one chunk or 10 ms of rate, whichever is larger. It charges the TCP
+  payload bytes the relay forwards. L2/IP/TCP overhead is not included, so the rate is a goodput
+  rate. To emulate an L2 rate R, configure about 0.956*R.
+* delay: each chunk is forwarded `delay + uniform(-jitter, jitter)` seconds (clamped at >= 0) after
+  it has passed the bucket. Order is preserved, so a chunk never overtakes an earlier one. Bytes in
+  flight are bounded by rate*(delay+jitter) + 256 KiB. When that bound is reached the relay stops
+  reading, and TCP backpressure reaches the sender.
+* loss: modelled as the delay of a retransmission, not as dropped bytes (TCP would resend them).
+  For each 64 KiB of data, with probability `loss`, the chunk that starts that 64 KiB is held for an
+  extra RTO of max(200 ms, 2*delay). Later chunks wait behind it, which is TCP's head-of-line blocking.
+
+Unshaped directions take a fast path: a recv_into loop into one reusable buffer of up to 1 MiB, then
+sendall from a memoryview of that buffer. No user-space copies are made beyond that, and nothing is
+buffered beyond one buffer per direction: while the destination is not accepting data, the relay
+does not read from the source.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from efmuon.common.errors import ConfigError
+
+__all__ = ["LinkProfile", "PRESETS", "parse_link", "CountingRelay"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Link profiles
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """One client's link. Rates are in bits/s (None means unlimited). `delay_s` is one-way and is
+    applied in each direction, so a round trip takes at least 2*delay_s. `loss` is a probability per
+    64 KiB of data, modelled as a retransmission delay."""
+
+    up_bps: float | None = None
+    down_bps: float | None = None
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("up_bps", "down_bps"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"LinkProfile.{name} must be a positive number of bits/s or None (unlimited), got {v!r}")
+        for name in ("delay_s", "jitter_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"LinkProfile.{name} must be a number of seconds >= 0, got {v!r}")
+        if not (isinstance(self.loss, (int, float)) and 0 <= self.loss < 1):
+            raise ConfigError(f"LinkProfile.loss must be a fraction in [0, 1), got {self.loss!r}")
+
+    @property
+    def is_shaped(self) -> bool:
+        """True if the profile changes anything (a rate, delay, jitter or loss)."""
+        return bool(self.up_bps or self.down_bps or self.delay_s or self.jitter_s or self.loss)
+
+    def direction(self, direction: str) -> tuple[float | None, bool]:
+        """(rate in bits/s or None, whether this direction needs shaping) for "up" or "down"."""
+        rate = self.up_bps if direction == "up" else self.down_bps
+        return rate, bool(rate or self.delay_s or self.jitter_s or self.loss)
+
+    def to_spec(self) -> str:
+        """A string that `parse_link` turns back into this profile."""
+        if not self.is_shaped:
+            return "none"
+        parts = []
+        if self.up_bps:
+            parts.append(f"up={_fmt_rate(self.up_bps)}")
+        if self.down_bps:
+            parts.append(f"down={_fmt_rate(self.down_bps)}")
+        if self.delay_s:
+            parts.append(f"delay={_fmt_time(self.delay_s)}")
+        if self.jitter_s:
+            parts.append(f"jitter={_fmt_time(self.jitter_s)}")
+        if self.loss:
+            parts.append(f"loss={self.loss * 100:.12g}%")
+        return ",".join(parts)
+
+
+PRESETS: dict[str, LinkProfile] = {
+    "none": LinkProfile(),
+    "dsl": LinkProfile(up_bps=1e6, down_bps=16e6, delay_s=0.030),
+    "lte": LinkProfile(up_bps=10e6, down_bps=30e6, delay_s=0.050),
+    "wifi": LinkProfile(up_bps=50e6, down_bps=100e6, delay_s=0.005),
+    "dc-10g": LinkProfile(up_bps=10e9, down_bps=10e9, delay_s=0.00005),
+}
+
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_NUM = r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?)"
+_RATE_RE = re.compile(_NUM + r"\s*(bit|kbit|mbit|gbit)")
+_TIME_RE = re.compile(_NUM + r"\s*(us|ms|s)")
+_LOSS_RE = re.compile(_NUM + r"\s*(%?)")
+_KEYS = {"up": "up_bps", "down": "down_bps", "delay": "delay_s", "jitter": "jitter_s", "loss": "loss"}
+
+VALID_FORMS = (
+    "Valid forms: a preset (" + ", ".join(PRESETS) + "), or comma-separated key=value pairs: "
+    "up=/down= a rate <number>bit|kbit|mbit|gbit (decimal, bits/s; 'none' = unlimited), "
+    "delay=/jitter= a time <number>us|ms|s (one-way), loss= <number>% or a fraction in [0, 1); "
+    "a preset may come first and be overridden. "
+    "Examples: 'lte', 'up=10mbit,down=50mbit,delay=20ms,jitter=5ms,loss=0.1%', 'dsl,delay=50ms'."
+)
+
+
+def _fmt_rate(bps: float) -> str:
+    for unit, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bps >= mult:
+            return f"{bps / mult:.12g}{unit}"
+    return f"{bps:.12g}bit"
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.12g}s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.12g}ms"
+    return f"{s * 1e6:.12g}us"
+
+
+def parse_link(spec: str | LinkProfile | None) -> LinkProfile:
+    """Parse a link spec: a preset name, or `up=10mbit,down=50mbit,delay=20ms,jitter=5ms,loss=0.1%`,
+    optionally starting with a preset to override (`dsl,delay=50ms`). Rates are stored in bits/s and
+    times in seconds. None and "none" mean an unshaped link. Raises ConfigError naming the bad part."""
+    if spec is None:
+        return PRESETS["none"]
+    if isinstance(spec, LinkProfile):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"link spec must be a string, got {type(spec).__name__}. {VALID_FORMS}")
+    text = spec.strip().lower()
+    if not text:
+        raise ConfigError(f"link spec is empty. {VALID_FORMS}")
+    parts = [p.strip() for p in text.split(",")]
+    values: dict[str, object] = {}
+    if "=" not in parts[0]:
+        name = parts.pop(0)
+        if name not in PRESETS:
+            raise ConfigError(f"link spec {spec!r}: unknown preset {name!r}. {VALID_FORMS}")
+        values = dataclasses.asdict(PRESETS[name])
+    seen: set[str] = set()
+    for part in parts:
+        key, eq, val = (s.strip() for s in part.partition("="))
+        if not eq:
+            raise ConfigError(f"link spec {spec!r}: part {part!r} is not key=value "
+                              f"(a preset may only come first). {VALID_FORMS}")
+        if key not in _KEYS:
+            raise ConfigError(f"link spec {spec!r}: unknown key {key!r} in {part!r}; "
+                              f"keys are {', '.join(_KEYS)}. {VALID_FORMS}")
+        if key in seen:
+            raise ConfigError(f"link spec {spec!r}: key {key!r} given twice. {VALID_FORMS}")
+        seen.add(key)
+        values[_KEYS[key]] = _parse_value(spec, part, key, val)
+    try:
+        return LinkProfile(**values)  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise ConfigError(f"link spec {spec!r}: {e}. {VALID_FORMS}") from None
+
+
+def _parse_value(spec: str, part: str, key: str, val: str) -> float | None:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"link spec {spec!r}: bad value in {part!r}: {why}. {VALID_FORMS}")
+
+    if key in ("up", "down"):
+        if val in ("none", "unlimited"):
+            return None
+        m = _RATE_RE.fullmatch(val)
+        if not m:
+            raise bad("a rate needs a number and a unit bit, kbit, mbit or gbit, e.g. 10mbit")
+        v = float(m.group(1)) * _RATE_UNITS[m.group(2)]
+        if not (math.isfinite(v) and v > 0):
+            raise bad("a rate must be > 0 (use 'none' for unlimited)")
+        return v
+    if key in ("delay", "jitter"):
+        m = _TIME_RE.fullmatch(val)
+        if not m:
+            raise bad("a time needs a number and a unit us, ms or s, e.g. 20ms")
+        v = float(m.group(1)) * _TIME_UNITS[m.group(2)]
+        if not math.isfinite(v):
+            raise bad("a time must be finite")
+        return v
+    m = _LOSS_RE.fullmatch(val)
+    if not m:
+        raise bad("loss is a percentage like 0.1% or a fraction like 0.001")
+    v = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+    if not 0 <= v < 1:
+        raise bad("loss must be in [0%, 100%)")
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Relay
+# --------------------------------------------------------------------------------------------------
+
+_SMALL_BUF = 64 * 1024          # first buffer of an unshaped direction
+_BIG_BUF = 1024 * 1024          # grown to this once a recv fills the small buffer
+_LOSS_SEGMENT = 64 * 1024       # loss is drawn once per this many bytes
+_QUEUE_SLACK = 256 * 1024       # in-flight bound = rate*(delay+jitter) + this
+_NOMINAL_FAST_BPS = 10e9        # rate used for the in-flight bound when a delayed direction has no rate
+_MAX_QUEUE = 64 * 1024 * 1024   # ... and the bound is capped at this
+_MIN_RTO = 0.200
+
+
+
+def _chunk_size(rate_bps: float | None) -> int:
+    """Largest chunk forwarded at once: about 10 ms of rate, a power of two in [1 KiB, 1 MiB], so
+    <= 16 KiB below ~26 Mbit/s and the rate is smooth over short windows."""
+    if not rate_bps:
+        return 256 * 1024
+    target = rate_bps / 8 * 0.010
+    size = 1024
+    while size * 2 <= target and size < _BIG_BUF:
+        size *= 2
+    return size
+
+
+class _TokenBucket:
+    """Debt-accounting token bucket, in bytes. Starts empty; tokens may go negative."""
+
+    __slots__ = ("rate", "cap", "tokens", "t")
+
+    def __init__(self, rate_bps: float, cap_bytes: float) -> None:
+        self.rate = rate_bps / 8.0
+        self.cap = float(cap_bytes)
+        self.tokens = 0.0
+        self.t = time.monotonic()
+
+    def charge(self, n: int) -> float:
+        """Take n bytes; return how long to sleep to pay back the debt (0 if none)."""
+        now = time.monotonic()
+        self.tokens = min(self.cap, self.tokens + (now - self.t) * self.rate) - n
+        self.t = now
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class CountingRelay:
+    """In-process TCP relay that counts (and optionally shapes) the bytes of every connection.
+
+    `start()` listens on `listen_host`, port 0, and returns the (host, port) to connect to. Each
+    accepted connection gets its own connection to (target_host, target_port). `counters()` gives
+    the bytes client->server ("up") and server->client ("down") summed over all connections: exactly
+    what recv() returned from each side (bytes are counted when read, before they are forwarded).
+
+    The relay runs its own asyncio loop in a daemon thread. When one side ends its sending half
+    (EOF), the relay forwards the EOF (shutdown(SHUT_WR)) after any data still in flight, and closes
+    both sockets once both directions have ended. A connection error on either side closes both.
+    `stop()` closes the listener and every connection and joins the thread; it is idempotent.
+    """
+
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
+                 link: LinkProfile | str | None = None, seed: int | None = None) -> None:
+        self.target_host = target_host
+        self.target_port = int(target_port)
+        self.listen_host = listen_host
+        self.link = parse_link(link) if link is not None else None
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._counts = [0, 0]  # up, down
+        self._connections = 0
+        self._state_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lsock: socket.socket | None = None
+        self._address: tuple[str, int] | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = False
+        self._targets: list[tuple] = []
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Start listening and forwarding; return the local (host, port). Calling it again returns
+        the same address."""
+        with self._state_lock:
+            if self._stopped:
+                raise RuntimeError("CountingRelay was stopped; create a new one")
+            if self._address is not None:
+                return self._address
+            self._targets = socket.getaddrinfo(self.target_host, self.target_port, type=socket.SOCK_STREAM)
+            if not self._targets:
+                raise OSError(f"cannot resolve {self.target_host}:{self.target_port}")
+            fam, typ, proto, _, addr = socket.getaddrinfo(
+                self.listen_host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            lsock = socket.socket(fam, typ, proto)
+            try:
+                lsock.bind(addr)
+                lsock.listen(1024)
+                lsock.setblocking(False)
+            except OSError:
+                lsock.close()
+                raise
+            self._lsock = lsock
+            self._loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready,), name="efmuon-relay", daemon=True)
+            self._thread.start()
+            ready.wait()
+            host, port = lsock.getsockname()[:2]
+            self._address = (host, port)
+            return self._address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The local (host, port) clients connect to (after start())."""
+        if self._address is None:
+            raise RuntimeError("CountingRelay not started")
+        return self._address
+
+    def counters(self) -> dict[str, int]:
+        """{"up": bytes client->server, "down": bytes server->client}, over all connections so far."""
+        with self._lock:
+            return {"up": self._counts[0], "down": self._counts[1]}
+
+    @property
+    def connections(self) -> int:
+        """Number of client connections accepted so far."""
+        with self._lock:
+            return self._connections
+
+    def stop(self) -> None:
+        """Close the listener and all connections, stop the loop and join the thread. Idempotent."""
+        with self._state_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            try:
+                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+                fut.result(timeout=5)
+            except Exception:  # noqa: BLE001 - best effort; the loop is stopped below anyway
+                pass
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # loop already closed
+                pass
+            thread.join(timeout=5)
+
+    def __enter__(self) -> "CountingRelay":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- loop thread -----------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        self._accept_task = loop.create_task(self._accept_loop())
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                for t in asyncio.all_tasks(loop):
+                    t.cancel()
+                loop.run_until_complete(asyncio.sleep(0))
+            finally:
+                _close(self._lsock)
+                loop.close()
+
+    async def _shutdown(self) -> None:
+        self._accept_task.cancel()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(self._accept_task, *tasks, return_exceptions=True)
+        _close(self._lsock)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._lsock is not None
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self._lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError:
+                # e.g. EMFILE: back off instead of spinning
+                await asyncio.sleep(0.05)
+                continue
+            with self._lock:
+                self._connections += 1
+            task = loop.create_task(self._handle(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        err: OSError | None = None
+        for fam, typ, proto, _, addr in self._targets:
+            sock = socket.socket(fam, typ, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+                return sock
+            except OSError as e:
+                err = e
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+        raise err or OSError("no address to connect to")
+
+    async def _handle(self, client: socket.socket) -> None:
+        server = None
+        tasks: list[asyncio.Task] = []
+        try:
+            client.setblocking(False)
+            server = await self._connect()
+            for s in (client, server):
+                try:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            loop = asyncio.get_running_loop()
+            tasks = [loop.create_task(self._direction(client, server, 0)),
+                     loop.create_task(self._direction(server, client, 1))]
+            await asyncio.gather(*tasks)
+        except (OSError, EOFError):
+            pass  # reset / refused / broken pipe: close both sides below
+        finally:
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            _close(client)
+            _close(server)
+
+    def _direction(self, src: socket.socket, dst: socket.socket, idx: int):
+        rate, shaped = (self.link.direction("up" if idx == 0 else "down") if self.link is not None
+                        else (None, False))
+        if not shaped:
+            return self._pump_fast(src, dst, idx)
+        assert self.link is not None
+        if not (self.link.delay_s or self.link.jitter_s or self.link.loss):
+            return self._pump_rate(src, dst, idx, rate)  # type: ignore[arg-type]
+        return self._pump_delayed(src, dst, idx, rate)
+
+    # ---- unshaped hot path -----------------------------------------------------------------
+
+    async def _pump_fast(self, src: socket.socket, dst: socket.socket, idx: int) -> None:
+        loop = asyncio.get_running_loop()
+        recv_into, sendall = loop.sock_recv_into, loop.sock_sendall
+        lock, counts = self._lock, self._counts
+        buf = bytearray(_SMALL_BUF)
+        view = memoryview(buf)
+        size = _SMALL_BUF
+        while True:
+            n = await recv_into(src, buf)
+            if not n:
+                break
+            with lock:
+                counts[idx] += n
+            await sendall(dst, view[:n] if n < size else view)
+            if n == size and size < _BIG_BUF:  # bulk transfer: switch to the big buffer
+                view.release()
+                size = _BIG_BUF
+                buf = bytearray(size)
+                view = memoryview(buf)
+        _shutdown_write(dst)
+
+    # ---- shaped paths ----------------------------------------------------------------------
+
+    async def _pump_rate(self, src: socket.socket, dst: socket.socket, idx: int, rate: float) -> None:
+        """Rate limit only: read a chunk, pay for it in the bucket, forward it."""
+        loop = asyncio.get_running_loop()
+        chunk = _chunk_size(rate)
+        bucket = _TokenBucket(rate, max(chunk, rate / 8 * 0.010))
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = await loop.sock_recv_into(src, buf)
+            if not n:
+                break
+            with self._lock:
+                self._counts[idx] += n
+            wait = bucket.charge(n)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await loop.sock_sendall(dst, view[:n])
+        _shutdown_write(dst)
+
+    async def _pump_delayed(self, src: socket.socket, dst: socket.socket, idx: int, rate: float | None) -> None:
+        """Rate, one-way delay with jitter, and loss-as-RTO. A reader pays the bucket and queues
+        (deadline, bytes); a writer forwards each item at its deadline, in order. The queue holds at
+        most rate*(delay+jitter) + 256 KiB bytes (at least one chunk)."""
+        link = self.link
+        assert link is not None
+        loop = asyncio.get_running_loop()
+        chunk = _chunk_size(rate)
+        bucket = _TokenBucket(rate, max(chunk, rate / 8 * 0.010)) if rate else None
+        bound_rate = rate if rate else _NOMINAL_FAST_BPS
+        limit = min(_MAX_QUEUE, int(bound_rate / 8 * (link.delay_s + link.jitter_s))) + _QUEUE_SLACK
+        limit = max(limit, chunk)
+        rto = max(_MIN_RTO, 2 * link.delay_s)
+        rng = self._rng
+        queue: collections.deque = collections.deque()
+        state = {"bytes": 0}
+        have_data = asyncio.Event()
+        have_space = asyncio.Event()
+
+        async def writer() -> None:
+            while True:
+                while not queue:
+                    have_data.clear()
+                    await have_data.wait()
+                deadline, data = queue[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                queue.popleft()
+                if data is None:
+                    _shutdown_write(dst)
+                    return
+                await loop.sock_sendall(dst, data)
+                state["bytes"] -= len(data)
+                have_space.set()
+
+        async def reader() -> None:
+            buf = bytearray(chunk)
+            offset = 0          # bytes read so far in this direction (for the per-64 KiB loss draw)
+            last = 0.0          # last deadline: keeps the queue in order under jitter
+            while True:
+                n = await loop.sock_recv_into(src, buf)
+                if not n:
+                    queue.append((last, None))
+                    have_data.set()
+                    return
+                with self._lock:
+                    self._counts[idx] += n
+                while state["bytes"] > 0 and state["bytes"] + n > limit:
+                    have_space.clear()
+                    await have_space.wait()
+                if bucket is not None:
+                    wait = bucket.charge(n)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                d = link.delay_s
+                if link.jitter_s:
+                    d = max(0.0, d + rng.uniform(-link.jitter_s, link.jitter_s))
+                deadline = time.monotonic() + d
+                if link.loss:
+                    # number of 64 KiB segments that start inside [offset, offset + n)
+                    first = -(-offset // _LOSS_SEGMENT) * _LOSS_SEGMENT
+                    k = (offset + n - 1 - first) // _LOSS_SEGMENT + 1 if first < offset + n else 0
+                    if k and rng.random() < 1.0 - (1.0 - link.loss) ** k:
+                        deadline += rto
+                offset += n
+                last = max(last, deadline)
+                queue.append((last, bytes(buf[:n])))
+                state["bytes"] += n
+                have_data.set()
+
+        # Either half failing (peer reset, broken pipe) ends the direction, and the connection.
+        tasks = [loop.create_task(reader()), loop.create_task(writer())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,109 @@
+"""`efmuon simulate`: n virtual workers in one process, driving the same state objects as the service.
+
+No transport: the report's payload bytes are the exact frame lengths, `message`/`wire` are null.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
+from efmuon.common.config import RunConfig, resolve
+from efmuon.common.report import Report
+from efmuon.common.tasks import make_task
+from efmuon.common.training import configure_torch, evaluate, gradients, model_specs, parameters_of, resolve_device
+
+
+class Setup:
+    """Everything both sides derive from the config: the task, model, names, initial params, layer specs."""
+
+    def __init__(self, cfg: RunConfig):
+        self.task = make_task(cfg.task, cfg.workers, seed=cfg.seed, **cfg.task_options)
+        self.cfg = resolve(cfg, getattr(self.task, "defaults", {}) or {})
+        self.model = self.task.build_model()
+        self.names, self.params = parameters_of(self.model)
+        self.specs = model_specs(self.model, self.cfg, getattr(self.task, "embedding_names", ()),
+                                 getattr(self.task, "head_names", ()))
+        self.numel = sum(p.numel() for p in self.params)
+
+    def uncompressed_round_bytes(self) -> int:
+        """What one identity fp32 message of the whole model costs."""
+        return 4 * self.numel
+
+
+def eval_losses(setup: Setup, model, W, X) -> tuple[float, float]:
+    t = setup.task
+    return evaluate(model, W, t.train_eval_loss), evaluate(model, X, t.train_eval_loss)
+
+
+def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
+    configure_torch(cfg.threads)
+    setup = Setup(cfg)
+    cfg = setup.cfg
+    device = resolve_device(cfg.device)
+    n = cfg.workers
+    server = ServerState(setup.params, setup.specs, cfg, n, device=device)
+    workers = [WorkerState(setup.params, setup.specs, cfg, j, device=device) for j in range(n)]
+    models = [setup.task.build_model().to(device) for _ in range(n)]
+    eval_model = setup.task.build_model().to(device)
+    report = Report(cfg.to_dict(), transport=False, metrics_path=cfg.metrics, log_every=cfg.log_every,
+                    total_rounds=cfg.rounds, stream=stream, quiet=quiet)
+    full = setup.uncompressed_round_bytes()
+    task = setup.task
+
+    def grads_of(j: int, round_: int):
+        batch = task.batch(j, round_)
+        return gradients(models[j], workers[j].W, lambda m: task.loss(m, batch))
+
+    # Join: W = X = X_0 goes down uncompressed to everyone; 'grad' init sends g_j(X_0) up once.
+    init = {"down": {"payload": n * full}, "up": {"payload": 0}}
+    if cfg.init == "grad":
+        ups = {}
+        for j in range(n):
+            _, g = grads_of(j, 0)
+            ups[j] = workers[j].init_uplink(g)
+        server.aggregate(ups, init=True)
+        init["up"]["payload"] = sum(sum(len(f) for f in fr) for fr in ups.values())
+    report.add_init(init)
+
+    for k in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        frames = server.step()
+        down = sum(len(f) for f in frames)
+        ups, losses = {}, []
+        for j in range(n):
+            workers[j].apply_downlink(frames)
+            loss, g = grads_of(j, k)
+            losses.append(loss)
+            ups[j] = workers[j].make_uplink(g)
+        server.aggregate(ups)
+        seconds = time.perf_counter() - t0
+        up = sum(sum(len(f) for f in fr) for fr in ups.values())
+        loss_w = loss_x = None
+        if k % cfg.eval_every == 0 or k == cfg.rounds:
+            loss_w, loss_x = eval_losses(setup, eval_model, server.W, server.X)
+        report.add_round(k, loss_w, loss_x, seconds,
+                         {"up": {"payload": up, "message": None, "wire": None},
+                          "down": {"payload": n * down, "message": None, "wire": None}},
+                         train_loss=sum(losses) / len(losses))
+
+    eval_w = evaluate(eval_model, server.W, task.eval_loss)
+    eval_x = evaluate(eval_model, server.X, task.eval_loss)
+    rounds_total = cfg.rounds
+    summary = report.finish(
+        eval_loss_w=eval_w,
+        eval_loss_x=eval_x,
+        f_star=getattr(task, "f_star", None),
+        uncompressed_bytes={"up": n * full * (rounds_total + (1 if cfg.init == "grad" else 0)),
+                            "down": n * full * (rounds_total + 1)},
+        w_sha256=params_sha256(server.W, setup.names),
+        x_sha256=params_sha256(server.X, setup.names),
+        parameters=setup.numel,
+        workers=n,
+    )
+    if not quiet:
+        report.print_summary()
+    if cfg.report:
+        report.write(cfg.report)
+    return report.to_dict()

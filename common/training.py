@@ -1,0 +1,75 @@
+"""Glue between a torch model and the algorithm's parameter lists (shared by simulator and worker)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from efmuon.common.config import RunConfig
+from efmuon.common.lmo import LayerSpec, assign_norms_for_model
+
+
+def configure_torch(threads: int, deterministic: bool = True) -> None:
+    """Fix the thread count (matmul results can depend on it) so separate processes agree bit for bit."""
+    torch.set_num_threads(max(1, int(threads)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if deterministic:
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        except Exception:  # pragma: no cover - older torch
+            pass
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks cuda when present; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from efmuon.common.errors import ConfigError
+
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head_names=()) -> list[LayerSpec]:
+    """Layer norms for every parameter of `model`, from the preset and the config's overrides."""
+    from efmuon.common.lmo import assign_norms
+
+    names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    emb = set(embedding_names) | {
+        f"{mn}.weight" if mn else "weight"
+        for mn, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding)
+    }
+    return assign_norms(names, preset=cfg.preset, overrides=cfg.norms or None,
+                        embedding_names=emb, head_names=set(head_names))
+
+
+def parameters_of(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    names, params = zip(*[(n, p.detach().clone()) for n, p in model.named_parameters()])
+    return list(names), list(params)
+
+
+def load_parameters(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), params):
+            p.copy_(w)
+
+
+def gradients(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn) -> tuple[float, list[torch.Tensor]]:
+    """Load `params` into `model`, evaluate `loss_fn(model)` and return (loss, gradients at params)."""
+    load_parameters(model, params)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss = loss_fn(model)
+    loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return float(loss.detach()), grads
+
+
+def evaluate(model: torch.nn.Module, params: Sequence[torch.Tensor], fn) -> float:
+    load_parameters(model, params)
+    model.eval()
+    with torch.no_grad():
+        return float(fn(model))

@@ -1,0 +1,463 @@
+"""The server's round logic: sessions, the synchronous barrier, and the byte ledger. No gRPC here.
+
+`Coordinator` owns a `ServerState` (X, W, G of DESIGN.md section 1) and turns the clients'
+calls into the core's round, exactly in the order `efmuon simulate` uses:
+
+    round 0   all n initial submissions in  ->  aggregate(init=True)            (init = 'grad')
+    round k   all n submissions of k in     ->  aggregate; evaluate loss at W and X; step()
+              step() returns the frames of S_{k+1} once; the same bytes go to every client
+    after R   a `done` reply; wait for every client's Leave (it carries the last wire figures),
+              then write the report.
+
+Everything that touches tensors (decoding, aggregate, evaluation, step, chunking) runs on one
+worker thread (`loop.run_in_executor`), so the event loop keeps answering Status and
+accepting submissions while a round is computed, and the state is only ever touched by one
+thread at a time. Uplinks are decoded as they arrive (one client at a time; a bad frame is
+refused with INVALID_ARGUMENT and nothing changes) and applied together, sorted by client id, so
+the sum is the same as `ServerState.aggregate` computes.
+
+Bytes are recorded per (round, client, direction, level). The client's wire figures arrive one
+call late (`WireReport`), so round k enters the report when round k+1's submissions (or the
+Leaves, for the last round) are in.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from efmuon.common.algorithm import ServerState, params_sha256
+from efmuon.common.config import RunConfig
+from efmuon.common.errors import FrameError, ProtocolError
+from efmuon.common.lmo import LayerSpec
+from efmuon.common.report import LEVELS, Report
+from efmuon.server import protocol
+from efmuon.v1 import service_pb2 as pb
+
+log = logging.getLogger("efmuon.server")
+
+LEAVE_TIMEOUT = 30.0  # seconds to wait for the clients' Leave after the last round
+
+
+class Rejected(Exception):
+    """A request refused at the edge; `code` is the name of a grpc.StatusCode."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerModel:
+    """What the server knows about the model besides the config.
+
+    `evaluate(W, X) -> (loss_w, loss_x)` runs after rounds the config asks to evaluate;
+    `final(W, X) -> dict` adds entries to the summary (eval_loss_w, f_star, ...). Both optional.
+    """
+
+    names: list[str]
+    params: list[torch.Tensor]
+    specs: list[LayerSpec]
+    evaluate: Callable[[list, list], tuple[float | None, float | None]] | None = None
+    final: Callable[[list, list], dict] | None = None
+
+    @classmethod
+    def from_setup(cls, setup) -> "ServerModel":
+        """A built-in task, evaluated exactly as `efmuon simulate` does."""
+        from efmuon.common.simulate import eval_losses
+        from efmuon.common.training import evaluate
+
+        eval_model = setup.task.build_model()
+        task = setup.task
+
+        def final(W, X) -> dict:
+            return {"eval_loss_w": evaluate(eval_model, W, task.eval_loss),
+                    "eval_loss_x": evaluate(eval_model, X, task.eval_loss),
+                    "f_star": getattr(task, "f_star", None)}
+
+        return cls(setup.names, setup.params, setup.specs,
+                   evaluate=lambda W, X: eval_losses(setup, eval_model, W, X), final=final)
+
+
+@dataclass
+class Session:
+    client_id: int
+    token: str
+    name: str
+    confirmed: bool = False  # the initial W was streamed completely
+    left: bool = False
+
+
+@dataclass
+class Plan:
+    """The reply to round k's submissions: S_{k+1}'s frames, cut into chunk messages once."""
+
+    round: int
+    done: bool
+    frame_lengths: list[int]
+    chunks: list[pb.Downlink] = field(default_factory=list)
+    chunk_message_bytes: int = 0
+
+    @classmethod
+    def build(cls, round_: int, frames: Sequence[bytes] | None) -> "Plan":
+        if frames is None:
+            return cls(round_, True, [])
+        chunks = [pb.Downlink(chunk=c) for c in protocol.iter_chunks(frames)]
+        return cls(round_, False, [len(f) for f in frames], chunks, sum(m.ByteSize() for m in chunks))
+
+    @property
+    def payload(self) -> int:
+        return sum(self.frame_lengths)
+
+    def header(self, duplicate: bool = False, with_frames: bool = True) -> pb.Downlink:
+        return pb.Downlink(header=pb.DownlinkHeader(
+            round=self.round, done=self.done, duplicate=duplicate,
+            frame_lengths=self.frame_lengths if with_frames else []))
+
+
+def _empty_ledger() -> dict:
+    return {d: {lvl: None for lvl in LEVELS} for d in ("up", "down")}
+
+
+class Coordinator:
+    """Sessions, the round barrier and the report of one run (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, model: ServerModel, device: str | torch.device = "cpu",
+                 quiet: bool = False, stream=None, leave_timeout: float = LEAVE_TIMEOUT):
+        self.cfg = cfg
+        self.n, self.rounds = int(cfg.workers), int(cfg.rounds)
+        self.model = model
+        self.state = ServerState(model.params, model.specs, cfg, self.n, device=device)
+        self.fingerprint = protocol.fingerprint(model.names, model.params)
+        self.config_bytes = protocol.encode_config(cfg)
+        self.numel = sum(p.numel() for p in model.params)
+        self.frame_limit = 16 * self.numel + 4096 * len(model.params) + protocol.CHUNK_BYTES
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="efmuon-state")
+        self.report = Report(cfg.to_dict(), transport=True, metrics_path=cfg.metrics, log_every=cfg.log_every,
+                             total_rounds=self.rounds, stream=stream, quiet=quiet)
+        self.quiet = quiet
+        self.leave_timeout = leave_timeout
+        self.t_start = time.monotonic()
+        # sessions and the round being collected
+        self.sessions: dict[int, Session] = {}
+        self.collecting = 0
+        self.submitted: set[int] = set()
+        self.pending: dict[int, list[torch.Tensor]] = {}
+        self.train_losses: dict[int, float] = {}
+        self.results: dict[int, asyncio.Future] = {}
+        self.last_plan: Plan | None = None
+        self.phase = "collecting"
+        self.loss_w: float | None = None
+        self.loss_x: float | None = None
+        self.failed: BaseException | None = None
+        self.stopping = False
+        # byte ledger: ledger[k][j] (k = 0 is the join/initial exchange), round facts, report progress
+        self.ledger: dict[int, dict[int, dict]] = {}
+        self.round_facts: dict[int, dict] = {}
+        self.reported_upto = -1
+        self._init_w: tuple[list[int], list[bytes]] | None = None
+        self._init_lock = asyncio.Lock()
+        self._step_t0 = 0.0
+        self._all_left = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._summary_written = False
+
+    # ------------------------------------------------------------------ helpers
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _result(self, round_: int) -> asyncio.Future:
+        fut = self.results.get(round_)
+        if fut is None:
+            fut = self.results[round_] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def record(self, k: int, j: int, direction: str, level: str, value: int | None) -> None:
+        if value is None:
+            return
+        k = min(max(k, 0), self.rounds)
+        slot = self.ledger.setdefault(k, {}).setdefault(j, _empty_ledger())[direction]
+        slot[level] = (slot[level] or 0) + int(value)
+
+    def record_wire(self, j: int, report: pb.WireReport | None) -> None:
+        """A WireReport of exchange e: its up bytes are round e's uplink (the join phase and round 0
+        both belong to the initial exchange), its down bytes carried S_{e+1}."""
+        if report is None:
+            return
+        e = int(report.exchange)
+        self.record(e, j, "up", "wire", report.up)
+        self.record(e + 1, j, "down", "wire", report.down)
+
+    def session(self, client_id: int, token: str) -> Session:
+        s = self.sessions.get(client_id)
+        if s is None or not s.confirmed:
+            raise Rejected("FAILED_PRECONDITION", f"client {client_id} has not joined this run; call Join first")
+        if not secrets.compare_digest(s.token, token):
+            raise Rejected("FAILED_PRECONDITION", f"the session token for client {client_id} is not the one "
+                           "Join issued; another process holds this client id")
+        return s
+
+    # ------------------------------------------------------------------ join
+    def join(self, client_id: int | None, version: int, parameters: Sequence[pb.ParameterInfo], name: str) -> Session:
+        """Validate a Join and reserve the client id. Raises Rejected; changes nothing when it does."""
+        if self.stopping:
+            raise Rejected("UNAVAILABLE", "the server is shutting down")
+        if version != protocol.PROTOCOL_VERSION:
+            raise Rejected("FAILED_PRECONDITION", f"protocol version {version} is not supported: this server speaks "
+                           f"efmuon.v1 protocol version {protocol.PROTOCOL_VERSION}; upgrade the worker or the server")
+        why = protocol.fingerprint_mismatch(parameters, self.fingerprint)
+        if why:
+            raise Rejected("FAILED_PRECONDITION", f"model fingerprint mismatch: {why}; the worker must build the "
+                           "same model as the server")
+        if self.collecting > 0 or self.failed is not None:
+            raise Rejected("FAILED_PRECONDITION", f"the run is already at round {self.collecting}; joining a "
+                           "running run is not supported")
+        if client_id is None:
+            free = [j for j in range(self.n) if j not in self.sessions]
+            if not free:
+                raise Rejected("RESOURCE_EXHAUSTED", f"all {self.n} client ids of this run are taken")
+            client_id = free[0]
+        elif not 0 <= client_id < self.n:
+            raise Rejected("INVALID_ARGUMENT", f"client id {client_id} is not valid: this run has clients "
+                           f"0..{self.n - 1} (workers={self.n})")
+        elif client_id in self.sessions:
+            raise Rejected("ALREADY_EXISTS", f"client id {client_id} is already held by a live session "
+                           f"({self.sessions[client_id].name or 'unnamed'}); pick another id")
+        s = Session(client_id, secrets.token_hex(16), name)
+        self.sessions[client_id] = s
+        log.info("client %d joined (%s)", client_id, name or "unnamed")
+        return s
+
+    async def initial_w(self) -> tuple[list[int], list[bytes]]:
+        """Frame lengths and chunks of X_0 (raw float32), built once for every client."""
+        async with self._init_lock:
+            if self._init_w is None:
+                def build():
+                    frames = protocol.raw_frames(self.state.W)
+                    return [len(f) for f in frames], list(protocol.iter_chunks(frames))
+                self._init_w = await self._run(build)
+            return self._init_w
+
+    def confirm_join(self, s: Session, request_bytes: int, reply_bytes: int, payload: int) -> None:
+        s.confirmed = True
+        self.record(0, s.client_id, "up", "message", request_bytes)
+        self.record(0, s.client_id, "down", "message", reply_bytes)
+        self.record(0, s.client_id, "down", "payload", payload)
+
+    def abort_join(self, s: Session) -> None:
+        if self.sessions.get(s.client_id) is s and not s.confirmed:
+            del self.sessions[s.client_id]
+            log.warning("client %d: the initial W could not be delivered; the id is free again", s.client_id)
+
+    # ------------------------------------------------------------------ rounds
+    def classify(self, s: Session, round_: int) -> str:
+        """'new', 'pending' (duplicate of the round being collected), 'last' (duplicate of the last
+        applied round) or 'stale'. A round from the future is refused."""
+        if self.failed is not None:
+            raise Rejected("INTERNAL", f"the server failed and stopped the run: {self.failed}")
+        if round_ > self.collecting or (round_ == self.collecting and self.collecting > self.rounds):
+            raise Rejected("FAILED_PRECONDITION", f"round {round_} is not open: the server is collecting round "
+                           f"{self.collecting} (0 = the initial submission, the run has {self.rounds} rounds)")
+        if round_ == self.collecting:
+            return "pending" if s.client_id in self.submitted else "new"
+        return "last" if round_ == self.collecting - 1 else "stale"
+
+    def expected_frames(self, round_: int) -> tuple[int, ...]:
+        if round_ == 0 and self.cfg.init == "zero":
+            return (0,)
+        return (len(self.model.specs),)
+
+    async def accept(self, s: Session, round_: int, frames: Sequence, train_loss: float,
+                     previous: pb.WireReport | None, payload: int, message: int) -> str:
+        """Decode and store a new submission; start the round when it is the n-th. Returns the
+        classification at storing time ('new', or 'pending' when a concurrent copy won)."""
+        j = s.client_id
+        decoded = []
+        if frames:
+            try:
+                decoded = (await self._run(self.state.decode_uplinks, {j: list(frames)}, round_ == 0))[j]
+            except (FrameError, ProtocolError) as exc:
+                raise Rejected("INVALID_ARGUMENT", f"round {round_}: {exc}; nothing was applied, resend a valid "
+                               "submission") from None
+        kind = self.classify(s, round_)  # re-check: the decode awaited
+        if kind != "new":
+            return kind
+        self.submitted.add(j)
+        if decoded:
+            self.pending[j] = decoded
+        if math.isfinite(train_loss):
+            self.train_losses[j] = float(train_loss)
+        self.record(round_, j, "up", "payload", payload)
+        self.record(round_, j, "up", "message", message)
+        self.record_wire(j, previous)
+        self._result(round_)
+        if len(self.submitted) == self.n:
+            asyncio.get_running_loop().create_task(self._process(round_))
+        return "new"
+
+    async def result(self, round_: int) -> Plan:
+        return await asyncio.shield(self._result(round_))
+
+    def reply_for(self, kind: str, round_: int) -> Plan:
+        if kind == "last" and self.last_plan is not None:
+            return self.last_plan
+        return Plan(round_ + 1, round_ >= self.rounds, [])
+
+    async def _process(self, k: int) -> None:
+        """All n submissions of round k are in: aggregate, evaluate, step, publish S_{k+1}."""
+        fut = self._result(k)
+        decoded, self.pending = self.pending, {}
+        losses, self.train_losses = self.train_losses, {}
+        try:
+            self.phase = "aggregating"
+            if decoded:
+                await self._run(self.state.apply_decoded, decoded)
+            del decoded
+            facts: dict = {}
+            if k >= 1:
+                facts["seconds"] = time.perf_counter() - self._step_t0
+                facts["train_loss"] = sum(losses.values()) / len(losses) if losses else None
+                facts["loss_w"] = facts["loss_x"] = None
+                if self.model.evaluate and (k % self.cfg.eval_every == 0 or k == self.rounds):
+                    self.phase = "evaluating"
+                    lw, lx = await self._run(self.model.evaluate, self.state.W, self.state.X)
+                    facts["loss_w"], facts["loss_x"] = self.loss_w, self.loss_x = lw, lx
+            self.round_facts[k] = facts
+            self._report_upto(k - 1)
+            if k < self.rounds:
+                self.phase = "stepping"
+                self._step_t0 = time.perf_counter()
+                plan = await self._run(lambda: Plan.build(k + 1, self.state.step()))
+            else:
+                plan = Plan.build(k + 1, None)
+            if k == 0:
+                self._init_w = None  # every client has W; free the cached X_0 chunks
+            self.last_plan = plan
+            self.collecting, self.submitted = k + 1, set()
+            self.phase = "collecting" if k < self.rounds else "finished"
+            self.results.pop(k - 1, None)
+            fut.set_result(plan)
+            if k == self.rounds:
+                asyncio.get_running_loop().create_task(self._wrap_up())
+        except BaseException as exc:  # a bug or an exhausted machine: stop the run loudly
+            log.exception("round %d failed", k)
+            self.failed = exc
+            self.phase = "failed"
+            if not fut.done():
+                fut.set_exception(Rejected("INTERNAL", f"the server failed in round {k}: {exc}"))
+            self.finished.set()
+
+    def record_down(self, plan: Plan, j: int, message: int) -> None:
+        """The reply `plan` (S_{plan.round}, or the final `done`) was streamed to client j."""
+        k = plan.round - 1 if plan.done else plan.round
+        self.record(k, j, "down", "payload", plan.payload)
+        self.record(k, j, "down", "message", message)
+
+    def leave(self, s: Session, last: pb.WireReport | None, reason: str) -> None:
+        if not s.left:
+            self.record_wire(s.client_id, last)
+        s.left = True
+        if reason:
+            log.warning("client %d left: %s", s.client_id, reason)
+        else:
+            log.info("client %d left", s.client_id)
+        if all(self.sessions.get(j) is not None and self.sessions[j].left for j in range(self.n)):
+            self._all_left.set()
+
+    # ------------------------------------------------------------------ report
+    def _report_upto(self, k: int) -> None:
+        """Move rounds up to k (0 = the initial exchange) from the ledger into the report."""
+        while self.reported_upto < k:
+            r = self.reported_upto + 1
+            clients = {str(j): v for j, v in sorted(self.ledger.pop(r, {}).items())}
+            totals = _empty_ledger()
+            for c in clients.values():
+                for d in ("up", "down"):
+                    for lvl in LEVELS:
+                        if c[d][lvl] is not None:
+                            totals[d][lvl] = (totals[d][lvl] or 0) + c[d][lvl]
+            if r == 0:
+                self.report.add_init(totals)
+                self.init_clients = clients
+            else:
+                f = self.round_facts.pop(r, {})
+                self.report.add_round(r, f.get("loss_w"), f.get("loss_x"), f.get("seconds", 0.0), totals,
+                                      train_loss=f.get("train_loss"), clients=clients)
+            self.reported_upto = r
+
+    async def _wrap_up(self) -> None:
+        try:
+            await asyncio.wait_for(self._all_left.wait(), timeout=self.leave_timeout)
+        except asyncio.TimeoutError:
+            missing = [j for j in range(self.n) if not self.sessions[j].left]
+            log.warning("clients %s did not Leave within %.0f s; their last wire figures are missing",
+                        missing, self.leave_timeout)
+        await self.write_summary()
+        self.finished.set()
+
+    async def write_summary(self, partial: bool = False) -> dict:
+        """Finish the report (also after an interrupted run, with partial=True) and write it."""
+        if self._summary_written:
+            return self.report.summary
+        self._summary_written = True
+        if not partial:
+            self._report_upto(self.rounds)
+        W, X, n, full = self.state.W, self.state.X, self.n, 4 * self.numel
+
+        def compute() -> dict:
+            extra = self.model.final(W, X) if (self.model.final and not partial) else {}
+            return {**extra, "w_sha256": params_sha256(W, self.model.names),
+                    "x_sha256": params_sha256(X, self.model.names)}
+
+        extra = await self._run(compute)
+        rounds = self.rounds if not partial else max(0, self.reported_upto)
+        summary = self.report.finish(
+            **{k: extra.get(k) for k in ("eval_loss_w", "eval_loss_x", "f_star")},
+            uncompressed_bytes={"up": n * full * (rounds + (1 if self.cfg.init == "grad" else 0)),
+                                "down": n * full * (rounds + 1)},
+            w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
+            init_clients=getattr(self, "init_clients", {}),
+            **({"partial": True} if partial else {}),
+        )
+        if not self.quiet:
+            self.report.print_summary()
+        if self.cfg.report:
+            self.report.write(self.cfg.report)
+        return summary
+
+    async def stop(self) -> None:
+        """Interrupted: write what we have (a partial report) unless the run finished."""
+        self.stopping = True
+        self.phase = "stopping"
+        if not self._summary_written:
+            await self.write_summary(partial=True)
+        self.finished.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> pb.StatusReply:
+        if self.stopping or self.failed is not None:
+            state = pb.StatusReply.STATE_STOPPING
+        elif self.collecting > self.rounds:
+            state = pb.StatusReply.STATE_FINISHED
+        elif self.collecting == 0:
+            state = pb.StatusReply.STATE_WAITING
+        else:
+            state = pb.StatusReply.STATE_RUNNING
+        reply = pb.StatusReply(
+            state=state, protocol_version=protocol.PROTOCOL_VERSION, round=self.collecting, rounds=self.rounds,
+            workers=self.n, joined=sorted(j for j, s in self.sessions.items() if s.confirmed and not s.left),
+            submitted=sorted(self.submitted), phase=self.phase, config=self.config_bytes,
+            parameters=self.fingerprint, uptime_seconds=time.monotonic() - self.t_start)
+        if self.loss_w is not None:
+            reply.loss_w = self.loss_w
+        if self.loss_x is not None:
+            reply.loss_x = self.loss_x
+        return reply

@@ -172,6 +172,65 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _qr(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal factor of a reduced QR.  On CPU via numpy's LAPACK, which for the thin matrices
+    used here is ~100x faster than torch.linalg.qr under thread contention."""
+    if isinstance(a, np.ndarray):
+        return np.linalg.qr(a, mode="reduced")[0].astype(np.float32, copy=False)
+    return torch.linalg.qr(a).Q
+
+
+def _select_largest_np(x: np.ndarray, k: int, use_abs: bool) -> np.ndarray:
+    """numpy version of _select_largest on |x| (use_abs) or x; returns strictly increasing int64."""
+    d = x.size
+    if k >= d:
+        return np.arange(d, dtype=np.int64)
+    if k <= 0:
+        return np.zeros(0, np.int64)
+
+    def full():
+        a = np.abs(x) if use_abs else x
+        # exact, ties by lower index: stable argsort on -a is a full sort, so use partition + ties
+        tau = np.partition(a, d - k)[d - k]
+        keep = a > tau
+        need = k - int(np.count_nonzero(keep))
+        if need > 0:
+            keep[np.flatnonzero(a == tau)[:need]] = True
+        return np.flatnonzero(keep)
+
+    if d <= (1 << 16):
+        return full()
+    stride = max(1, d // 32768)
+    samp = x[::stride]
+    samp = np.abs(samp) if use_abs else samp.copy()
+    ns = samp.size
+    p = k / d
+    j = int(math.ceil(p * ns + 4.0 * math.sqrt(p * (1 - p) * ns) + 8))
+    if j >= ns:
+        return full()
+    lo = np.partition(samp, ns - j)[ns - j]
+    if use_abs:
+        m = x >= lo
+        m |= x <= -lo
+    else:
+        m = x >= lo
+    cand = np.flatnonzero(m)
+    c = cand.size
+    if c < k:
+        return full()
+    if c == k:
+        return cand
+    cv = x[cand]
+    if use_abs:
+        np.abs(cv, out=cv)
+    tau = np.partition(cv, c - k)[c - k]
+    keep = cv > tau
+    need = k - int(np.count_nonzero(keep))
+    if need > 0:
+        keep[np.flatnonzero(cv == tau)[:need]] = True
+    return cand[keep]
+
+
 def _select_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64, strictly increasing) of exactly k largest entries of 1-D ``a``.
 
@@ -485,6 +544,23 @@ class QuantCodec(_Codec):
         n = v.numel()
         B = self.block
         nb = _ceil_div(n, B)
+        if v.device.type == "cpu":  # numpy: single-threaded, no temporaries beyond one f32 buffer
+            xn = v.numpy()
+            if n % B:
+                xp = np.zeros(nb * B, np.float32)
+                xp[:n] = xn
+                xn = xp
+            blocks = xn.reshape(nb, B)
+            s = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)) if nb else np.zeros(0, np.float32)
+            if not np.isfinite(s).all():
+                raise ValueError("quant codec: input holds NaN or Inf")
+            safe = np.where(s > 0, s, np.float32(1))
+            inv = np.where(s > 0, np.float32(self.L) / safe, np.float32(0)).astype(np.float32)
+            q = blocks * inv[:, None]
+            np.rint(q, out=q)
+            q += np.float32(self.L)
+            codes = q.reshape(-1)[:n].astype(np.uint8 if self.bits <= 8 else np.uint16)
+            return [s.astype("<f4").view(np.uint8), _pack_codes(codes, self.bits)]
         if n % B:
             vp = torch.zeros(nb * B, dtype=torch.float32, device=v.device)
             vp[:n] = v
@@ -786,9 +862,13 @@ class TopK(Compressor):
         v = _flat_f32(x)
         d = v.numel()
         k = _k_of(self.arg, d)
-        idx_t = _select_largest(v.abs(), k)
-        vals = v[idx_t]
-        idx = _np_cpu(idx_t).astype(np.int64, copy=False)
+        if v.device.type == "cpu":
+            idx = _select_largest_np(v.numpy(), k, use_abs=True)
+            vals = v[torch.from_numpy(idx)]
+        else:
+            idx_t = _select_largest(v.abs(), k)
+            vals = v[idx_t]
+            idx = _np_cpu(idx_t).astype(np.int64, copy=False)
         w = self._abs_width(d)
         abs_b, bmp_b = w * k, _ceil_div(d, 8)
         # varint only when it can win: its size is >= k bytes
@@ -904,8 +984,7 @@ class RandK(Compressor):
     def indices(d: int, k: int, seed: int) -> torch.Tensor:
         if k >= d:
             return torch.arange(d)
-        keys = torch.from_numpy(_random_u32(seed, d).astype(np.int64))
-        return _select_largest(keys, k)
+        return torch.from_numpy(_select_largest_np(_random_u32(seed, d), k, use_abs=False))
 
     def encode(self, x, seed=0):
         v = _flat_f32(x)
@@ -996,32 +1075,42 @@ class RankK(Compressor):
             parts = [self._header(d), _U32.pack(0)] + self.codec.encode(v, _subseed(seed, 4))
             return b"".join(parts)
         X = v.reshape(m, n)
-        A = X.t() if m <= n else X  # a x b with b = min(m, n) the sketched side
+        cpu = X.device.type == "cpu"
+        # CPU: numpy/LAPACK (torch's threaded kernels stall on thin matrices under CPU contention)
+        Xa = X.numpy() if cpu else X
+        A = Xa.T if m <= n else Xa  # a x b with b = min(m, n) the sketched side
         b = A.shape[1]
         g = torch.Generator().manual_seed(_subseed(seed, 5) & 0x7FFFFFFFFFFFFFFF)
-        G = torch.randn(b, r, generator=g).to(A.device)
-        Om = torch.linalg.qr(G).Q
+        G = torch.randn(b, r, generator=g)
+        G = G.numpy() if cpu else G.to(X.device)
+        Om = _qr(G)
         Y0 = A @ Om
         floor = float((Y0 * Y0).sum())
-        P0 = torch.linalg.qr(Y0).Q
+        P0 = _qr(Y0)
         P = P0
         for _ in range(self.POWER_ITERS):
-            Z = torch.linalg.qr(A.t() @ P).Q
-            P = torch.linalg.qr(A @ Z).Q
-        B = A.t() @ P
+            Z = _qr(A.T @ P)
+            P = _qr(A @ Z)
+        B = A.T @ P
         if float((B * B).sum()) < floor:
             P = P0
-            B = A.t() @ P
+            B = A.T @ P
         if self.codec.cid != 0:
-            Pq = torch.from_numpy(self._roundtrip(P.reshape(-1))).reshape(P.shape).to(A.device)
-            gram = Pq.t() @ Pq
+            Pt = torch.from_numpy(np.ascontiguousarray(P)) if cpu else P
+            Pq = self._roundtrip(Pt.reshape(-1)).reshape(P.shape)
+            Pq = Pq if cpu else torch.from_numpy(Pq).to(X.device)
+            gram = Pq.T @ Pq
+            rhs = (A.T @ Pq).T
             try:
-                B = torch.linalg.solve(gram, (A.t() @ Pq).t()).t()
-            except RuntimeError:
-                B = A.t() @ Pq
+                B = (np.linalg.solve(gram, rhs) if cpu else torch.linalg.solve(gram, rhs)).T
+            except (RuntimeError, np.linalg.LinAlgError):
+                B = A.T @ Pq
             P = Pq
         # C(A) = P B^T.  If A = X: frame P=P, Q=B. If A = X^T: C(X) = B P^T: frame P=B, Q=P.
-        Pf, Qf = (P, B) if A is X else (B, P)
+        Pf, Qf = (B, P) if m <= n else (P, B)
+        if cpu:
+            Pf = torch.from_numpy(np.ascontiguousarray(Pf, dtype=np.float32))
+            Qf = torch.from_numpy(np.ascontiguousarray(Qf, dtype=np.float32))
         parts = [self._header(d), _U32.pack(r)]
         parts += self.codec.encode(Pf.contiguous().reshape(-1), _subseed(seed, 6))
         parts += self.codec.encode(Qf.contiguous().reshape(-1), _subseed(seed, 7))
@@ -1052,8 +1141,7 @@ class RankK(Compressor):
         self._check_len(what, mv, self.FIXED + sp + self.codec.size(n * r))
         P = self.codec.decode(mv, self.FIXED, m * r, what).reshape(m, r)
         Q = self.codec.decode(mv, self.FIXED + sp, n * r, what).reshape(n, r)
-        out = torch.from_numpy(P) @ torch.from_numpy(Q).t()
-        out = out.reshape(shape)
+        out = torch.from_numpy(np.ascontiguousarray(P @ Q.T, dtype=np.float32)).reshape(shape)
         return out if str(device) == "cpu" else out.to(device)
 
 

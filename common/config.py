@@ -64,7 +64,7 @@ class RunConfig:
     # --- execution
     device: str = "cpu"
     threads: int = 1
-    eval_every: int = 1
+    eval_every: int | None = None  # rounds between loss evaluations (None: the task's, 1 for small tasks)
     log_every: int = 10
     report: str | None = None
     metrics: str | None = None  # JSONL stream, one line per round
@@ -177,7 +177,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
     """Fill the fields left as None from the task's recommended settings."""
     fill = {}
-    generic = {"rounds": 100, "preset": "muon", "lr": 0.02, "beta": 0.1, "schedule": "cosine", "warmup": 0}
+    generic = {"rounds": 100, "preset": "muon", "lr": 0.02, "beta": 0.1, "schedule": "cosine", "warmup": 0,
+               "eval_every": 1}
     for key, fallback in generic.items():
         if getattr(cfg, key) is None:
             fill[key] = task_defaults.get(key, fallback)

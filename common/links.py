@@ -507,7 +507,6 @@ class CountingRelay:
                 counts[idx] += n
             await sendall(dst, view[:n] if n < size else view)
             if n == size and size < _BIG_BUF:  # bulk transfer: switch to the big buffer
-                view.release()
                 size = _BIG_BUF
                 buf = bytearray(size)
                 view = memoryview(buf)

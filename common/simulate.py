@@ -56,6 +56,7 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
         batch = task.batch(j, round_)
         return gradients(models[j], workers[j].W, lambda m: task.loss(m, batch))
 
+    initial_w, _ = eval_losses(setup, eval_model, server.W, server.X)
     # Join: W = X = X_0 goes down uncompressed to everyone; 'grad' init sends g_j(X_0) up once.
     init = {"down": {"payload": n * full}, "up": {"payload": 0}}
     if cfg.init == "grad":
@@ -80,18 +81,20 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
         server.aggregate(ups)
         seconds = time.perf_counter() - t0
         up = sum(sum(len(f) for f in fr) for fr in ups.values())
-        loss_w = loss_x = None
+        loss_w = loss_x = val_w = None
         if k % cfg.eval_every == 0 or k == cfg.rounds:
             loss_w, loss_x = eval_losses(setup, eval_model, server.W, server.X)
+            val_w = evaluate(eval_model, server.W, task.eval_loss)
         report.add_round(k, loss_w, loss_x, seconds,
                          {"up": {"payload": up, "message": None, "wire": None},
                           "down": {"payload": n * down, "message": None, "wire": None}},
-                         train_loss=sum(losses) / len(losses))
+                         train_loss=sum(losses) / len(losses), val_loss_w=val_w)
 
     eval_w = evaluate(eval_model, server.W, task.eval_loss)
     eval_x = evaluate(eval_model, server.X, task.eval_loss)
     rounds_total = cfg.rounds
     summary = report.finish(
+        initial_loss=initial_w,
         eval_loss_w=eval_w,
         eval_loss_x=eval_x,
         f_star=getattr(task, "f_star", None),

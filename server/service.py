@@ -176,7 +176,7 @@ async def serve(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
             loop.remove_signal_handler(sig)
         await server.stop(grace)
         coordinator.executor.shutdown(wait=True, cancel_futures=True)
-    if watcher is not None and watcher.done() and watcher.exception() is not None:
+    if watcher is not None and watcher.done() and watcher.exception() is not None and not interrupted.is_set():
         raise watcher.exception()
     if coordinator.failed is not None:
         raise RuntimeError(f"the server failed: {coordinator.failed}") from coordinator.failed

@@ -1,7 +1,6 @@
 """Tests for efmuon.common.links: the counting relay, link shaping and link specs."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
 import socket

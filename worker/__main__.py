@@ -1,0 +1,5 @@
+import sys
+
+from efmuon.worker.cli import main
+
+sys.exit(main())

@@ -123,8 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
+    b = sub.add_parser("bench", help="benchmarks: bytes, codecs, lmo, methods, transport, scaling, memory",
+                       description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
+                                   "--markdown updates its section of BENCHMARKS.md.")
+    b.add_argument("name", help="bytes | codecs | lmo | methods | transport | scaling | memory")
+    b.add_argument("--quick", action="store_true", help="a few seconds: a smoke version")
+    b.add_argument("--report", metavar="PATH.json", help="write the JSON result here")
+    b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")
+    b.set_defaults(func=cmd_bench)
+
     _add_service_commands(sub)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from efmuon.common.bench import run_bench
+
+    command = "efmuon bench " + args.name + (" --quick" if args.quick else "")
+    run_bench(args.name, args.quick, args.report, args.markdown, command)
+    return 0
 
 
 def _add_service_commands(sub) -> None:

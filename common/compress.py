@@ -61,7 +61,6 @@ import math
 import re
 import struct
 import sys
-from typing import Sequence
 
 import numpy as np
 import torch

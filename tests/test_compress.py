@@ -1,7 +1,6 @@
 """Tests of efmuon.common.compress: round trips, exact frame sizes, contraction, determinism, and
 malformed frames / specs raising FrameError / ConfigError with helpful messages."""
 
-import math
 import struct
 
 import numpy as np

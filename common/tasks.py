@@ -442,8 +442,8 @@ class GptCharTask(Task):
         "eval_batches": (8, _int_opt(1)),
         "train_eval_batches": (4, _int_opt(1)),
     }
-    defaults = {"lr": 0.05, "beta": 0.1, "rounds": 300, "schedule": "cosine", "warmup": 0,
-                "preset": "muon", "lr_mult": {"sign": 1.0, "bias_rms": 1.0}}
+    defaults = {"lr": 0.03, "beta": 0.1, "rounds": 300, "schedule": "cosine", "warmup": 0,
+                "preset": "muon", "lr_mult": {"sign": 8.0, "bias_rms": 1.0}}
 
     def __init__(self, n_workers: int, seed: int, options: dict):
         super().__init__(n_workers, seed, options)

@@ -10,15 +10,12 @@ from efmuon.common.config import RunConfig
 from efmuon.common.lmo import LayerSpec, assign_norms_for_model
 
 
-def configure_torch(threads: int, deterministic: bool = True) -> None:
+def configure_torch(threads: int) -> None:
     """Fix the thread count (matmul results can depend on it) so separate processes agree bit for bit."""
     torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    if deterministic:
-        try:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        except Exception:  # pragma: no cover - older torch
-            pass
+    # torch.use_deterministic_algorithms is not needed on CPU (our kernels are deterministic for a
+    # fixed thread count) and importing it pulls in torch._inductor (~2 s).
 
 
 def resolve_device(device: str) -> torch.device:

@@ -191,6 +191,9 @@ class LsqTask(Task):
         "heterogeneity": (0.5, _float_opt(0.0)),
         "bias": (False, _bool_opt),
     }
+    # Reference (identity compressors, 4 workers, seed 0): f - f* falls by ~1e8 in 300 rounds
+    # (SVD or Newton-Schulz polar); EF21 with topk:0.1 both ways still gets ~2e4. Larger lr
+    # loses accuracy under compression, lr <= 0.01 cannot travel to the optimum in 300 rounds.
     defaults = {"lr": 0.03, "beta": 0.1, "rounds": 300, "schedule": "cosine", "warmup": 0,
                 "preset": "muon", "lr_mult": {"sign": 1.0, "bias_rms": 1.0}}
 
@@ -315,6 +318,8 @@ class DigitsTask(Task):
         "dirichlet": (None, _float_opt(0.0, strict=True, allow_none=True)),
         "val_fraction": (0.2, _float_opt(0.0, strict=True, maximum=1.0)),
     }
+    # Reference (4 workers, seed 0): val accuracy 0.98 after 50 rounds, 0.99 / val loss ~0.02
+    # after 200 (IID or dirichlet=0.3); EF21 with topk:0.1 both ways: 0.99.
     defaults = {"lr": 0.05, "beta": 0.1, "rounds": 200, "schedule": "cosine", "warmup": 0,
                 "preset": "muon", "lr_mult": {"sign": 8.0, "bias_rms": 0.1}}
 
@@ -442,6 +447,9 @@ class GptCharTask(Task):
         "eval_batches": (8, _int_opt(1)),
         "train_eval_batches": (4, _int_opt(1)),
     }
+    # Reference (4 workers, seed 0, 1 thread, ~13 rounds/s): val loss 4.58 -> 2.32 (50 rounds)
+    # -> 1.95 (100) -> 1.49 (300); unigram entropy of the validation text is 3.13.
+    # EF21 with topk:0.1 both ways: 2.21 after 300 rounds. (No 1-D parameters: bias_rms unused.)
     defaults = {"lr": 0.03, "beta": 0.1, "rounds": 300, "schedule": "cosine", "warmup": 0,
                 "preset": "muon", "lr_mult": {"sign": 8.0, "bias_rms": 1.0}}
 

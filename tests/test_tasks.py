@@ -13,7 +13,6 @@ Muon-preset LMO step the real optimizer takes (identity compressors, so EF21 red
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -143,6 +142,50 @@ def test_determinism(name):
     # a different seed gives a different model
     p3 = _params(make_task(name, 3, seed=8).build_model())
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(p1, p3))
+
+
+_FINGERPRINT = """
+import hashlib
+from efmuon.common.tasks import make_task
+
+def fingerprint():
+    data, losses = hashlib.sha256(), hashlib.sha256()
+    for name in ("lsq", "digits", "gpt-char"):
+        t = make_task(name, 3, seed=11)
+        for _, p in t.build_model().named_parameters():
+            data.update(p.detach().numpy().tobytes())
+        for w, r in ((0, 0), (2, 7), (1, 1000)):
+            for x in t.batch(w, r):
+                data.update(x.numpy().tobytes())
+        m = t.build_model()
+        losses.update(repr((t.f_star, t.train_eval_loss(m), t.eval_loss(m))).encode())
+    return data.hexdigest(), losses.hexdigest()
+"""
+
+
+def test_bit_identical_across_processes():
+    """Fresh interpreters (other hash seed, other thread count) build the same data, shards,
+    initial weights and batches; with the same thread count, the same losses too."""
+    import os
+    import subprocess
+    import sys
+
+    ns: dict = {}
+    exec(_FINGERPRINT, ns)
+    here = ns["fingerprint"]()
+    script = _FINGERPRINT + "\nprint(*fingerprint())\n"
+    procs = []
+    for hashseed, threads in (("1", "1"), ("2", str(torch.get_num_threads()))):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed, OMP_NUM_THREADS=threads)
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        outs.append(tuple(out.split()))
+    assert outs[0][0] == outs[1][0] == here[0]
+    assert outs[1][1] == here[1]
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -208,3 +209,206 @@ def run_bench(name: str, quick: bool, report: str | None, markdown: str | None, 
                           for g in out["goals"])
         update_markdown(markdown, name, command, out["table"] + ("\n\n" + goals if goals else ""))
     return out
+
+
+# ---------------------------------------------------------------------------------------- codecs
+CODEC_SPECS = ["identity", "identity:bf16", "topk:0.1", "topk:0.01", "randk:0.1", "rankk:4", "natural",
+               "quant:8", "quant:4", "sign", "topk:0.05+natural"]
+# minimum throughput ratio copy_time / (encode + decode) time, by family (structure first)
+CODEC_GOALS = {"topk": 0.25, "sign": 0.5, "quant": 0.5, "natural": 0.5}
+
+
+def _codec_family(spec: str) -> str:
+    return spec.split("+")[0].split(":")[0]
+
+
+def _thread_settings() -> list[int]:
+    default = torch.get_num_threads()
+    return [1] if default == 1 else [1, default]
+
+
+def _time_interleaved(fns: dict[str, Callable], repeat: int) -> dict[str, float]:
+    """Median seconds per function; one call of each per round (drift hits all alike), after a warmup round."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@bench("codecs")
+def bench_codecs(quick: bool) -> dict:
+    """Encode + decode throughput per compressor, as a ratio to a plain x.clone() in the same run."""
+    from efmuon.common.compress import parse_spec
+    from efmuon.common.lmo import newton_schulz
+
+    n = (1 << 20) if quick else (1 << 24)
+    side = int(math.isqrt(n))  # rankk: side x side matrix with the same number of entries
+    repeat = 1 if quick else 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g)
+    X = torch.randn(side, side, generator=g)
+    buf = torch.empty_like(x)
+    rows = []
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in _thread_settings():
+            torch.set_num_threads(threads)
+            for spec in CODEC_SPECS:
+                comp = parse_spec(spec)
+                t = X if spec.startswith("rankk") else x
+                frame = comp.encode(t, 7)
+                tm = _time_interleaved({"copy": lambda: t.clone(), "memcpy": lambda: buf.copy_(x),
+                                        "enc": lambda: comp.encode(t, 7),
+                                        "dec": lambda: comp.decode(frame, t.shape)}, repeat)
+                both = tm["enc"] + tm["dec"]
+                fam = _codec_family(spec)
+                row = {"threads": threads, "codec": spec, "shape": "x".join(map(str, t.shape)),
+                       "frame_MB": len(frame) / 1e6, "encode_ms": tm["enc"] * 1e3, "decode_ms": tm["dec"] * 1e3,
+                       "clone_ms": tm["copy"] * 1e3, "x_clone": tm["copy"] / both,
+                       "x_memcpy": tm["memcpy"] / both, "goal": CODEC_GOALS.get(fam)}
+                if fam == "rankk":
+                    ns = timeit(lambda: newton_schulz(X), repeat=1, warmup=0)
+                    row["ns_ms"] = ns * 1e3
+                    row["x_ns"] = ns / both
+                rows.append(row)
+                print(f"  threads {threads} {spec:18s} enc {tm['enc'] * 1e3:7.1f} ms dec {tm['dec'] * 1e3:7.1f} ms "
+                      f"clone {tm['copy'] * 1e3:6.1f} ms -> {row['x_clone']:.3f}x clone", flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
+    goals = []
+    for spec in CODEC_SPECS:
+        fam = _codec_family(spec)
+        if fam in CODEC_GOALS:
+            worst = min(r["x_clone"] for r in rows if r["codec"] == spec)
+            goals.append(goal(f"{spec} encode+decode throughput vs x.clone() (worst of threads "
+                              f"{'/'.join(map(str, _thread_settings()))})", round(worst, 3),
+                              f">= {CODEC_GOALS[fam]}x", worst >= CODEC_GOALS[fam]))
+    rk = [r for r in rows if r["codec"].startswith("rankk")]
+    goals.append(goal("rankk:4 encode+decode speed vs Newton-Schulz (5 steps) of the same matrix (worst)",
+                      round(min(r["x_ns"] for r in rk), 1), "reported (> 1x = faster than one NS)",
+                      min(r["x_ns"] for r in rk) > 1))
+    cols = ["threads", "codec", "shape", "frame_MB", "encode_ms", "decode_ms", "clone_ms", "x_clone", "goal",
+            "x_memcpy", "ns_ms", "x_ns"]
+    notes = (f"{n} fp32 entries ({'quick' if quick else 'full'}; median of {repeat}, calls interleaved with the "
+             f"baseline). x_clone = clone_time / (encode + decode); x_memcpy = the same against copy_ into a "
+             f"preallocated tensor (pure bandwidth, no allocation). rankk runs on a {side}x{side} matrix; "
+             f"x_ns = Newton-Schulz time of that matrix / rankk time.")
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols) + CODEC_NOTES}
+
+
+# Filled in from profiles (see the report in BENCHMARKS.md): what bounds each codec.
+CODEC_NOTES = ""
+
+
+# ---------------------------------------------------------------------------------------- lmo
+def ns_step_flops(m: int, n: int) -> int:
+    """FLOPs of one Newton-Schulz step on an m x n matrix (the iteration runs on min x max):
+    A = X X^T: 2 m^2 n;  b A + c A A: 2 m^3;  a X + B X: 2 m^2 n  (m <= n). Elementwise terms ignored."""
+    m, n = min(m, n), max(m, n)
+    return 4 * m * m * n + 2 * m * m * m
+
+
+def _gpt124m_shapes(blocks: int) -> list[tuple[str, tuple[int, int]]]:
+    out = []
+    for b in range(blocks):
+        for j in range(4):
+            out.append((f"h.{b}.attn.w{j}", (768, 768)))
+        out.append((f"h.{b}.mlp.c_fc", (3072, 768)))
+        out.append((f"h.{b}.mlp.c_proj", (768, 3072)))
+    return out
+
+
+def _lmo_layer_sets(quick: bool) -> list[tuple[str, list]]:
+    from efmuon.common.lmo import assign_norms, assign_norms_for_model
+    from efmuon.common.tasks import make_task
+
+    model = make_task("gpt-char", 4).build_model()
+    sets = [("gpt-char", [s for s in assign_norms_for_model(model) if s.norm == "spectral"])]
+    blocks = 1 if quick else 12
+    sets.append((f"gpt124m-{blocks}blk", assign_norms(_gpt124m_shapes(blocks))))
+    return sets
+
+
+def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
+    """Time lmo_all over `specs` and plain bmm over the same shape groups; FLOP-weighted comparison."""
+    from efmuon.common.lmo import lmo_all, matrix_dims
+
+    g = torch.Generator().manual_seed(0)
+    Gs = [torch.randn(s.shape, generator=g).to(device) for s in specs]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    groups: dict[tuple[int, int], int] = {}
+    for s in specs:
+        mn = matrix_dims(s.shape)
+        groups[mn] = groups.get(mn, 0) + 1
+    ns_flops = sum(cnt * steps * ns_step_flops(*mn) for mn, cnt in groups.items())
+
+    def run_ns():
+        lmo_all(Gs, specs, ns_steps=steps)
+        sync()
+
+    mm_inputs = []
+    for (m, n), cnt in groups.items():
+        a, b = min(m, n), max(m, n)
+        A = torch.randn(cnt, a, b, generator=g).to(device, dtype)
+        B = torch.randn(cnt, b, a, generator=g).to(device, dtype)
+        mm_inputs.append((A, B, 2 * cnt * a * a * b, cnt * steps * ns_step_flops(m, n)))
+
+    def run_mm():
+        for A, B, _, _ in mm_inputs:
+            torch.bmm(A, B)
+        sync()
+
+    # warm up, then interleave; the baseline's rate per group, weighted by that group's NS FLOPs
+    tm = _time_interleaved({"ns": run_ns}, repeat)
+    mm_rate_time = 0.0
+    for A, B, f_mm, f_ns in mm_inputs:
+        t = _time_interleaved({"mm": lambda: (torch.bmm(A, B), sync())}, max(3, repeat))["mm"]
+        mm_rate_time += f_ns / (f_mm / t)  # time the NS FLOPs would take at plain bmm speed
+    return {"ns_s": tm["ns"], "ns_flops": ns_flops, "mm_equiv_s": mm_rate_time,
+            "groups": ", ".join(f"{c}x{m}x{n}" for (m, n), c in groups.items())}
+
+
+@bench("lmo")
+def bench_lmo(quick: bool) -> dict:
+    """Newton-Schulz (lmo_all, batched by shape) achieved FLOP/s vs a plain batched matmul, same run."""
+    steps = 5
+    repeat = 1 if quick else 3
+    rows = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    default_threads = torch.get_num_threads()
+    try:
+        for device in devices:
+            for threads in (_thread_settings() if device.type == "cpu" else [default_threads]):
+                torch.set_num_threads(threads)
+                for set_name, specs in _lmo_layer_sets(quick):
+                    r = _lmo_measure(specs, device, steps, repeat)
+                    row = {"device": device.type, "threads": threads, "layers": set_name, "matrices": r["groups"],
+                           "ms_per_step": r["ns_s"] / steps * 1e3,
+                           "ns_GFLOPs": r["ns_flops"] / r["ns_s"] / 1e9,
+                           "matmul_GFLOPs": r["ns_flops"] / r["mm_equiv_s"] / 1e9,
+                           "x_matmul": r["mm_equiv_s"] / r["ns_s"]}
+                    rows.append(row)
+                    print(f"  {device.type} threads {threads} {set_name}: {row['ms_per_step']:.2f} ms/step, "
+                          f"{row['ns_GFLOPs']:.1f} GFLOP/s vs matmul {row['matmul_GFLOPs']:.1f} "
+                          f"-> {row['x_matmul']:.2f}x", flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
+    goals = []
+    for set_name in dict.fromkeys(r["layers"] for r in rows):
+        for dev in dict.fromkeys(r["device"] for r in rows):
+            sel = [r for r in rows if r["layers"] == set_name and r["device"] == dev]
+            worst = min(r["x_matmul"] for r in sel)
+            goals.append(goal(f"{set_name} ({dev}) Newton-Schulz FLOP/s vs plain batched matmul (worst of threads)",
+                              round(worst, 3), ">= 0.8x", worst >= 0.8))
+    notes = (f"{steps} jordan steps per call via lmo_all (same-shape matrices batched); FLOPs per step on m x n "
+             f"(m <= n) = 4 m^2 n + 2 m^3. Baseline: torch.bmm (a x b) @ (b x a) per shape group, its GFLOP/s "
+             f"weighted by each group's NS FLOPs. "
+             + ("cuda: bf16." if torch.cuda.is_available() else "cuda: not available on this machine (skipped)."))
+    cols = ["device", "threads", "layers", "matrices", "ms_per_step", "ns_GFLOPs", "matmul_GFLOPs", "x_matmul"]
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}

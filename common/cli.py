@@ -73,6 +73,21 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--ns-coeffs", choices=NS_COEFFS, help="Newton-Schulz coefficients (default jordan)")
     a.add_argument("--ef14-variant", choices=("classic", "airbench"), help="with --method ef14")
     a.add_argument("--ef14-bits", type=int, help="airbench variant: bits of the quantised update (4/8/16/32)")
+    f = p.add_argument_group("federated (simulate: n clients, partial participation, per-client links, simulated clock)")
+    f.add_argument("--clients", type=int, help="number of clients n (federated; sets n, --workers stays the synchronous count)")
+    f.add_argument("--participation", type=float, metavar="P",
+                   help="fraction of the n clients sampled per round, in (0, 1] (at least 1; deterministic per seed and round)")
+    f.add_argument("--link", metavar="PROFILE", help="one link for every client: a preset (none, dsl, lte, wifi, dc-10g) "
+                   "or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
+    f.add_argument("--link-mix", metavar="MIX", help="per-client presets drawn from a distribution, e.g. 'dsl=0.3,lte=0.5,wifi=0.2'")
+    f.add_argument("--link-trace", metavar="FILE.csv", help="per-client links, rows client,up_bps,down_bps,delay_ms[,jitter_ms]")
+    f.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="simulated round deadline: sampled clients slower than this are dropped from the round (stragglers)")
+    f.add_argument("--compute-scale", metavar="DIST", help="per-client compute speed factor: a number, 'lognormal:SIGMA' "
+                   "(median 1) or 'uniform:LO:HI' (default 1)")
+    f.add_argument("--compute-seconds", type=float, metavar="S",
+                   help="simulated gradient time per client and round (default: measured in this process)")
+    g.add_argument("--plots", metavar="DIR", help="write PNG plots here (default: next to --report; 'none' to skip)")
     c = p.add_argument_group("compression")
     c.add_argument("--uplink", metavar="SPEC", help=f"worker->server compressor (default {DEFAULT_UPLINK}); {SPEC_HELP}")
     c.add_argument("--downlink", metavar="SPEC", help=f"server->worker compressor (default {DEFAULT_DOWNLINK})")
@@ -84,7 +99,10 @@ _FLAG_TO_KEY = {
     "log_every": "log_every", "method": "method", "preset": "preset", "lr": "lr", "beta": "beta",
     "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "init": "init",
     "ns_steps": "ns_steps", "ns_coeffs": "ns_coeffs", "ef14_variant": "ef14_variant", "ef14_bits": "ef14_bits",
-    "uplink": "uplink", "downlink": "downlink",
+    "uplink": "uplink", "downlink": "downlink", "plots": "plots",
+    "clients": "clients", "participation": "participation", "link": "link", "link_mix": "link_mix",
+    "link_trace": "link_trace", "deadline": "deadline", "compute_scale": "compute_scale",
+    "compute_seconds": "compute_seconds",
 }
 
 
@@ -132,8 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")
     b.set_defaults(func=cmd_bench)
 
+    c = sub.add_parser("compare", help="overlay run reports in one figure and print a table",
+                       description="Overlay JSON reports of simulate/run/server: loss vs rounds and loss vs bytes "
+                                   "(log scale) in one PNG, and a table of rounds, final loss at W and X, bytes "
+                                   "up/down and the saving against uncompressed fp32.")
+    c.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports to compare")
+    c.add_argument("--out", default="compare.png", metavar="PATH.png", help="figure to write (default compare.png)")
+    c.add_argument("--label", action="append", default=None, help="legend label per report, in order (repeatable; "
+                   "default: the file names)")
+    c.set_defaults(func=cmd_compare)
+
     _add_service_commands(sub)
     return parser
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from efmuon.common.compare import compare
+
+    compare(args.reports, out=args.out, labels=args.label)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

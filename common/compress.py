@@ -179,8 +179,27 @@ def _qr(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(a).Q
 
 
+_CHUNK = 1 << 16  # elements per chunk of the fused single-pass loops (fits L2 with its temporaries)
+
+
+def _kth_keep(cv: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask over cv keeping exactly its k largest values, ties by lower position."""
+    c = cv.size
+    tau = np.partition(cv, c - k)[c - k]
+    keep = cv > tau
+    need = k - int(np.count_nonzero(keep))
+    if need > 0:
+        keep[np.flatnonzero(cv == tau)[:need]] = True
+    return keep
+
+
 def _select_largest_np(x: np.ndarray, k: int, use_abs: bool) -> np.ndarray:
-    """numpy version of _select_largest on |x| (use_abs) or x; returns strictly increasing int64."""
+    """numpy version of _select_largest on |x| (use_abs) or x; returns strictly increasing int64.
+
+    Exact (ties by lower index).  Large inputs: the k-th value is bracketed [lo, hi] from a strided
+    sample; one chunked pass (cache-resident temporaries) gathers the candidates >= lo with their
+    values; those > hi are certainly kept and the exact threshold is found by a partition of the
+    few candidates inside the bracket only.  Bracket misses fall back to the full partition."""
     d = x.size
     if k >= d:
         return np.arange(d, dtype=np.int64)
@@ -189,13 +208,7 @@ def _select_largest_np(x: np.ndarray, k: int, use_abs: bool) -> np.ndarray:
 
     def full():
         a = np.abs(x) if use_abs else x
-        # exact, ties by lower index: stable argsort on -a is a full sort, so use partition + ties
-        tau = np.partition(a, d - k)[d - k]
-        keep = a > tau
-        need = k - int(np.count_nonzero(keep))
-        if need > 0:
-            keep[np.flatnonzero(a == tau)[:need]] = True
-        return np.flatnonzero(keep)
+        return np.flatnonzero(_kth_keep(a, k))
 
     if d <= (1 << 16):
         return full()
@@ -204,30 +217,47 @@ def _select_largest_np(x: np.ndarray, k: int, use_abs: bool) -> np.ndarray:
     samp = np.abs(samp) if use_abs else samp.copy()
     ns = samp.size
     p = k / d
-    j = int(math.ceil(p * ns + 4.0 * math.sqrt(p * (1 - p) * ns) + 8))
+    sd = 4.0 * math.sqrt(p * (1 - p) * ns) + 8
+    j = int(math.ceil(p * ns + sd))
     if j >= ns:
         return full()
-    lo = np.partition(samp, ns - j)[ns - j]
-    if use_abs:
-        m = x >= lo
-        m |= x <= -lo
-    else:
-        m = x >= lo
-    cand = np.flatnonzero(m)
+    j_hi = int(math.floor(p * ns - sd))  # sample rank of the upper bracket end (may be < 1: no upper end)
+    kth = [ns - j] + ([ns - j_hi] if j_hi >= 1 else [])
+    part = np.partition(samp, kth)
+    lo = part[ns - j]
+    hi = part[ns - j_hi] if j_hi >= 1 else None
+    idx_parts, val_parts = [], []
+    tmp = np.empty(min(d, _CHUNK), x.dtype) if use_abs else None
+    for i in range(0, d, _CHUNK):
+        ch = x[i:i + _CHUNK]
+        if use_abs:
+            a = np.abs(ch, out=tmp[: ch.size])
+        else:
+            a = ch
+        loc = np.flatnonzero(a >= lo)
+        if loc.size:
+            val_parts.append(a[loc])
+            loc += i
+            idx_parts.append(loc)
+    if not idx_parts:
+        return full()
+    cand = np.concatenate(idx_parts)
+    cv = np.concatenate(val_parts)
     c = cand.size
     if c < k:
         return full()
     if c == k:
         return cand
-    cv = x[cand]
-    if use_abs:
-        np.abs(cv, out=cv)
-    tau = np.partition(cv, c - k)[c - k]
-    keep = cv > tau
-    need = k - int(np.count_nonzero(keep))
-    if need > 0:
-        keep[np.flatnonzero(cv == tau)[:need]] = True
-    return cand[keep]
+    if hi is not None:
+        above = cv > hi
+        n_above = int(np.count_nonzero(above))
+        if n_above < k:
+            band_pos = np.flatnonzero(~above)
+            band = cv[band_pos]
+            sub = _kth_keep(band, k - n_above)
+            above[band_pos[sub]] = True
+            return cand[above]
+    return cand[_kth_keep(cv, k)]
 
 
 def _select_largest(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -291,8 +321,10 @@ def _pack_codes(codes: np.ndarray, b: int) -> np.ndarray:
             c = np.concatenate([c, np.zeros(pad, np.uint8)])
         c = c.reshape(-1, per)
         out = c[:, 0].copy()
+        tmp = np.empty_like(out)
         for j in range(1, per):
-            out |= c[:, j] << np.uint8(b * j)
+            np.left_shift(c[:, j], np.uint8(b * j), out=tmp)
+            out |= tmp
         return out
     bits = ((codes.astype(np.uint32)[:, None] >> np.arange(b, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(bits.reshape(-1), bitorder="little")
@@ -320,7 +352,12 @@ def _unpack_codes(buf: np.ndarray, n: int, b: int) -> np.ndarray:
 
 def _varint_sizes(g: np.ndarray) -> np.ndarray:
     s = np.ones(g.size, np.int64)
+    if not g.size:
+        return s
+    gmax = int(g.max())
     for j in range(1, 10):
+        if gmax < (1 << (7 * j)):
+            break
         s += g >= (np.uint64(1) << np.uint64(7 * j))
     return s
 
@@ -335,15 +372,27 @@ def _gaps(idx: np.ndarray) -> np.ndarray:
 
 
 def _varint_encode(g: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    maxb = int(sizes.max()) if sizes.size else 0
+    if maxb <= 1:
+        return g.astype(np.uint8)
+    # first bytes of all values by one scatter, continuation bytes only for the (few) long values
     total = int(sizes.sum())
     out = np.empty(total, np.uint8)
-    starts = np.cumsum(sizes) - sizes
-    maxb = int(sizes.max()) if sizes.size else 0
-    for j in range(maxb):
-        sel = sizes > j
-        byte = ((g[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
-        byte |= np.where(sizes[sel] > j + 1, np.uint8(0x80), np.uint8(0))
+    starts = np.cumsum(sizes)
+    starts -= sizes
+    more = sizes > 1
+    b0 = g.astype(np.uint8)
+    b0 &= np.uint8(0x7F)
+    b0 |= more.view(np.uint8) << np.uint8(7)
+    out[starts] = b0
+    sel = np.flatnonzero(more)
+    for j in range(1, maxb):
+        gs, ss = g[sel], sizes[sel]
+        byte = (gs >> np.uint64(7 * j)).astype(np.uint8)
+        byte &= np.uint8(0x7F)
+        byte |= (ss > j + 1).view(np.uint8) << np.uint8(7)
         out[starts[sel] + j] = byte
+        sel = sel[ss > j + 1]
     return out
 
 
@@ -353,23 +402,29 @@ def _varint_decode(buf: np.ndarray, k: int, what: str) -> np.ndarray:
         if buf.size:
             raise FrameError(f"{what}: {buf.size} trailing bytes after 0 varint indices")
         return np.zeros(0, np.uint64)
-    term = (buf & 0x80) == 0
-    nterm = int(term.sum())
+    term = buf < 0x80
+    nterm = int(np.count_nonzero(term))
     if nterm != k or not term[-1]:
         raise FrameError(
             f"{what}: varint index section holds {nterm} complete values (last byte "
             f"{'complete' if term[-1] else 'incomplete'}), expected exactly {k}"
         )
+    if buf.size == k:  # every value is one byte
+        return buf.astype(np.uint64)
     ends = np.flatnonzero(term)
     starts = np.empty(k, np.int64)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lens = ends - starts + 1
-    if int(lens.max()) > 9:
+    maxlen = int(lens.max())
+    if maxlen > 9:
         raise FrameError(f"{what}: varint longer than 9 bytes (value overflows 63 bits)")
-    pos = np.arange(buf.size, dtype=np.int64) - np.repeat(starts, lens)
-    contrib = (buf & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
-    return np.add.reduceat(contrib, starts)
+    out = (buf[starts] & np.uint8(0x7F)).astype(np.uint64)
+    sel = np.flatnonzero(lens > 1)
+    for j in range(1, maxlen):
+        out[sel] |= (buf[starts[sel] + j] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * j)
+        sel = sel[lens[sel] > j + 1]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,15 +539,31 @@ class NaturalCodec(_Codec):
         return 8.0 / 9.0
 
     def encode(self, v, seed):
+        # One chunked pass (temporaries stay in cache), same stream as _random_u32(seed, n):
+        # code = min(expo + [u >> 9 < mant], 254) with u >> 9 < mant  <=>  u < mant << 9 = bits << 9.
         n = v.numel()
-        bits = _np_cpu(v).view(np.int32)
-        mant = bits & np.int32(0x7FFFFF)
-        expo = (bits >> np.int32(23)) & np.int32(0xFF)
-        u = _random_u32(seed, n) >> np.uint32(9)  # uniform in [0, 2**23)
-        code = expo + (u.view(np.int32) < mant)
-        np.minimum(code, 254, out=code)
-        signs = np.packbits(bits < 0, bitorder="little")
-        return [signs, code.astype(np.uint8)]
+        bits = _np_cpu(v).view(np.uint32)
+        bg = _rng(seed).bit_generator
+        code = np.empty(n, np.uint8)
+        signs = np.empty(_ceil_div(n, 8), np.uint8)
+        C = _CHUNK
+        thr = np.empty(min(n, C), np.uint32)
+        e32 = np.empty(min(n, C), np.uint32)
+        for i in range(0, n, C):
+            b = bits[i:i + C]
+            m = b.size
+            u = bg.random_raw((m + 1) // 2).view(np.uint32)[:m]
+            t = np.left_shift(b, np.uint32(9), out=thr[:m])
+            up = np.less(u, t)
+            e = np.right_shift(b, np.uint32(23), out=e32[:m])
+            c = code[i:i + m]
+            np.copyto(c, e, casting="unsafe")  # keeps the 8 exponent bits (drops the sign bit)
+            ct = torch.from_numpy(c)
+            ct.clamp_max_(254)  # min(expo + up, 254) == min(min(expo, 254) + up, 254), no uint8 wrap
+            c += up
+            ct.clamp_max_(254)
+            signs[i // 8:i // 8 + _ceil_div(m, 8)] = np.packbits(b >= np.uint32(0x80000000), bitorder="little")
+        return [signs, code]
 
     def decode(self, mv, off, n, what):
         nb = _ceil_div(n, 8)
@@ -501,12 +572,24 @@ class NaturalCodec(_Codec):
         if n and int(codes.max()) == 255:
             bad = int(np.flatnonzero(codes == 255)[0])
             raise FrameError(f"{what}: natural exponent code 255 (Inf/NaN) at entry {bad}")
-        sign = np.unpackbits(sbits, count=n, bitorder="little").astype(np.uint32)
-        out = codes.astype(np.uint32) << np.uint32(23)
-        out |= sign << np.uint32(31)
-        f = out.view(np.float32)
-        f *= np.float32(self.SCALE)
-        return f
+        # float bits = sign << 31 | code << 23, then * 8/9; chunked so temporaries stay in cache
+        out = np.empty(n, np.uint32)
+        C = _CHUNK
+        t = np.empty(min(n, C), np.uint32)
+        scale = np.float32(self.SCALE)
+        for i in range(0, n, C):
+            m = min(C, n - i)
+            o = out[i:i + m]
+            np.copyto(o, codes[i:i + m])
+            np.left_shift(o, np.uint32(23), out=o)
+            sg = np.unpackbits(sbits[i // 8:i // 8 + _ceil_div(m, 8)], count=m, bitorder="little")
+            tm = t[:m]
+            np.copyto(tm, sg)
+            np.left_shift(tm, np.uint32(31), out=tm)
+            np.bitwise_or(o, tm, out=o)
+            f = o.view(np.float32)
+            np.multiply(f, scale, out=f)
+        return out.view(np.float32)
 
 
 class QuantCodec(_Codec):
@@ -543,23 +626,24 @@ class QuantCodec(_Codec):
         n = v.numel()
         B = self.block
         nb = _ceil_div(n, B)
-        if v.device.type == "cpu":  # numpy: single-threaded, no temporaries beyond one f32 buffer
+        if v.device.type == "cpu":  # numpy, one chunked pass: temporaries stay in cache
             xn = v.numpy()
+            full = n // B
+            s = np.empty(nb, np.float32)
+            codes = np.empty(n, np.uint8 if self.bits <= 8 else np.uint16)
+            R = max(1, _CHUNK // B)
+            for r0 in range(0, full, R):
+                r1 = min(full, r0 + R)
+                self._quant_rows(xn[r0 * B:r1 * B].reshape(r1 - r0, B), s[r0:r1], codes[r0 * B:r1 * B])
             if n % B:
-                xp = np.zeros(nb * B, np.float32)
-                xp[:n] = xn
-                xn = xp
-            blocks = xn.reshape(nb, B)
-            s = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)) if nb else np.zeros(0, np.float32)
+                xp = np.zeros((1, B), np.float32)
+                xp[0, :n - full * B] = xn[full * B:]
+                tail = np.empty(B, codes.dtype)
+                self._quant_rows(xp, s[full:], tail)
+                codes[full * B:] = tail[:n - full * B]
             if not np.isfinite(s).all():
                 raise ValueError("quant codec: input holds NaN or Inf")
-            safe = np.where(s > 0, s, np.float32(1))
-            inv = np.where(s > 0, np.float32(self.L) / safe, np.float32(0)).astype(np.float32)
-            q = blocks * inv[:, None]
-            np.rint(q, out=q)
-            q += np.float32(self.L)
-            codes = q.reshape(-1)[:n].astype(np.uint8 if self.bits <= 8 else np.uint16)
-            return [s.astype("<f4").view(np.uint8), _pack_codes(codes, self.bits)]
+            return [s.view(np.uint8), _pack_codes(codes, self.bits)]
         if n % B:
             vp = torch.zeros(nb * B, dtype=torch.float32, device=v.device)
             vp[:n] = v
@@ -575,6 +659,23 @@ class QuantCodec(_Codec):
         codes = _np_cpu(q.reshape(-1)[:n].to(dt))
         return [_np_cpu(s.float()).view(np.uint8), _pack_codes(codes, self.bits)]
 
+    def _quant_rows(self, blocks, s_out, codes_out):
+        """Scales and codes of whole blocks (rows), entrywise as the reference formula."""
+        with np.errstate(all="ignore"):  # NaN/Inf inputs are rejected by the caller afterwards
+            # s = max(max x, -min x) = max |x| (NaN propagates); zero blocks recomputed exactly
+            # as the reference so that the sign of a zero scale is the same
+            s = s_out
+            torch.amax(torch.from_numpy(blocks).abs(), dim=1, out=torch.from_numpy(s))
+            z = np.flatnonzero(s == 0)
+            if z.size:
+                s[z] = np.maximum(blocks[z].max(axis=1), -blocks[z].min(axis=1))
+            safe = np.where(s > 0, s, np.float32(1))
+            inv = np.where(s > 0, np.float32(self.L) / safe, np.float32(0)).astype(np.float32)
+            q = blocks * inv[:, None]
+            np.rint(q, out=q)
+            q += np.float32(self.L)
+            np.copyto(codes_out, q.reshape(-1), casting="unsafe")
+
     def decode(self, mv, off, n, what):
         B = self.block
         nb = _ceil_div(n, B)
@@ -584,6 +685,8 @@ class QuantCodec(_Codec):
             raise FrameError(f"{what}: quant scale {float(s[bad])!r} of block {bad} is not finite and >= 0")
         nbytes = _ceil_div(n * self.bits, 8)
         buf = np.frombuffer(mv, dtype=np.uint8, count=nbytes, offset=off + 4 * nb)
+        if self.bits in (2, 4, 8) and n:
+            return self._decode_table(buf, s, n, what)
         codes = _unpack_codes(buf, n, self.bits)
         if n and int(codes.max()) > 2 * self.L:
             raise FrameError(f"{what}: quant code {int(codes.max())} out of range 0..{2 * self.L}")
@@ -597,6 +700,47 @@ class QuantCodec(_Codec):
             vp *= step[:, None]
             return vp.reshape(-1)[:n].copy()
         vals = vals.reshape(nb, B)
+        vals *= step[:, None]
+        return vals.reshape(-1)
+
+    def _decode_table(self, buf, s, n, what):
+        """b in (2, 4, 8): each byte -> its 8/b values (code - L) by a 256-entry table, then * step."""
+        b, B, L = self.bits, self.block, self.L
+        per = 8 // b
+        byte = np.arange(256, dtype=np.int32)[:, None]
+        codes_tab = (byte >> (b * np.arange(per, dtype=np.int32))) & ((1 << b) - 1)  # (256, per)
+        top = int(np.take(codes_tab.max(axis=1).astype(np.uint8), buf, mode="wrap").max()) if per > 1 else int(buf.max())
+        if top > 2 * L:
+            # the trailing padding bits are 0, so the maximum over whole bytes is the codes' maximum
+            raise FrameError(f"{what}: quant code {top} out of range 0..{2 * L}")
+        tab = (codes_tab - L).astype(np.float32)
+        step = (s / np.float32(L)).astype(np.float32)
+        out = np.empty(buf.size * per, np.float32)
+        full = n // B
+        # rows of whole blocks, chunked so the gathered values are scaled while in cache
+        R = max(1, _CHUNK // B)
+        for r0 in range(0, full, R) if B % per == 0 else ():
+            r1 = min(full, r0 + R)
+            o = out[r0 * B:r1 * B]
+            np.take(tab, buf[r0 * B // per:r1 * B // per], axis=0, out=o.reshape(-1, per), mode="wrap")
+            o.reshape(r1 - r0, B)[...] *= step[r0:r1, None]
+        if B % per == 0:
+            if n % B:
+                t0 = full * B
+                nbt = _ceil_div(n - t0, per)
+                o = out[t0:t0 + nbt * per]
+                np.take(tab, buf[t0 // per:t0 // per + nbt], axis=0, out=o.reshape(-1, per), mode="wrap")
+                o *= step[full]
+            return out[:n]
+        np.take(tab, buf, axis=0, out=out.reshape(-1, per), mode="wrap")
+        nb = step.size
+        if n % B:
+            vp = np.zeros(nb * B, np.float32)
+            vp[:n] = out[:n]
+            vp = vp.reshape(nb, B)
+            vp *= step[:, None]
+            return vp.reshape(-1)[:n].copy()
+        vals = out[:n].reshape(nb, B)
         vals *= step[:, None]
         return vals.reshape(-1)
 
@@ -633,6 +777,8 @@ class SignCodec(_Codec):
     def encode(self, v, seed):
         n = v.numel()
         nb = self._nb(n)
+        if v.device.type == "cpu" and n:
+            return self._encode_cpu(v, n, nb)
         if self.block == 0 or nb <= 1:
             s = v.abs().mean().reshape(1) if n else torch.zeros(0, device=v.device)
         else:
@@ -647,6 +793,31 @@ class SignCodec(_Codec):
         signs = np.packbits(_np_cpu(v < 0), bitorder="little")
         return [_np_cpu(s.float()).view(np.uint8), signs]
 
+    def _encode_cpu(self, v, n, nb):
+        # |x| and the sign bits in one chunked pass; the scales are then the very same torch
+        # reductions as on other devices, over a numpy (huge-page) buffer instead of a fresh tensor.
+        xn = v.numpy()
+        B = self.block
+        whole = self.block == 0 or nb <= 1
+        ab = np.empty(n if whole else nb * B, np.float32)
+        signs = np.empty(_ceil_div(n, 8), np.uint8)
+        C = _CHUNK
+        for i in range(0, n, C):
+            ch = xn[i:i + C]
+            np.abs(ch, out=ab[i:i + ch.size])
+            signs[i // 8:i // 8 + _ceil_div(ch.size, 8)] = np.packbits(ch < 0, bitorder="little")
+        at = torch.from_numpy(ab)
+        if whole:
+            s = at.mean().reshape(1)
+        else:
+            ab[n:] = 0
+            cnt = torch.full((nb,), float(B))
+            cnt[-1] = n - (nb - 1) * B
+            s = at.view(nb, B).sum(dim=1) / cnt
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("sign codec: input holds NaN or Inf")
+        return [s.numpy().view(np.uint8), signs]
+
     def decode(self, mv, off, n, what):
         nb = self._nb(n)
         s = np.frombuffer(mv, dtype="<f4", count=nb, offset=off)
@@ -654,6 +825,27 @@ class SignCodec(_Codec):
             bad = int(np.flatnonzero(~(np.isfinite(s) & (s >= 0)))[0])
             raise FrameError(f"{what}: sign scale {float(s[bad])!r} of block {bad} is not finite and >= 0")
         bits = np.frombuffer(mv, dtype=np.uint8, count=_ceil_div(n, 8), offset=off + 4 * nb)
+        if nb == 1 or (nb > 1 and self.block % 8 == 0):
+            # byte -> its 8 values by table: +-s (s | sign bit, as below); blocks: +-1 then * s_j
+            tab = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+            tab = tab.astype(np.uint32) << np.uint32(31)
+            if nb == 1:
+                tab |= s.view(np.uint32)[0]
+                out = np.empty((bits.size, 8), np.float32)
+                C = _CHUNK // 8
+                for i in range(0, bits.size, C):
+                    np.take(tab.view(np.float32), bits[i:i + C], axis=0, out=out[i:i + C], mode="wrap")
+                return out.reshape(-1)[:n]
+            tab |= np.float32(1).view(np.uint32)
+            out = np.take(tab.view(np.float32), bits, axis=0, mode="wrap").reshape(-1)
+            B = self.block
+            full = n // B
+            if full:
+                o = out[: full * B].reshape(full, B)
+                o *= s[:full, None]
+            if n % B:
+                out[full * B:n] *= s[full]
+            return out[:n]
         neg = np.unpackbits(bits, count=n, bitorder="little").astype(np.uint32)
         neg <<= np.uint32(31)
         if nb <= 1:
@@ -862,8 +1054,9 @@ class TopK(Compressor):
         d = v.numel()
         k = _k_of(self.arg, d)
         if v.device.type == "cpu":
-            idx = _select_largest_np(v.numpy(), k, use_abs=True)
-            vals = v[torch.from_numpy(idx)]
+            xn = v.numpy()
+            idx = _select_largest_np(xn, k, use_abs=True)
+            vals = torch.from_numpy(xn[idx])
         else:
             idx_t = _select_largest(v.abs(), k)
             vals = v[idx_t]
@@ -930,7 +1123,8 @@ class TopK(Compressor):
                 raise FrameError(f"{what}: index gap {int(g.max())} out of range for {d} entries")
             idx = np.cumsum(g.astype(np.int64) + 1) - 1
         if k:
-            if lay != _IDX_BITMAP and k > 1:
+            # varint indices (gaps < d) are strictly increasing unless the int64 cumsum overflowed
+            if lay == _IDX_ABS or (lay == _IDX_VARINT and k > 1 and k * d >= (1 << 62)):
                 dif = np.diff(idx)
                 if (dif <= 0).any():
                     p = int(np.flatnonzero(dif <= 0)[0]) + 1

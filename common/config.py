@@ -68,6 +68,17 @@ class RunConfig:
     log_every: int = 10
     report: str | None = None
     metrics: str | None = None  # JSONL stream, one line per round
+    plots: str | None = None  # directory for PNG plots (None: the report's directory; "none": no plots)
+    # --- federated simulation (DESIGN.md section 6; see efmuon.common.federated). Any of these set
+    # switches `simulate` into federated mode; all None keeps the synchronous path.
+    clients: int | None = None  # n clients (overrides `workers` as n)
+    participation: float | None = None  # fraction of the n clients sampled per round, in (0, 1]
+    link: str | None = None  # one link profile for every client: a preset or 'up=10mbit,down=50mbit,delay=20ms'
+    link_mix: Any = None  # {preset: weight} or 'dsl=0.3,lte=0.5,wifi=0.2': each client draws a preset
+    link_trace: str | None = None  # CSV of per-client links: client,up_bps,down_bps,delay_ms[,jitter_ms]
+    deadline: float | None = None  # simulated round deadline (s): slower sampled clients are dropped
+    compute_scale: str | None = None  # per-client speed factor: a number, 'lognormal:SIGMA' or 'uniform:LO:HI'
+    compute_seconds: float | None = None  # simulated gradient time per round (None: measured in this process)
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -163,6 +174,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("task_options", "lr_mult", "norms", "uplink_layers", "downlink_layers"):
         if not isinstance(getattr(cfg, name), dict):
             raise ConfigError(f"{name} must be a table (mapping), got {type(getattr(cfg, name)).__name__}")
+    _validate_federated(cfg)
     for name in ("uplink", "downlink"):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ConfigError(f"{name} must be a compressor spec string such as 'topk:0.1'")
@@ -172,6 +184,35 @@ def validate(cfg: RunConfig) -> RunConfig:
     for spec in [cfg.uplink, cfg.downlink, *cfg.uplink_layers.values(), *cfg.downlink_layers.values()]:
         parse_spec(spec)
     return cfg
+
+
+def _validate_federated(cfg: RunConfig) -> None:
+    _positive("clients", cfg.clients, integer=True)
+    _positive("deadline", cfg.deadline)
+    _positive("compute_seconds", cfg.compute_seconds, allow_zero=True)
+    if cfg.participation is not None:
+        _positive("participation", cfg.participation)
+        if cfg.participation > 1:
+            raise ConfigError(f"participation={cfg.participation!r} must be in (0, 1]: the fraction of clients sampled per round")
+    for name in ("plots", "link", "link_trace", "compute_scale"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"{name}={v!r} must be a non-empty string")
+    given = [name for name in ("link", "link_mix", "link_trace") if getattr(cfg, name) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give at most one of link, link_mix, link_trace (got {', '.join(given)})")
+    if cfg.link is not None:
+        from efmuon.common.links import parse_link
+
+        parse_link(cfg.link)
+    if cfg.link_mix is not None:
+        from efmuon.common.federated import parse_link_mix
+
+        parse_link_mix(cfg.link_mix)
+    if cfg.compute_scale is not None:
+        from efmuon.common.federated import parse_compute_scale
+
+        parse_compute_scale(cfg.compute_scale)
 
 
 def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:

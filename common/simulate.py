@@ -1,9 +1,14 @@
 """`efmuon simulate`: n virtual workers in one process, driving the same state objects as the service.
 
 No transport: the report's payload bytes are the exact frame lengths, `message`/`wire` are null.
+Any federated setting (clients, participation, link, link_mix, link_trace, deadline, compute_scale,
+compute_seconds) switches to `efmuon.common.federated`; without them this synchronous path is
+unchanged. PNG plots go next to the report (or to `plots`), see `efmuon.common.plots`.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import torch
@@ -18,8 +23,8 @@ from efmuon.common.training import configure_torch, evaluate, gradients, model_s
 class Setup:
     """Everything both sides derive from the config: the task, model, names, initial params, layer specs."""
 
-    def __init__(self, cfg: RunConfig):
-        self.task = make_task(cfg.task, cfg.workers, seed=cfg.seed, **cfg.task_options)
+    def __init__(self, cfg: RunConfig, task=None):
+        self.task = task if task is not None else make_task(cfg.task, cfg.workers, seed=cfg.seed, **cfg.task_options)
         self.cfg = resolve(cfg, getattr(self.task, "defaults", {}) or {})
         self.model = self.task.build_model()
         self.names, self.params = parameters_of(self.model)
@@ -37,7 +42,38 @@ def eval_losses(setup: Setup, model, W, X) -> tuple[float, float]:
     return evaluate(model, W, t.train_eval_loss), evaluate(model, X, t.train_eval_loss)
 
 
+def plots_dir(cfg: RunConfig) -> str | None:
+    """Where PNG plots go: `plots`, else the report's directory; None when disabled or nowhere to put them."""
+    if cfg.plots is not None:
+        return None if cfg.plots.strip().lower() in ("none", "off", "no", "false", "") else cfg.plots
+    if cfg.report:
+        return os.path.dirname(os.path.abspath(cfg.report))
+    return None
+
+
+def write_outputs(report: Report, cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
+    """Write the JSON report and the PNG plots (if asked for); return the report as a dict."""
+    if cfg.report:
+        report.write(cfg.report)
+    data = report.to_dict()
+    where = plots_dir(cfg)
+    if where:
+        from efmuon.common.plots import write_plots
+
+        stem = os.path.splitext(os.path.basename(cfg.report))[0] if cfg.report else "efmuon"
+        paths = write_plots(data, where, stem)
+        if not quiet:
+            print(f"plots: {', '.join(paths)}", file=stream or sys.stdout, flush=True)
+    return data
+
+
 def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
+    from efmuon.common.federated import is_federated
+
+    if is_federated(cfg):
+        from efmuon.common.federated import simulate_federated
+
+        return simulate_federated(cfg, quiet=quiet, stream=stream)
     configure_torch(cfg.threads)
     setup = Setup(cfg)
     cfg = setup.cfg
@@ -56,6 +92,7 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
         batch = task.batch(j, round_)
         return gradients(models[j], workers[j].W, lambda m: task.loss(m, batch))
 
+    per_client = {str(j): {"up": {"payload": 0}, "down": {"payload": 0}} for j in range(n)}
     initial_w, _ = eval_losses(setup, eval_model, server.W, server.X)
     # Join: W = X = X_0 goes down uncompressed to everyone; 'grad' init sends g_j(X_0) up once.
     init = {"down": {"payload": n * full}, "up": {"payload": 0}}
@@ -66,6 +103,10 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
             ups[j] = workers[j].init_uplink(g)
         server.aggregate(ups, init=True)
         init["up"]["payload"] = sum(sum(len(f) for f in fr) for fr in ups.values())
+        for j, fr in ups.items():
+            per_client[str(j)]["up"]["payload"] += sum(len(f) for f in fr)
+    for j in range(n):
+        per_client[str(j)]["down"]["payload"] += full
     report.add_init(init)
 
     for k in range(1, cfg.rounds + 1):
@@ -80,6 +121,9 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
             ups[j] = workers[j].make_uplink(g)
         server.aggregate(ups)
         seconds = time.perf_counter() - t0
+        for j, fr in ups.items():
+            per_client[str(j)]["up"]["payload"] += sum(len(f) for f in fr)
+            per_client[str(j)]["down"]["payload"] += down
         up = sum(sum(len(f) for f in fr) for fr in ups.values())
         loss_w = loss_x = val_w = None
         if k % cfg.eval_every == 0 or k == cfg.rounds:
@@ -104,9 +148,8 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
         x_sha256=params_sha256(server.X, setup.names),
         parameters=setup.numel,
         workers=n,
+        client_bytes=per_client,
     )
     if not quiet:
         report.print_summary()
-    if cfg.report:
-        report.write(cfg.report)
-    return report.to_dict()
+    return write_outputs(report, cfg, quiet, stream)

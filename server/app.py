@@ -11,7 +11,10 @@ import os
 import sys
 
 from efmuon.common.config import RunConfig
-from efmuon.common.errors import EfmuonError
+from efmuon.common.errors import ConfigError, EfmuonError
+
+FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
+                  "compute_seconds")
 from efmuon.common.training import configure_torch, resolve_device
 from efmuon.server.coordinator import Coordinator, ServerModel
 from efmuon.server.service import serve
@@ -29,6 +32,10 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None) -> Coord
     """The task's model and evaluation from `Setup(cfg)`, exactly as `efmuon simulate` builds them."""
     from efmuon.common.simulate import Setup
 
+    given = [k for k in FEDERATED_KEYS if getattr(cfg, k, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: federated settings are emulated by `efmuon simulate` only; the "
+                          "networked server runs synchronous rounds over all --workers clients (leave them unset)")
     configure_torch(cfg.threads)
     setup = Setup(cfg)
     return Coordinator(setup.cfg, ServerModel.from_setup(setup), device=resolve_device(setup.cfg.device),

@@ -1,4 +1,4 @@
-"""The server's round logic: sessions, the synchronous barrier, and the byte ledger. No gRPC here.
+"""The server's round logic: sessions, the synchronous barrier, and the report. No gRPC here.
 
 `Coordinator` owns a `ServerState` (X, W, G of DESIGN.md section 1) and turns the clients'
 calls into the core's round, exactly in the order `efmuon simulate` uses:
@@ -16,9 +16,9 @@ thread at a time. Uplinks are decoded as they arrive (one client at a time; a ba
 refused with INVALID_ARGUMENT and nothing changes) and applied together, sorted by client id, so
 the sum is the same as `ServerState.aggregate` computes.
 
-Bytes are recorded per (round, client, direction, level). The client's wire figures arrive one
-call late (`WireReport`), so round k enters the report when round k+1's submissions (or the
-Leaves, for the last round) are in.
+Bytes are recorded per (round, client, direction, level) in a `ByteLedger`. The client's wire
+figures arrive one call late (`WireReport`), so round k enters the report when round k+1's
+submissions (or the Leaves, for the last round) are in.
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ from efmuon.common.algorithm import ServerState, params_sha256
 from efmuon.common.config import RunConfig
 from efmuon.common.errors import FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec
-from efmuon.common.report import LEVELS, Report
+from efmuon.common.report import Report
 from efmuon.server import protocol
+from efmuon.server.ledger import ByteLedger
 from efmuon.v1 import service_pb2 as pb
 
 log = logging.getLogger("efmuon.server")
@@ -58,14 +59,18 @@ class Rejected(Exception):
 class ServerModel:
     """What the server knows about the model besides the config.
 
-    `evaluate(W, X) -> (loss_w, loss_x)` runs after rounds the config asks to evaluate;
-    `final(W, X) -> dict` adds entries to the summary (eval_loss_w, f_star, ...). Both optional.
+    Optional hooks, all run on the server's compute thread:
+      `evaluate(W, X) -> dict`  after rounds the config asks to evaluate: "loss_w", "loss_x" and any
+                                extra round entries (e.g. "val_loss_w");
+      `initial(W) -> dict`      once before round 1: summary entries (e.g. "initial_loss");
+      `final(W, X) -> dict`     after the last round: summary entries (eval_loss_w, f_star, ...).
     """
 
     names: list[str]
     params: list[torch.Tensor]
     specs: list[LayerSpec]
-    evaluate: Callable[[list, list], tuple[float | None, float | None]] | None = None
+    evaluate: Callable[[list, list], dict] | None = None
+    initial: Callable[[list], dict] | None = None
     final: Callable[[list, list], dict] | None = None
 
     @classmethod
@@ -77,13 +82,19 @@ class ServerModel:
         eval_model = setup.task.build_model()
         task = setup.task
 
+        def per_round(W, X) -> dict:
+            lw, lx = eval_losses(setup, eval_model, W, X)
+            return {"loss_w": lw, "loss_x": lx, "val_loss_w": evaluate(eval_model, W, task.eval_loss)}
+
+        def initial(W) -> dict:
+            return {"initial_loss": evaluate(eval_model, W, task.train_eval_loss)}
+
         def final(W, X) -> dict:
             return {"eval_loss_w": evaluate(eval_model, W, task.eval_loss),
                     "eval_loss_x": evaluate(eval_model, X, task.eval_loss),
                     "f_star": getattr(task, "f_star", None)}
 
-        return cls(setup.names, setup.params, setup.specs,
-                   evaluate=lambda W, X: eval_losses(setup, eval_model, W, X), final=final)
+        return cls(setup.names, setup.params, setup.specs, evaluate=per_round, initial=initial, final=final)
 
 
 @dataclass
@@ -122,10 +133,6 @@ class Plan:
             frame_lengths=self.frame_lengths if with_frames else []))
 
 
-def _empty_ledger() -> dict:
-    return {d: {lvl: None for lvl in LEVELS} for d in ("up", "down")}
-
-
 class Coordinator:
     """Sessions, the round barrier and the report of one run (see the module docstring)."""
 
@@ -158,10 +165,8 @@ class Coordinator:
         self.loss_x: float | None = None
         self.failed: BaseException | None = None
         self.stopping = False
-        # byte ledger: ledger[k][j] (k = 0 is the join/initial exchange), round facts, report progress
-        self.ledger: dict[int, dict[int, dict]] = {}
-        self.round_facts: dict[int, dict] = {}
-        self.reported_upto = -1
+        self.ledger = ByteLedger(self.report, self.rounds)
+        self.initial_facts: dict = {}
         self._init_w: tuple[list[int], list[bytes]] | None = None
         self._init_lock = asyncio.Lock()
         self._step_t0 = 0.0
@@ -178,22 +183,6 @@ class Coordinator:
         if fut is None:
             fut = self.results[round_] = asyncio.get_running_loop().create_future()
         return fut
-
-    def record(self, k: int, j: int, direction: str, level: str, value: int | None) -> None:
-        if value is None:
-            return
-        k = min(max(k, 0), self.rounds)
-        slot = self.ledger.setdefault(k, {}).setdefault(j, _empty_ledger())[direction]
-        slot[level] = (slot[level] or 0) + int(value)
-
-    def record_wire(self, j: int, report: pb.WireReport | None) -> None:
-        """A WireReport of exchange e: its up bytes are round e's uplink (the join phase and round 0
-        both belong to the initial exchange), its down bytes carried S_{e+1}."""
-        if report is None:
-            return
-        e = int(report.exchange)
-        self.record(e, j, "up", "wire", report.up)
-        self.record(e + 1, j, "down", "wire", report.down)
 
     def session(self, client_id: int, token: str) -> Session:
         s = self.sessions.get(client_id)
@@ -247,9 +236,9 @@ class Coordinator:
 
     def confirm_join(self, s: Session, request_bytes: int, reply_bytes: int, payload: int) -> None:
         s.confirmed = True
-        self.record(0, s.client_id, "up", "message", request_bytes)
-        self.record(0, s.client_id, "down", "message", reply_bytes)
-        self.record(0, s.client_id, "down", "payload", payload)
+        self.ledger.record(0, s.client_id, "up", "message", request_bytes)
+        self.ledger.record(0, s.client_id, "down", "message", reply_bytes)
+        self.ledger.record(0, s.client_id, "down", "payload", payload)
 
     def abort_join(self, s: Session) -> None:
         if self.sessions.get(s.client_id) is s and not s.confirmed:
@@ -294,9 +283,9 @@ class Coordinator:
             self.pending[j] = decoded
         if math.isfinite(train_loss):
             self.train_losses[j] = float(train_loss)
-        self.record(round_, j, "up", "payload", payload)
-        self.record(round_, j, "up", "message", message)
-        self.record_wire(j, previous)
+        self.ledger.record(round_, j, "up", "payload", payload)
+        self.ledger.record(round_, j, "up", "message", message)
+        self.ledger.record_wire(j, previous)
         self._result(round_)
         if len(self.submitted) == self.n:
             asyncio.get_running_loop().create_task(self._process(round_))
@@ -327,10 +316,13 @@ class Coordinator:
                 facts["loss_w"] = facts["loss_x"] = None
                 if self.model.evaluate and (k % self.cfg.eval_every == 0 or k == self.rounds):
                     self.phase = "evaluating"
-                    lw, lx = await self._run(self.model.evaluate, self.state.W, self.state.X)
-                    facts["loss_w"], facts["loss_x"] = self.loss_w, self.loss_x = lw, lx
-            self.round_facts[k] = facts
-            self._report_upto(k - 1)
+                    facts.update(await self._run(self.model.evaluate, self.state.W, self.state.X))
+                    self.loss_w, self.loss_x = facts["loss_w"], facts["loss_x"]
+            elif self.model.initial:
+                self.phase = "evaluating"
+                self.initial_facts = await self._run(self.model.initial, self.state.W)
+            self.ledger.facts[k] = facts
+            self.ledger.report_upto(k - 1)
             if k < self.rounds:
                 self.phase = "stepping"
                 self._step_t0 = time.perf_counter()
@@ -347,7 +339,8 @@ class Coordinator:
             if k == self.rounds:
                 asyncio.get_running_loop().create_task(self._wrap_up())
         except BaseException as exc:  # a bug or an exhausted machine: stop the run loudly
-            log.exception("round %d failed", k)
+            if not self.stopping:
+                log.exception("round %d failed", k)
             self.failed = exc
             self.phase = "failed"
             if not fut.done():
@@ -357,12 +350,12 @@ class Coordinator:
     def record_down(self, plan: Plan, j: int, message: int) -> None:
         """The reply `plan` (S_{plan.round}, or the final `done`) was streamed to client j."""
         k = plan.round - 1 if plan.done else plan.round
-        self.record(k, j, "down", "payload", plan.payload)
-        self.record(k, j, "down", "message", message)
+        self.ledger.record(k, j, "down", "payload", plan.payload)
+        self.ledger.record(k, j, "down", "message", message)
 
     def leave(self, s: Session, last: pb.WireReport | None, reason: str) -> None:
         if not s.left:
-            self.record_wire(s.client_id, last)
+            self.ledger.record_wire(s.client_id, last)
         s.left = True
         if reason:
             log.warning("client %d left: %s", s.client_id, reason)
@@ -372,26 +365,6 @@ class Coordinator:
             self._all_left.set()
 
     # ------------------------------------------------------------------ report
-    def _report_upto(self, k: int) -> None:
-        """Move rounds up to k (0 = the initial exchange) from the ledger into the report."""
-        while self.reported_upto < k:
-            r = self.reported_upto + 1
-            clients = {str(j): v for j, v in sorted(self.ledger.pop(r, {}).items())}
-            totals = _empty_ledger()
-            for c in clients.values():
-                for d in ("up", "down"):
-                    for lvl in LEVELS:
-                        if c[d][lvl] is not None:
-                            totals[d][lvl] = (totals[d][lvl] or 0) + c[d][lvl]
-            if r == 0:
-                self.report.add_init(totals)
-                self.init_clients = clients
-            else:
-                f = self.round_facts.pop(r, {})
-                self.report.add_round(r, f.get("loss_w"), f.get("loss_x"), f.get("seconds", 0.0), totals,
-                                      train_loss=f.get("train_loss"), clients=clients)
-            self.reported_upto = r
-
     async def _wrap_up(self) -> None:
         try:
             await asyncio.wait_for(self._all_left.wait(), timeout=self.leave_timeout)
@@ -408,7 +381,7 @@ class Coordinator:
             return self.report.summary
         self._summary_written = True
         if not partial:
-            self._report_upto(self.rounds)
+            self.ledger.report_upto(self.rounds)
         W, X, n, full = self.state.W, self.state.X, self.n, 4 * self.numel
 
         def compute() -> dict:
@@ -417,19 +390,22 @@ class Coordinator:
                     "x_sha256": params_sha256(X, self.model.names)}
 
         extra = await self._run(compute)
-        rounds = self.rounds if not partial else max(0, self.reported_upto)
+        rounds = self.rounds if not partial else max(0, self.ledger.reported_upto)
         summary = self.report.finish(
+            **self.initial_facts,
             **{k: extra.get(k) for k in ("eval_loss_w", "eval_loss_x", "f_star")},
             uncompressed_bytes={"up": n * full * (rounds + (1 if self.cfg.init == "grad" else 0)),
                                 "down": n * full * (rounds + 1)},
             w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
-            init_clients=getattr(self, "init_clients", {}),
+            client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
             **({"partial": True} if partial else {}),
         )
         if not self.quiet:
             self.report.print_summary()
-        if self.cfg.report:
-            self.report.write(self.cfg.report)
+        if self.cfg.report or self.cfg.plots:
+            from efmuon.common.simulate import write_outputs
+
+            await self._run(write_outputs, self.report, self.cfg, self.quiet, self.report.stream)
         return summary
 
     async def stop(self) -> None:

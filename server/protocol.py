@@ -37,11 +37,6 @@ def fingerprint(names: Sequence[str], params: Sequence[torch.Tensor]) -> list[pb
     return [pb.ParameterInfo(name=n, shape=list(p.shape), dtype=dtype_name(p.dtype)) for n, p in zip(names, params)]
 
 
-def fingerprint_of_model(model: torch.nn.Module) -> list[pb.ParameterInfo]:
-    names, params = zip(*model.named_parameters()) if len(list(model.parameters())) else ((), ())
-    return fingerprint(names, params)
-
-
 def fingerprint_mismatch(here: Sequence[pb.ParameterInfo], server: Sequence[pb.ParameterInfo]) -> str | None:
     """Why the client's model (`here`) is not the server's, or None when they match."""
     for i, (a, b) in enumerate(zip(here, server)):

@@ -1,0 +1,288 @@
+"""The service's edges, with a real grpc.aio server in the test's event loop on 127.0.0.1 (port 0)
+and `Worker`s (sync gRPC) in threads: refusals, duplicates, bad frames, Status during a round,
+wire figures from the transport, and the Worker API matching the core round bit for bit."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
+from efmuon.common.config import RunConfig, resolve
+from efmuon.common.training import gradients, model_specs, parameters_of
+from efmuon.server import protocol, service
+from efmuon.server.coordinator import Coordinator, ServerModel
+from efmuon.v1 import service_pb2 as pb
+from efmuon.v1 import service_pb2_grpc as pb_grpc
+from efmuon.worker import Worker, WorkerError
+
+
+def tiny_model(hidden: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def batches_of(j: int):
+    def batch(k: int):
+        g = torch.Generator().manual_seed(100 * j + k)
+        return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return batch
+
+
+def make_cfg(workers: int = 2, rounds: int = 3, **kw) -> RunConfig:
+    base = dict(task="lsq", workers=workers, rounds=rounds, lr=0.05, beta=0.3, schedule="constant", warmup=0,
+                preset="muon", uplink="topk:0.5", downlink="topk:0.5")
+    base.update(kw)
+    return resolve(RunConfig(**base), {})
+
+
+def server_model(cfg: RunConfig, evaluate=None) -> ServerModel:
+    model = tiny_model()
+    names, params = parameters_of(model)
+    return ServerModel(names, params, model_specs(model, cfg), evaluate=evaluate)
+
+
+class Harness:
+    def __init__(self, cfg: RunConfig, evaluate=None):
+        self.cfg = cfg
+        self.coordinator = Coordinator(cfg, server_model(cfg, evaluate), quiet=True, leave_timeout=5)
+
+    async def __aenter__(self):
+        self.server, self.port = await service.start(self.coordinator)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.aio.insecure_channel(self.address, options=protocol.CHANNEL_OPTIONS)
+        self.stub = pb_grpc.ParameterServerStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        await self.server.stop(0)
+        self.coordinator.executor.shutdown(wait=True)
+
+    def worker(self, j: int | None, model: nn.Module | None = None, **kw) -> Worker:
+        return Worker(model or tiny_model(), loss_fn, batches_of(j if j is not None else 0), server=self.address,
+                      client_id=j, configure_threads=False, **kw)
+
+    async def raw_join(self, j: int, model: nn.Module | None = None, version: int = protocol.PROTOCOL_VERSION):
+        names, params = parameters_of(model or tiny_model())
+        req = pb.JoinRequest(client_id=j, protocol_version=version, parameters=protocol.fingerprint(names, params))
+        replies = [m async for m in self.stub.Join(req)]
+        return replies[0].header
+
+    async def raw_exchange(self, j: int, session: str, round_: int, frames: list[bytes]):
+        def requests():
+            yield pb.Submission(header=pb.SubmissionHeader(client_id=j, session=session, round=round_,
+                                                           frame_lengths=[len(f) for f in frames]))
+            for c in protocol.iter_chunks(frames):
+                yield pb.Submission(chunk=c)
+        replies = [m async for m in self.stub.Exchange(requests())]
+        return replies[0].header, b"".join(m.chunk for m in replies[1:])
+
+
+def reference_w(cfg: RunConfig) -> str:
+    """The round of efmuon simulate, driven in-process with the same model, data and order."""
+    model = tiny_model()
+    names, params = parameters_of(model)
+    specs = model_specs(model, cfg)
+    server = ServerState(params, specs, cfg, cfg.workers)
+    workers = [WorkerState(params, specs, cfg, j) for j in range(cfg.workers)]
+    models = [tiny_model() for _ in range(cfg.workers)]
+
+    def grads(j, k):
+        batch = batches_of(j)(k)
+        return gradients(models[j], workers[j].W, lambda m: loss_fn(m, batch))[1]
+
+    if cfg.init == "grad":
+        server.aggregate({j: workers[j].init_uplink(grads(j, 0)) for j in range(cfg.workers)}, init=True)
+    for k in range(1, cfg.rounds + 1):
+        frames = server.step()
+        ups = {}
+        for j in range(cfg.workers):
+            workers[j].apply_downlink(frames)
+            ups[j] = workers[j].make_uplink(grads(j, k))
+        server.aggregate(ups)
+    return params_sha256(server.W, names)
+
+
+async def run_workers(*workers: Worker) -> list[dict]:
+    return await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("variant", [dict(), dict(init="zero"), dict(method="ef14", uplink="topk:0.3+bf16"),
+                                     dict(preset="gluon", downlink="rankk:2")], ids=["ef21", "init-zero", "ef14", "gluon"])
+async def test_worker_api_matches_the_core_round_bit_for_bit(variant):
+    # Prepare
+    cfg = make_cfg(workers=2, rounds=4, **variant)
+    async with Harness(cfg) as h:
+        # Execute
+        stats = await run_workers(h.worker(0), h.worker(1))
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+
+    # Assert
+    expected = reference_w(cfg)
+    assert h.coordinator.report.summary["w_sha256"] == expected
+    assert [s["w_sha256"] for s in stats] == [expected, expected]  # the workers hold the same bits
+    assert h.coordinator.report.summary["rounds"] == 4
+
+
+async def test_wrong_fingerprint_or_version_is_refused_and_running_workers_carry_on():
+    # Prepare
+    cfg = make_cfg(workers=2, rounds=3)
+    async with Harness(cfg) as h:
+        good0 = asyncio.ensure_future(asyncio.to_thread(h.worker(0).run))
+        for _ in range(100):  # wait until worker 0 has joined and submitted round 0
+            if 0 in (await h.stub.Status(pb.StatusRequest())).submitted:
+                break
+            await asyncio.sleep(0.05)
+
+        # Execute: a worker whose hidden layer is wider, then one that speaks protocol version 2
+        with pytest.raises(WorkerError) as wrong_model:
+            await asyncio.to_thread(h.worker(1, model=tiny_model(hidden=9)).run)
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_version:
+            await h.raw_join(1, version=2)
+        status = await h.stub.Status(pb.StatusRequest())
+        good1 = await asyncio.to_thread(h.worker(1).run)
+        good0 = await good0
+
+    # Assert
+    assert wrong_model.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "parameter '0.weight' has shape (9, 6) here but (8, 6) on the server" in str(wrong_model.value)
+    assert wrong_version.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "protocol version 2 is not supported" in wrong_version.value.details()
+    assert list(status.joined) == [0] and list(status.submitted) == [0]  # the refusals left no trace
+    assert good0["rounds"] == good1["rounds"] == 3
+    assert h.coordinator.report.summary["w_sha256"] == reference_w(cfg)
+
+
+async def test_bad_ids_sessions_and_rounds_get_clear_codes():
+    cfg = make_cfg(workers=1, rounds=2, uplink="identity", downlink="identity")
+    async with Harness(cfg) as h:
+        # Execute / Assert: a client id outside 0..n-1
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await h.raw_join(7)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "0..0" in e.value.details()
+
+        # an Exchange without Join
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await h.raw_exchange(0, "nope", 0, [])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Join first" in e.value.details()
+
+        header = await h.raw_join(0)
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # the id is taken
+            await h.raw_join(0)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # a wrong session token
+            await h.raw_exchange(0, "not-the-token", 0, [])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "session token" in e.value.details()
+
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # a round from the future
+            await h.raw_exchange(0, header.session, 5, [])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "collecting round 0" in e.value.details()
+
+
+async def test_bad_frame_is_invalid_argument_and_changes_nothing_then_duplicates_are_not_applied_twice():
+    cfg = make_cfg(workers=1, rounds=2, uplink="identity", downlink="identity")
+    model = tiny_model()
+    names, params = parameters_of(model)
+    async with Harness(cfg) as h:
+        header = await h.raw_join(0)
+        ws = WorkerState(params, model_specs(model, cfg), cfg, 0)
+        good = ws.init_uplink([torch.ones_like(p) for p in params])
+        bad = [b"EF" + b"\xff" * (len(f) - 2) for f in good]
+
+        # Execute: a garbled submission
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await h.raw_exchange(0, header.session, 0, bad)
+        G_after_bad = [g.clone() for g in h.coordinator.state.G]
+        status = await h.stub.Status(pb.StatusRequest())
+
+        # then the valid one, and the same again (a client that lost the reply)
+        first, s1 = await h.raw_exchange(0, header.session, 0, good)
+        G_after_good = [g.clone() for g in h.coordinator.state.G]
+        again, s1_again = await h.raw_exchange(0, header.session, 0, good)
+
+    # Assert
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nothing was applied" in e.value.details()
+    assert all(torch.count_nonzero(g) == 0 for g in G_after_bad) and list(status.submitted) == []
+    assert first.round == 1 and not first.duplicate and len(s1) == sum(first.frame_lengths) > 0
+    assert again.duplicate and again.round == 1 and s1_again == s1  # the same downlink bytes again
+    assert all(torch.equal(a, b) for a, b in zip(G_after_good, h.coordinator.state.G))  # not applied twice
+    assert all(torch.equal(a, torch.ones_like(a)) for a in G_after_good)
+
+
+async def test_status_answers_while_a_round_is_computed():
+    # Prepare: evaluation takes 1 s (on the server's compute thread)
+    def slow_eval(W, X):
+        time.sleep(1.0)
+        return {"loss_w": 1.0, "loss_x": 2.0}
+
+    cfg = make_cfg(workers=1, rounds=2)
+    async with Harness(cfg, evaluate=slow_eval) as h:
+        run = asyncio.ensure_future(asyncio.to_thread(h.worker(0).run))
+        phases, latencies = set(), []
+        # Execute: poll Status while the run goes on
+        while not run.done():
+            t0 = time.perf_counter()
+            st = await h.stub.Status(pb.StatusRequest(), timeout=5)
+            latencies.append(time.perf_counter() - t0)
+            phases.add((st.phase, st.state))
+            await asyncio.sleep(0.02)
+        await run
+
+    # Assert
+    assert ("evaluating", pb.StatusReply.STATE_RUNNING) in phases
+    assert max(latencies) < 0.5, latencies
+    assert h.coordinator.report.summary["final_loss_w"] == 1.0
+
+
+async def test_wire_figures_are_the_transport_counts():
+    cfg = make_cfg(workers=2, rounds=3)
+    async with Harness(cfg) as h:
+        workers = [h.worker(0), h.worker(1)]
+        # Execute
+        await run_workers(*workers)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+    report = h.coordinator.report.to_dict()
+
+    # Assert: per client, the report's wire figures are exactly what that client's relay counted,
+    # call by call, and they add up to everything its TCP connection carried before Leave
+    for w in workers:
+        j = str(w.client_id)
+        init = report["summary"]["init_clients"][j]
+        per_round = [r["clients"][j] for r in report["rounds"]]
+        calls = [c["wire"] for c in w.history]  # join, exchange 0, 1, 2, 3
+        assert init["down"]["wire"] == calls[0]["down"]
+        assert init["up"]["wire"] == calls[0]["up"] + calls[1]["up"]
+        assert [r["up"]["wire"] for r in per_round] == [c["up"] for c in calls[2:]]
+        assert [r["down"]["wire"] for r in per_round[:-1]] == [c["down"] for c in calls[1:-2]]
+        assert per_round[-1]["down"]["wire"] == calls[-2]["down"] + calls[-1]["down"]
+        total = w.conn._mark  # the relay's counters at the last measurement
+        assert init["up"]["wire"] + sum(r["up"]["wire"] for r in per_round) == total["up"]
+        assert init["down"]["wire"] + sum(r["down"]["wire"] for r in per_round) == total["down"]
+        for fig in [init, *per_round]:
+            for d in ("up", "down"):
+                # HTTP/2 frame headers (9 B) and gRPC prefixes (5 B) at least: wire is never the message size
+                assert fig[d]["wire"] > fig[d]["message"] >= fig[d]["payload"], fig
+
+
+async def test_without_a_relay_wire_is_unknown_not_estimated():
+    cfg = make_cfg(workers=1, rounds=2)
+    async with Harness(cfg) as h:
+        await run_workers(h.worker(0, measure_wire=False))
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+    report = h.coordinator.report.to_dict()
+
+    # Assert
+    for r in report["rounds"]:
+        assert r["bytes"]["up"]["wire"] is None and r["bytes"]["up"]["message"] > 0

@@ -450,7 +450,7 @@ class GptCharTask(Task):
     # Reference (4 workers, seed 0, 1 thread, ~13 rounds/s): val loss 4.58 -> 2.32 (50 rounds)
     # -> 1.95 (100) -> 1.49 (300); unigram entropy of the validation text is 3.13.
     # EF21 with topk:0.1 both ways: 2.21 after 300 rounds. (No 1-D parameters: bias_rms unused.)
-    defaults = {"lr": 0.03, "beta": 0.1, "rounds": 300, "schedule": "cosine", "warmup": 0,
+    defaults = {"lr": 0.03, "beta": 0.3, "rounds": 300, "schedule": "cosine", "warmup": 0,
                 "preset": "muon", "lr_mult": {"sign": 8.0, "bias_rms": 1.0}}
 
     def __init__(self, n_workers: int, seed: int, options: dict):

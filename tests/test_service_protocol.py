@@ -286,3 +286,22 @@ async def test_without_a_relay_wire_is_unknown_not_estimated():
     # Assert
     for r in report["rounds"]:
         assert r["bytes"]["up"]["wire"] is None and r["bytes"]["up"]["message"] > 0
+
+
+async def test_the_downlink_is_encoded_once_per_round_for_all_workers():
+    # Prepare: count the server's steps (each encodes one downlink)
+    cfg = make_cfg(workers=3, rounds=4)
+    async with Harness(cfg) as h:
+        steps = []
+        step = h.coordinator.state.step
+        h.coordinator.state.step = lambda: steps.append(1) or step()
+
+        # Execute
+        await run_workers(h.worker(0), h.worker(1), h.worker(2))
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+
+    # Assert: one step per round for three workers, and every worker got the same S bytes
+    assert len(steps) == cfg.rounds
+    for r in h.coordinator.report.rounds:
+        assert len({c["down"]["payload"] for c in r["clients"].values()}) == 1
+        assert len({c["down"]["message"] for c in r["clients"].values()}) == 1

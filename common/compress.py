@@ -549,6 +549,7 @@ class NaturalCodec(_Codec):
         C = _CHUNK
         thr = np.empty(min(n, C), np.uint32)
         e32 = np.empty(min(n, C), np.uint32)
+        cap = np.full(min(n, C), 254, np.uint8)  # np.minimum against an array is SIMD, against a scalar not
         for i in range(0, n, C):
             b = bits[i:i + C]
             m = b.size
@@ -558,10 +559,9 @@ class NaturalCodec(_Codec):
             e = np.right_shift(b, np.uint32(23), out=e32[:m])
             c = code[i:i + m]
             np.copyto(c, e, casting="unsafe")  # keeps the 8 exponent bits (drops the sign bit)
-            ct = torch.from_numpy(c)
-            ct.clamp_max_(254)  # min(expo + up, 254) == min(min(expo, 254) + up, 254), no uint8 wrap
+            np.minimum(c, cap[:m], out=c)  # min(expo + up, 254) == min(min(expo, 254) + up, 254): no wrap
             c += up
-            ct.clamp_max_(254)
+            np.minimum(c, cap[:m], out=c)
             signs[i // 8:i // 8 + _ceil_div(m, 8)] = np.packbits(b >= np.uint32(0x80000000), bitorder="little")
         return [signs, code]
 

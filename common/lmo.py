@@ -350,7 +350,7 @@ def lmo_all(
             continue
         O = newton_schulz(torch.stack([Gs[i].reshape(rows, cols) for i in idx]), ns_steps, coeffs)
         for j, i in enumerate(idx):
-            out[i] = (-O[j]).reshape(specs[i].shape) * specs[i].scale
+            out[i] = O[j].reshape(specs[i].shape) * (-specs[i].scale)  # = (-O) * scale exactly
     return out  # type: ignore[return-value]
 
 

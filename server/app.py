@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from efmuon.common.config import RunConfig
@@ -70,6 +71,8 @@ async def _watch(procs: list[asyncio.subprocess.Process]) -> None:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for f in done:
                 j = waits.pop(f)
+                if f.result() in (130, -signal.SIGINT, -signal.SIGTERM):
+                    await asyncio.sleep(1.0)  # Ctrl-C reached the workers too: let the server's handler see it
                 if f.result() != 0:
                     raise WorkerProcessError(f"worker {j} exited with code {f.result()} (its error is printed above)")
     finally:

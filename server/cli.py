@@ -15,15 +15,15 @@ def add_commands(sub, add_common_flags, config_from_args) -> None:
         from efmuon.server.app import run_local
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        run_local(config_from_args(args))
-        return 0
+        report = run_local(config_from_args(args))
+        return 130 if report["summary"].get("partial") else 0
 
     def cmd_server(args: argparse.Namespace) -> int:
         from efmuon.server.app import run_server
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        run_server(config_from_args(args), args.host, args.port)
-        return 0
+        report = run_server(config_from_args(args), args.host, args.port)
+        return 130 if report["summary"].get("partial") else 0
 
     p = sub.add_parser(
         "run", help="server + N local worker processes over gRPC (the embedded default)",

@@ -35,7 +35,7 @@ import torch
 
 from efmuon.common.algorithm import ServerState, params_sha256
 from efmuon.common.config import RunConfig
-from efmuon.common.errors import FrameError, ProtocolError
+from efmuon.common.errors import EfmuonError, FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec
 from efmuon.common.report import Report
 from efmuon.server import protocol
@@ -45,6 +45,10 @@ from efmuon.v1 import service_pb2 as pb
 log = logging.getLogger("efmuon.server")
 
 LEAVE_TIMEOUT = 30.0  # seconds to wait for the clients' Leave after the last round
+
+
+class RunAborted(EfmuonError):
+    """The run cannot go on (a client left early, or the server failed)."""
 
 
 class Rejected(Exception):
@@ -171,12 +175,19 @@ class Coordinator:
         self._init_lock = asyncio.Lock()
         self._step_t0 = 0.0
         self._all_left = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
         self.finished = asyncio.Event()
         self._summary_written = False
 
     # ------------------------------------------------------------------ helpers
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _spawn(self, coro) -> None:
+        """Run `coro` as a task the loop keeps (asyncio holds only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _result(self, round_: int) -> asyncio.Future:
         fut = self.results.get(round_)
@@ -250,7 +261,7 @@ class Coordinator:
         """'new', 'pending' (duplicate of the round being collected), 'last' (duplicate of the last
         applied round) or 'stale'. A round from the future is refused."""
         if self.failed is not None:
-            raise Rejected("INTERNAL", f"the server failed and stopped the run: {self.failed}")
+            raise Rejected("ABORTED", f"the run was aborted: {self.failed}")
         if round_ > self.collecting or (round_ == self.collecting and self.collecting > self.rounds):
             raise Rejected("FAILED_PRECONDITION", f"round {round_} is not open: the server is collecting round "
                            f"{self.collecting} (0 = the initial submission, the run has {self.rounds} rounds)")
@@ -288,7 +299,7 @@ class Coordinator:
         self.ledger.record_wire(j, previous)
         self._result(round_)
         if len(self.submitted) == self.n:
-            asyncio.get_running_loop().create_task(self._process(round_))
+            self._spawn(self._process(round_))
         return "new"
 
     async def result(self, round_: int) -> Plan:
@@ -337,14 +348,14 @@ class Coordinator:
             self.results.pop(k - 1, None)
             fut.set_result(plan)
             if k == self.rounds:
-                asyncio.get_running_loop().create_task(self._wrap_up())
+                self._spawn(self._wrap_up())
         except BaseException as exc:  # a bug or an exhausted machine: stop the run loudly
             if not self.stopping:
                 log.exception("round %d failed", k)
-            self.failed = exc
+            self.failed = RunAborted(f"the server failed in round {k}: {type(exc).__name__}: {exc}")
             self.phase = "failed"
             if not fut.done():
-                fut.set_exception(Rejected("INTERNAL", f"the server failed in round {k}: {exc}"))
+                fut.set_exception(Rejected("INTERNAL", str(self.failed)))
             self.finished.set()
 
     def record_down(self, plan: Plan, j: int, message: int) -> None:
@@ -361,8 +372,21 @@ class Coordinator:
             log.warning("client %d left: %s", s.client_id, reason)
         else:
             log.info("client %d left", s.client_id)
+        if self.collecting <= self.rounds and self.failed is None and not self.stopping:
+            self.abort(f"client {s.client_id} left before the last round ({reason or 'no reason given'}); "
+                       f"a synchronous run cannot go on without it")
         if all(self.sessions.get(j) is not None and self.sessions[j].left for j in range(self.n)):
             self._all_left.set()
+
+    def abort(self, why: str) -> None:
+        """End the run early: every client waiting for a round gets ABORTED with `why`."""
+        log.error("aborting the run: %s", why)
+        self.failed = RunAborted(why)
+        self.phase = "failed"
+        for fut in self.results.values():
+            if not fut.done():
+                fut.set_exception(Rejected("ABORTED", f"the run was aborted: {why}"))
+        self.finished.set()
 
     # ------------------------------------------------------------------ report
     async def _wrap_up(self) -> None:

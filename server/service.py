@@ -164,8 +164,9 @@ async def serve(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
             ready, waits = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if done in ready or stop in ready or (watcher in ready and watcher.exception() is not None):
                 break
-        if not coordinator.finished.is_set():
-            log.warning("%s: stopping the server", "interrupted" if interrupted.is_set() else "a worker failed")
+        if not coordinator.finished.is_set() or coordinator.failed is not None:
+            if interrupted.is_set():
+                log.warning("interrupted: stopping the server")
             await coordinator.stop()
     finally:
         for f in waits:
@@ -177,6 +178,6 @@ async def serve(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
         coordinator.executor.shutdown(wait=True, cancel_futures=True)
     if watcher is not None and watcher.done() and watcher.exception() is not None and not interrupted.is_set():
         raise watcher.exception()
-    if coordinator.failed is not None:
-        raise RuntimeError(f"the server failed: {coordinator.failed}") from coordinator.failed
+    if coordinator.failed is not None and not interrupted.is_set():
+        raise coordinator.failed
     return coordinator.report.to_dict()

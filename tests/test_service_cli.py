@@ -85,7 +85,7 @@ def test_sigterm_stops_the_server_gracefully_with_a_partial_report(tmp_path):
                 p.kill()
 
     # Assert
-    assert code == 0, server_log.read_text()
+    assert code == 130, server_log.read_text()  # interrupted, after writing what it had
     assert stopped_in < 10
     report = json.loads((tmp_path / "partial.json").read_text())
     assert report["summary"]["partial"] is True and report["rounds"] == []

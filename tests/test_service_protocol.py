@@ -305,3 +305,26 @@ async def test_the_downlink_is_encoded_once_per_round_for_all_workers():
     for r in h.coordinator.report.rounds:
         assert len({c["down"]["payload"] for c in r["clients"].values()}) == 1
         assert len({c["down"]["message"] for c in r["clients"].values()}) == 1
+
+
+async def test_a_worker_failing_mid_run_aborts_the_run_for_everyone_with_a_clear_error():
+    # Prepare: worker 1's data source breaks in round 2
+    def broken(k):
+        if k == 2:
+            raise RuntimeError("disk on fire")
+        return batches_of(1)(k)
+
+    cfg = make_cfg(workers=2, rounds=4)
+    async with Harness(cfg) as h:
+        failing = Worker(tiny_model(), loss_fn, broken, server=h.address, client_id=1, configure_threads=False)
+
+        # Execute
+        results = await asyncio.gather(asyncio.to_thread(h.worker(0).run), asyncio.to_thread(failing.run),
+                                       return_exceptions=True)
+        status = await h.stub.Status(pb.StatusRequest())
+
+    # Assert
+    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[0], WorkerError) and results[0].code == grpc.StatusCode.ABORTED
+    assert "client 1 left before the last round (RuntimeError: disk on fire)" in str(results[0])
+    assert h.coordinator.finished.is_set() and status.state == pb.StatusReply.STATE_STOPPING

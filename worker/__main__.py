@@ -1,5 +1,9 @@
+"""python -m efmuon.worker --server HOST:PORT --client-id J"""
 import sys
 
-from efmuon.worker.cli import main
+try:
+    from efmuon.worker.cli import main
 
-sys.exit(main())
+    sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C, also while torch is still importing
+    sys.exit(130)

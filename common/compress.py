@@ -665,7 +665,7 @@ class QuantCodec(_Codec):
             # s = max(max x, -min x) = max |x| (NaN propagates); zero blocks recomputed exactly
             # as the reference so that the sign of a zero scale is the same
             s = s_out
-            torch.amax(torch.from_numpy(blocks).abs(), dim=1, out=torch.from_numpy(s))
+            np.abs(blocks).max(axis=1, out=s)  # numpy only: no torch parallel regions inside the loop
             z = np.flatnonzero(s == 0)
             if z.size:
                 s[z] = np.maximum(blocks[z].max(axis=1), -blocks[z].min(axis=1))

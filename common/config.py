@@ -22,6 +22,7 @@ INITS = ("grad", "zero")
 EF14_VARIANTS = ("classic", "airbench")
 DEVICES = ("cpu", "cuda", "auto")
 NS_COEFFS = ("jordan", "polar_express")
+SHAPINGS = ("inproc", "netns")
 
 # The embedded default pairing: compressed both ways (see BENCHMARKS.md, "bytes to target").
 DEFAULT_UPLINK = "topk:0.1"
@@ -79,6 +80,10 @@ class RunConfig:
     deadline: float | None = None  # simulated round deadline (s): slower sampled clients are dropped
     compute_scale: str | None = None  # per-client speed factor: a number, 'lognormal:SIGMA' or 'uniform:LO:HI'
     compute_seconds: float | None = None  # simulated gradient time per round (None: measured in this process)
+    links: dict = field(default_factory=dict)  # {client id: link profile}: per-client links, over link/link_mix/link_trace
+    # --- `efmuon run` link emulation: 'inproc' (the worker's relay shapes; default when a link is given)
+    # or 'netns' (network namespaces + tc tbf, needs root); see efmuon.server.netns
+    shaping: str | None = None
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -171,7 +176,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"ef14_bits={cfg.ef14_bits!r} is not valid; choose one of: 4, 8, 16, 32")
     if not 0 <= cfg.ef14_decay < 1:
         raise ConfigError(f"ef14_decay={cfg.ef14_decay!r} must be in [0, 1)")
-    for name in ("task_options", "lr_mult", "norms", "uplink_layers", "downlink_layers"):
+    for name in ("task_options", "lr_mult", "norms", "uplink_layers", "downlink_layers", "links"):
         if not isinstance(getattr(cfg, name), dict):
             raise ConfigError(f"{name} must be a table (mapping), got {type(getattr(cfg, name)).__name__}")
     _validate_federated(cfg)
@@ -205,6 +210,20 @@ def _validate_federated(cfg: RunConfig) -> None:
         from efmuon.common.links import parse_link
 
         parse_link(cfg.link)
+    _choice("shaping", cfg.shaping, SHAPINGS)
+    if isinstance(cfg.links, dict):
+        from efmuon.common.links import parse_link
+
+        for key, spec in cfg.links.items():
+            try:
+                ok = int(str(key)) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"links: key {key!r} is not a client id (0, 1, ...); write e.g. [links] 0 = \"dsl\"")
+            if not isinstance(spec, str):
+                raise ConfigError(f"links.{key}={spec!r} must be a link spec string such as 'lte' or 'up=10mbit,delay=20ms'")
+            parse_link(spec)
     if cfg.link_mix is not None:
         from efmuon.common.federated import parse_link_mix
 

@@ -74,7 +74,7 @@ INIT_CHUNK = 256  # join: aggregate the initial g_j(X_0) in chunks of this many 
 
 def is_federated(cfg: RunConfig) -> bool:
     """True when any federated setting is given: `simulate` then runs this module's loop."""
-    return any(getattr(cfg, k) is not None for k in FEDERATED_KEYS)
+    return any(getattr(cfg, k) is not None for k in FEDERATED_KEYS) or bool(getattr(cfg, "links", None))
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -193,11 +193,22 @@ def load_link_trace(path: str) -> list[tuple[int, LinkProfile]]:
 
 
 def client_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
-    """(description, profile) of every client, from link / link_mix / link_trace (default: unlimited).
+    """(description, profile) of every client, from link / link_mix / link_trace (default: unlimited),
+    then the per-client `links` table ({client id: spec}) on top.
 
     link_mix: client j draws u ~ U[0,1) from (seed, j) and takes the preset whose cumulative weight
     first exceeds u. link_trace: the row of client j; clients without a row take row j mod rows.
     """
+    out = _base_links(cfg, n)
+    for key, spec in (getattr(cfg, "links", None) or {}).items():
+        j = int(str(key))
+        if not 0 <= j < n:
+            raise ConfigError(f"links: client {j} is not one of the run's clients 0..{n - 1}")
+        out[j] = (spec.strip().lower(), parse_link(spec))
+    return out
+
+
+def _base_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
     if cfg.link_trace is not None:
         rows = load_link_trace(cfg.link_trace)
         by_id = {c: p for c, p in rows}
@@ -222,7 +233,7 @@ def client_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
         return out
     p = parse_link(cfg.link) if cfg.link is not None else PRESETS["none"]
     name = cfg.link.strip().lower() if cfg.link is not None else "none"
-    return [(name, p)] * n
+    return [(name, p) for _ in range(n)]
 
 
 def sample_clients(seed: int, round_: int, n: int, m: int) -> list[int]:

@@ -30,6 +30,18 @@ over a long path. In each direction:
   For each 64 KiB of data, with probability `loss`, the chunk that starts that 64 KiB is held for an
   extra RTO of max(200 ms, 2*delay). Later chunks wait behind it, which is TCP's head-of-line blocking.
 
+Transfer timing (`CountingRelay.take_transfers()`), used for the achieved rate of a link: since the
+last call, in each direction, the "data" bytes (reads of >= 256 B; HTTP/2 control frames such as
+WINDOW_UPDATE and PING are smaller and neither start nor extend a transfer) and how long they took:
+
+* up (client -> server), measured at the sender: from the moment the relay read the first data
+  byte from the client to the moment everything read up to the last data byte was forwarded and
+  acknowledged by the server's TCP (the kernel send queue, SIOCOUTQ, is empty; polled every 1 ms).
+  So the duration includes the last byte's one-way delay plus its ACK.
+* down (server -> client), measured at the receiver: from the delivery of the first data chunk to
+  the client to the delivery of the last one; the first chunk's bytes are excluded from the rate
+  (the receiver cannot see how long it took), i.e. seconds are extrapolated by bytes/(bytes-first).
+
 Unshaped directions take a fast path: a recv_into loop into one reusable buffer of up to 1 MiB, then
 sendall from a memoryview of that buffer. No user-space copies are made beyond that, and nothing is
 buffered beyond one buffer per direction: while the destination is not accepting data, the relay
@@ -40,10 +52,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fcntl
 import math
 import random
 import re
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -281,6 +296,72 @@ def _close(sock: socket.socket | None) -> None:
         pass
 
 
+_DATA_READ = 256               # reads at least this big are data (control frames are smaller)
+_DRAIN_POLL = 0.001            # seconds between SIOCOUTQ polls while an uplink drains
+
+
+def _outq(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue not yet acknowledged by the peer (SIOCOUTQ); 0 on error."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+class _Track:
+    """Per connection: uplink bytes read from the client and forwarded to the server."""
+
+    __slots__ = ("read", "fwd", "event")
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.fwd = 0
+        self.event = asyncio.Event()
+
+
+class _Meter:
+    """Timing of one direction's data since the last `take()` (module docstring, transfer timing).
+    Mutated on the relay's loop thread under the relay's lock."""
+
+    __slots__ = ("start", "end", "base", "data_total", "first", "pending", "total")
+
+    def __init__(self) -> None:
+        self.total = 0  # bytes seen (read for up, delivered for down), never reset
+        self.reset()
+
+    def reset(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+        self.base = 0        # total before the first data chunk
+        self.first = 0       # bytes of the first data chunk
+        self.data_total = 0  # total after the last data chunk
+        self.pending = False  # up: data read but not yet drained
+
+    def on_bytes(self, n: int, now: float) -> bool:
+        """Count n bytes; returns True when they are data."""
+        self.total += n
+        if n < _DATA_READ:
+            return False
+        if self.start is None:
+            self.start, self.base, self.first = now, self.total - n, n
+        self.data_total = self.total
+        self.end = now
+        return True
+
+    def take(self, receiver: bool) -> tuple[int, float] | None:
+        """(bytes, seconds) of the data since the last take, or None; resets."""
+        if self.start is None or self.end is None:
+            self.reset()
+            return None
+        nbytes = self.data_total - self.base
+        secs = self.end - self.start
+        if receiver:  # the first chunk's transfer time is unseen: extrapolate from the rest
+            rest = nbytes - self.first
+            secs = secs * nbytes / rest if rest > 0 and secs > 0 else 0.0
+        self.reset()
+        return nbytes, secs
+
+
 class CountingRelay:
     """In-process TCP relay that counts (and optionally shapes) the bytes of every connection.
 
@@ -313,6 +394,7 @@ class CountingRelay:
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self._targets: list[tuple] = []
+        self._meters = (_Meter(), _Meter())  # up (sender side), down (receiver side)
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -358,6 +440,17 @@ class CountingRelay:
         """{"up": bytes client->server, "down": bytes server->client}, over all connections so far."""
         with self._lock:
             return {"up": self._counts[0], "down": self._counts[1]}
+
+    def take_transfers(self, timeout: float = 2.0) -> dict[str, tuple[int, float] | None]:
+        """{"up": (bytes, seconds) or None, "down": ...}: the data each direction carried since the
+        last call and how long it took (module docstring, transfer timing); resets. Waits up to
+        `timeout` for an uplink still draining (its bytes not yet acknowledged by the server)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._meters[0].pending or time.monotonic() >= deadline:
+                    return {"up": self._meters[0].take(False), "down": self._meters[1].take(True)}
+            time.sleep(_DRAIN_POLL)
 
     @property
     def connections(self) -> int:
@@ -467,9 +560,11 @@ class CountingRelay:
                 except OSError:
                     pass
             loop = asyncio.get_running_loop()
-            tasks = [loop.create_task(self._direction(client, server, 0)),
-                     loop.create_task(self._direction(server, client, 1))]
-            await asyncio.gather(*tasks)
+            track = _Track()
+            tasks = [loop.create_task(self._direction(client, server, 0, track)),
+                     loop.create_task(self._direction(server, client, 1, track)),
+                     loop.create_task(self._drain_watch(server, track))]
+            await asyncio.gather(*tasks[:2])
         except (OSError, EOFError):
             pass  # reset / refused / broken pipe: close both sides below
         finally:
@@ -480,22 +575,56 @@ class CountingRelay:
             _close(client)
             _close(server)
 
-    def _direction(self, src: socket.socket, dst: socket.socket, idx: int):
+    def _direction(self, src: socket.socket, dst: socket.socket, idx: int, track: "_Track"):
         rate, shaped = (self.link.direction("up" if idx == 0 else "down") if self.link is not None
                         else (None, False))
         if not shaped:
-            return self._pump_fast(src, dst, idx)
+            return self._pump_fast(src, dst, idx, track)
         assert self.link is not None
         if not (self.link.delay_s or self.link.jitter_s or self.link.loss):
-            return self._pump_rate(src, dst, idx, rate)  # type: ignore[arg-type]
-        return self._pump_delayed(src, dst, idx, rate)
+            return self._pump_rate(src, dst, idx, rate, track)  # type: ignore[arg-type]
+        return self._pump_delayed(src, dst, idx, rate, track)
+
+    # ---- transfer timing -------------------------------------------------------------------
+
+    def _on_read(self, idx: int, n: int, track: "_Track") -> None:
+        with self._lock:
+            self._counts[idx] += n
+            if idx == 0:
+                track.read += n
+                if self._meters[0].on_bytes(n, time.monotonic()):
+                    self._meters[0].pending = True
+                    track.event.set()
+
+    def _on_sent(self, idx: int, n: int, track: "_Track") -> None:
+        if idx == 0:
+            track.fwd += n
+        else:
+            with self._lock:
+                self._meters[1].on_bytes(n, time.monotonic())
+
+    async def _drain_watch(self, dst: socket.socket, track: "_Track") -> None:
+        """While uplink data is pending: poll until everything read was forwarded and acknowledged
+        by the server's TCP; that moment ends the uplink transfer."""
+        meter = self._meters[0]
+        while True:
+            await track.event.wait()
+            track.event.clear()
+            while True:
+                if track.fwd >= track.read and _outq(dst) == 0:
+                    with self._lock:
+                        if track.fwd >= track.read and meter.pending:
+                            meter.end = time.monotonic()
+                            meter.pending = False
+                    break
+                await asyncio.sleep(_DRAIN_POLL)
 
     # ---- unshaped hot path -----------------------------------------------------------------
 
-    async def _pump_fast(self, src: socket.socket, dst: socket.socket, idx: int) -> None:
+    async def _pump_fast(self, src: socket.socket, dst: socket.socket, idx: int, track: "_Track") -> None:
         loop = asyncio.get_running_loop()
         recv_into, sendall = loop.sock_recv_into, loop.sock_sendall
-        lock, counts = self._lock, self._counts
+        on_read, on_sent = self._on_read, self._on_sent
         buf = bytearray(_SMALL_BUF)
         view = memoryview(buf)
         size = _SMALL_BUF
@@ -503,9 +632,9 @@ class CountingRelay:
             n = await recv_into(src, buf)
             if not n:
                 break
-            with lock:
-                counts[idx] += n
+            on_read(idx, n, track)
             await sendall(dst, view[:n] if n < size else view)
+            on_sent(idx, n, track)
             if n == size and size < _BIG_BUF:  # bulk transfer: switch to the big buffer
                 size = _BIG_BUF
                 buf = bytearray(size)
@@ -514,7 +643,8 @@ class CountingRelay:
 
     # ---- shaped paths ----------------------------------------------------------------------
 
-    async def _pump_rate(self, src: socket.socket, dst: socket.socket, idx: int, rate: float) -> None:
+    async def _pump_rate(self, src: socket.socket, dst: socket.socket, idx: int, rate: float,
+                         track: "_Track") -> None:
         """Rate limit only: read a chunk, pay for it in the bucket, forward it."""
         loop = asyncio.get_running_loop()
         chunk = _chunk_size(rate)
@@ -525,15 +655,16 @@ class CountingRelay:
             n = await loop.sock_recv_into(src, buf)
             if not n:
                 break
-            with self._lock:
-                self._counts[idx] += n
+            self._on_read(idx, n, track)
             wait = bucket.charge(n)
             if wait > 0:
                 await asyncio.sleep(wait)
             await loop.sock_sendall(dst, view[:n])
+            self._on_sent(idx, n, track)
         _shutdown_write(dst)
 
-    async def _pump_delayed(self, src: socket.socket, dst: socket.socket, idx: int, rate: float | None) -> None:
+    async def _pump_delayed(self, src: socket.socket, dst: socket.socket, idx: int, rate: float | None,
+                            track: "_Track") -> None:
         """Rate, one-way delay with jitter, and loss-as-RTO. A reader pays the bucket and queues
         (deadline, bytes); a writer forwards each item at its deadline, in order. The queue holds at
         most rate*(delay+jitter) + 256 KiB bytes (at least one chunk)."""
@@ -566,6 +697,7 @@ class CountingRelay:
                     _shutdown_write(dst)
                     return
                 await loop.sock_sendall(dst, data)
+                self._on_sent(idx, len(data), track)
                 state["bytes"] -= len(data)
                 have_space.set()
 
@@ -579,8 +711,7 @@ class CountingRelay:
                     queue.append((last, None))
                     have_data.set()
                     return
-                with self._lock:
-                    self._counts[idx] += n
+                self._on_read(idx, n, track)
                 while state["bytes"] > 0 and state["bytes"] + n > limit:
                     have_space.clear()
                     await have_space.wait()

@@ -15,6 +15,11 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="where this worker computes (default: the run configuration's device)")
     p.add_argument("--no-wire", action="store_true",
                    help="do not route the connection through the byte-counting relay (no wire figures)")
+    p.add_argument("--link", metavar="PROFILE", default=None,
+                   help="shape this worker's connection in its relay (in-process emulation, no root): a preset "
+                        "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
+    p.add_argument("--stats", metavar="PATH.json", default=None,
+                   help="write this worker's stats (bytes, transfer timings per call) as JSON when it finishes")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -23,8 +28,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=not args.no_wire)
+    link = None
+    if args.link:
+        from efmuon.common.links import parse_link
+
+        link = parse_link(args.link)
+    worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=not args.no_wire,
+                      link=link)
     stats = worker.run()
+    if args.stats:
+        import json
+
+        out = {k: v for k, v in stats.items() if k != "history"}
+        out["link"] = link.to_spec() if link is not None else None
+        with open(args.stats, "w") as fh:
+            json.dump(out, fh)
     if not args.quiet:
         w = stats["wire"]
         print(f"worker {stats['client_id']}: {stats['rounds']} rounds; payload up {stats['payload']['up']} B, "

@@ -65,15 +65,17 @@ def _rpc_error(what: str, exc: grpc.RpcError) -> WorkerError:
 class Connection:
     """A gRPC channel to the server, through a byte-counting relay when `measure_wire`."""
 
-    def __init__(self, server: str, measure_wire: bool = True):
+    def __init__(self, server: str, measure_wire: bool = True, link=None):
         self.server = server
         host, port = split_address(server)
         self.relay = None
+        self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)
+        self.transfers: list[dict] = []  # per call: {"exchange", "up": [bytes, s] | None, "down": ...}
         target = server
-        if measure_wire:
+        if measure_wire or link is not None:
             from efmuon.common.links import CountingRelay
 
-            self.relay = CountingRelay(host, port)
+            self.relay = CountingRelay(host, port, link=link)
             lhost, lport = self.relay.start()
             target = f"{lhost}:{lport}"
         self.channel = grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
@@ -90,6 +92,8 @@ class Connection:
             return None
         rep = pb.WireReport(exchange=exchange, up=now["up"] - self._mark["up"], down=now["down"] - self._mark["down"])
         self._mark = now
+        t = self.relay.take_transfers()  # how long this call's data took (achieved link rate)
+        self.transfers.append({"exchange": exchange, "up": t["up"], "down": t["down"]})
         return rep
 
     def status(self, timeout: float | None = 30.0) -> pb.StatusReply:
@@ -293,17 +297,17 @@ class Worker:
                 "payload": {"up": up, "down": down},
                 "wire": {"up": sum(w["up"] for w in wires), "down": sum(w["down"] for w in wires)} if wires else None,
                 "w_sha256": params_sha256(self.state.W, self.names) if self.state is not None else None,
-                "history": self.history}
+                "history": self.history, "transfers": self.conn.transfers}
 
 
 def for_task(server: str, client_id: int | None = None, device: str | None = None,
-             measure_wire: bool = True) -> Worker:
+             measure_wire: bool = True, link=None) -> Worker:
     """A Worker for the server's built-in task: the config comes from the server (Status), the task,
     model and layer specs from `Setup(cfg)` exactly as `efmuon simulate` builds them, and the batch of
     round k is `task.batch(client_id, k)`."""
     from efmuon.common.simulate import Setup
 
-    conn = Connection(server, measure_wire)
+    conn = Connection(server, measure_wire, link=link)
     try:
         status = conn.status()
         cfg = protocol.decode_config(status.config).replace(report=None, metrics=None)

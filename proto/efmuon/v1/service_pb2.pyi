@@ -25,19 +25,23 @@ class ParameterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "protocol_version", "parameters", "client_name")
+    __slots__ = ("client_id", "protocol_version", "parameters", "client_name", "resume_round", "rejoin")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REJOIN_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     protocol_version: int
     parameters: _containers.RepeatedCompositeFieldContainer[ParameterInfo]
     client_name: str
-    def __init__(self, client_id: _Optional[int] = ..., protocol_version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., client_name: _Optional[str] = ...) -> None: ...
+    resume_round: int
+    rejoin: bool
+    def __init__(self, client_id: _Optional[int] = ..., protocol_version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., client_name: _Optional[str] = ..., resume_round: _Optional[int] = ..., rejoin: _Optional[bool] = ...) -> None: ...
 
 class JoinHeader(_message.Message):
-    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths")
+    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +50,9 @@ class JoinHeader(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
     FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     protocol_version: int
@@ -54,7 +61,10 @@ class JoinHeader(_message.Message):
     rounds: int
     next_round: int
     frame_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    resync: bool
+    estimator_frame_lengths: _containers.RepeatedScalarFieldContainer[int]
+    submitted: bool
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "chunk")
@@ -99,16 +109,18 @@ class Submission(_message.Message):
     def __init__(self, header: _Optional[_Union[SubmissionHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class DownlinkHeader(_message.Message):
-    __slots__ = ("round", "done", "duplicate", "frame_lengths")
+    __slots__ = ("round", "done", "duplicate", "frame_lengths", "resync")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     duplicate: bool
     frame_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., frame_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    resync: bool
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class Downlink(_message.Message):
     __slots__ = ("header", "chunk")
@@ -139,7 +151,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("state", "protocol_version", "round", "rounds", "workers", "joined", "submitted", "phase", "config", "parameters", "loss_w", "loss_x", "uptime_seconds")
+    __slots__ = ("state", "protocol_version", "round", "rounds", "workers", "joined", "submitted", "phase", "config", "parameters", "loss_w", "loss_x", "uptime_seconds", "rejected", "nonfinite_zeroed", "checkpoint_round", "rss_bytes", "partial_rounds")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[StatusReply.State]
@@ -165,6 +177,11 @@ class StatusReply(_message.Message):
     LOSS_W_FIELD_NUMBER: _ClassVar[int]
     LOSS_X_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_ZEROED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     state: StatusReply.State
     protocol_version: int
     round: int
@@ -178,4 +195,9 @@ class StatusReply(_message.Message):
     loss_w: float
     loss_x: float
     uptime_seconds: float
-    def __init__(self, state: _Optional[_Union[StatusReply.State, str]] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., workers: _Optional[int] = ..., joined: _Optional[_Iterable[int]] = ..., submitted: _Optional[_Iterable[int]] = ..., phase: _Optional[str] = ..., config: _Optional[bytes] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., loss_w: _Optional[float] = ..., loss_x: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    rejected: int
+    nonfinite_zeroed: int
+    checkpoint_round: int
+    rss_bytes: int
+    partial_rounds: int
+    def __init__(self, state: _Optional[_Union[StatusReply.State, str]] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., workers: _Optional[int] = ..., joined: _Optional[_Iterable[int]] = ..., submitted: _Optional[_Iterable[int]] = ..., phase: _Optional[str] = ..., config: _Optional[bytes] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., loss_w: _Optional[float] = ..., loss_x: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., rejected: _Optional[int] = ..., nonfinite_zeroed: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partial_rounds: _Optional[int] = ...) -> None: ...

@@ -16,6 +16,20 @@ thread at a time. Uplinks are decoded as they arrive (one client at a time; a ba
 refused with INVALID_ARGUMENT and nothing changes) and applied together, sorted by client id, so
 the sum is the same as `ServerState.aggregate` computes.
 
+Resilience (README "Resilience"):
+  - a client id can be re-joined (`rejoin`): a restarted worker takes over its id; the server
+    either keeps the worker's own state (it sent a consistent `resume_round`) or re-syncs it
+    (W and the server's copy of its G_j; the worker sets M_j := G_j);
+  - every round has a deadline (`ServerOptions.round_deadline`, counted from the moment the round
+    opened); a client that left or crashed is waited for until then, and then the run fails
+    (`on_deadline='fail'`, ABORTED for everyone with the missing clients named) or the round
+    proceeds with the clients present (`'proceed'`): G += (1/n) sum over those present, so G is
+    still the mean of all n estimators; a skipped client is told to re-sync when it comes back;
+  - the server checkpoints (X, W, G, every G_j, each client's last applied round, the last
+    downlink's frames, the report so far, RNG states, the config) every `checkpoint_every` rounds
+    and at the end / at shutdown, before the round's reply is released, so a worker never holds a
+    downlink that a restarted server does not know.
+
 Bytes are recorded per (round, client, direction, level) in a `ByteLedger`. The client's wire
 figures arrive one call late (`WireReport`), so round k enters the report when round k+1's
 submissions (or the Leaves, for the last round) are in.
@@ -23,10 +37,13 @@ submissions (or the Leaves, for the last round) are in.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import os
 import secrets
 import time
+import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,17 +51,78 @@ from dataclasses import dataclass, field
 import torch
 
 from efmuon.common.algorithm import ServerState, params_sha256
+from efmuon.common.compress import parse_spec
 from efmuon.common.config import RunConfig
-from efmuon.common.errors import EfmuonError, FrameError, ProtocolError
+from efmuon.common.errors import ConfigError, EfmuonError, FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec
 from efmuon.common.report import Report
 from efmuon.server import protocol
+from efmuon.server.estimators import MODES as ESTIMATOR_MODES
+from efmuon.server.estimators import EstimatorStore
 from efmuon.server.ledger import ByteLedger
 from efmuon.v1 import service_pb2 as pb
 
 log = logging.getLogger("efmuon.server")
 
 LEAVE_TIMEOUT = 30.0  # seconds to wait for the clients' Leave after the last round
+MAX_ABS_VALUE = 1e30  # an uplink entry larger than this is refused: G would overflow float32
+MAX_NAME_BYTES = 256
+ON_DEADLINE = ("fail", "proceed")
+NAN_POLICIES = ("reject", "zero")
+
+
+@dataclass
+class ServerOptions:
+    """How the server behaves around the algorithm (not part of the run configuration)."""
+
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # rounds between checkpoints; 0: only at the end and at shutdown
+    checkpoint_keep: int = 3
+    round_deadline: float | None = 600.0  # seconds a round waits for every client; None: forever
+    on_deadline: str = "fail"  # fail | proceed
+    nan_policy: str = "reject"  # reject | zero
+    max_clients: int = 1024  # live sessions at most (and --workers at most)
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    estimators: str = "fp32"  # fp32 | bf16 | disk
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    token_file: str | None = None
+
+    def validate(self) -> "ServerOptions":
+        if self.on_deadline not in ON_DEADLINE:
+            raise ConfigError(f"--on-deadline {self.on_deadline!r}; choose one of: {', '.join(ON_DEADLINE)}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"--nan-policy {self.nan_policy!r}; choose one of: {', '.join(NAN_POLICIES)}")
+        if self.estimators not in ESTIMATOR_MODES:
+            raise ConfigError(f"--estimators {self.estimators!r}; choose one of: {', '.join(ESTIMATOR_MODES)}")
+        if self.estimators == "disk" and not self.checkpoint_dir:
+            raise ConfigError("--estimators disk spills to files under --checkpoint-dir DIR: give one")
+        if self.round_deadline is not None and not (self.round_deadline > 0 and math.isfinite(self.round_deadline)):
+            raise ConfigError(f"--round-deadline {self.round_deadline!r} must be > 0 seconds")
+        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
+            raise ConfigError("--checkpoint-every must be >= 0 and the number of checkpoints kept >= 1")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError("--checkpoint-every needs --checkpoint-dir DIR")
+        if self.max_clients < 1:
+            raise ConfigError(f"--max-clients {self.max_clients} must be >= 1")
+        if not (1 << 20) + 4096 <= self.max_message_bytes <= (1 << 31) - 1:
+            raise ConfigError(f"--max-message-bytes {self.max_message_bytes} must be in [1 MiB + 4 KiB, 2 GiB): "
+                              "a chunk message is up to 1 MiB plus a few bytes")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key (the server's certificate and key), or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        return self
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class RunAborted(EfmuonError):
@@ -106,8 +184,9 @@ class Session:
     client_id: int
     token: str
     name: str
-    confirmed: bool = False  # the initial W was streamed completely
+    confirmed: bool = False  # the Join reply was streamed completely
     left: bool = False
+    reason: str = ""  # why it left (Leave's reason), for the deadline's error message
 
 
 @dataclass

@@ -61,6 +61,16 @@ def _run(cfg, n=3, rounds=None, seed=0):
     return names, specs, params, targets, server, workers
 
 
+def _round(server, workers, targets, k):
+    """One round of DESIGN.md §1 driven exactly as the simulator and the service drive it."""
+    frames = server.step()
+    ups = {}
+    for j, w in enumerate(workers):
+        w.apply_downlink(frames)
+        ups[j] = w.make_uplink(_grads(w.W, targets[j], k, j))
+    server.aggregate(ups)
+
+
 def test_identity_both_ways_is_server_side_muon_on_the_averaged_momentum():
     # Prepare
     cfg = _cfg()
@@ -107,12 +117,7 @@ def test_compressed_rounds_keep_both_sides_bit_identical(up, down):
     n = 3
     _, specs, _, targets, server, workers = _run(cfg, n)
     for k in range(1, cfg.rounds + 1):
-        frames = server.step()
-        ups = {}
-        for j, w in enumerate(workers):
-            w.apply_downlink(frames)
-            ups[j] = w.make_uplink(_grads(w.W, targets[j], k, j))
-        server.aggregate(ups)
+        _round(server, workers, targets, k)
         for i in range(len(specs)):
             for j, w in enumerate(workers):
                 assert torch.equal(w.W[i], server.W[i]), "worker W must equal the server's W bit for bit"
@@ -169,12 +174,7 @@ def test_ef14_runs_and_airbench_keeps_x_equal_w(variant):
     n = 3
     _, specs, _, targets, server, workers = _run(cfg, n)
     for k in range(1, cfg.rounds + 1):
-        frames = server.step()
-        ups = {}
-        for j, w in enumerate(workers):
-            w.apply_downlink(frames)
-            ups[j] = w.make_uplink(_grads(w.W, targets[j], k, j))
-        server.aggregate(ups)
+        _round(server, workers, targets, k)
         for i in range(len(specs)):
             assert torch.isfinite(server.X[i]).all()
             assert torch.equal(workers[0].W[i], server.W[i])
@@ -192,11 +192,6 @@ def test_presets_step_and_move_toward_targets(preset):
     mean_t = [sum(t[i] for t in targets) / n for i in range(len(specs))]
     dist0 = sum(float((p - t).pow(2).sum()) for p, t in zip(params, mean_t))
     for k in range(1, cfg.rounds + 1):
-        frames = server.step()
-        ups = {}
-        for j, w in enumerate(workers):
-            w.apply_downlink(frames)
-            ups[j] = w.make_uplink(_grads(w.W, targets[j], k, j))
-        server.aggregate(ups)
+        _round(server, workers, targets, k)
     dist = sum(float((x - t).pow(2).sum()) for x, t in zip(server.X, mean_t))
     assert dist < dist0

@@ -15,7 +15,12 @@ def add_commands(sub, add_common_flags, config_from_args) -> None:
         from efmuon.server.app import run_local
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        report = run_local(config_from_args(args))
+        cfg = config_from_args(args)
+        if getattr(args, "shaping", None):
+            from efmuon.common.config import from_mapping
+
+            cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
+        report = run_local(cfg)
         return 130 if report["summary"].get("partial") else 0
 
     def cmd_server(args: argparse.Namespace) -> int:
@@ -30,6 +35,11 @@ def add_commands(sub, add_common_flags, config_from_args) -> None:
         description="Start the parameter server on 127.0.0.1 (a free port) and N worker processes, train, "
                     "print progress and a summary. With no flags: gpt-char, 4 workers, compression both ways.")
     add_common_flags(p)
+    p.add_argument_group("link emulation").add_argument(
+        "--shaping", choices=("inproc", "netns"), default=None,
+        help="how --link/--link-mix/--link-trace/[links] are emulated: inproc (default: each worker's relay "
+             "shapes its connection, no root) or netns (a network namespace per worker and the server on a "
+             "bridge, tc tbf per client and direction; delay by netem or the worker relay; needs root)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

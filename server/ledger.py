@@ -38,6 +38,11 @@ class ByteLedger:
         if report is None:
             return
         e = int(report.exchange)
+        if e <= self.reported_upto:  # e.g. the join phase of a client that re-joined mid-run:
+            first_open = self.reported_upto + 1  # count it in the oldest round still open
+            self.record(first_open, j, "up", "wire", report.up)
+            self.record(first_open, j, "down", "wire", report.down)
+            return
         self.record(e, j, "up", "wire", report.up)
         self.record(e + 1, j, "down", "wire", report.down)
 

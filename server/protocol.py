@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import msgpack
+import numpy as np
 import torch
 
 from efmuon.common.config import RunConfig, from_mapping
@@ -107,17 +108,31 @@ class Reassembler:
         if limit is not None and self.total > limit:
             raise FrameError(f"the header announces {self.total} bytes of frames, more than the {limit} "
                              f"any compressor produces for this model")
-        self.buf = bytearray()
+        # One buffer of the announced size, allocated at the first chunk and filled in place: no
+        # regrowth, and numpy's allocation is neither zero-filled nor faulted in 4 KiB pages (it asks
+        # for huge pages), ~3x faster than `bytearray +=` for large frames (BENCHMARKS.md, transport).
+        self.received = 0
+        self._buf: np.ndarray | bytearray | None = None
 
     def add(self, chunk: bytes) -> None:
-        if len(self.buf) + len(chunk) > self.total:
+        n = len(chunk)
+        if self.received + n > self.total:
             raise FrameError(f"received more than the {self.total} frame bytes the header announced")
-        self.buf += chunk
+        if self._buf is None:
+            try:
+                self._buf = np.empty(self.total, dtype=np.uint8)
+            except (MemoryError, ValueError):  # an announced size this machine cannot map: grow as bytes arrive
+                self._buf = bytearray()
+        if isinstance(self._buf, bytearray):
+            self._buf += chunk
+        elif n:
+            self._buf[self.received:self.received + n] = np.frombuffer(chunk, dtype=np.uint8)
+        self.received += n
 
     def frames(self) -> list[memoryview]:
-        if len(self.buf) != self.total:
-            raise FrameError(f"received {len(self.buf)} frame bytes, the header announced {self.total}")
-        mv = memoryview(self.buf)
+        if self.received != self.total:
+            raise FrameError(f"received {self.received} frame bytes, the header announced {self.total}")
+        mv = memoryview(self._buf if self._buf is not None else bytearray())
         out, pos = [], 0
         for n in self.lengths:
             out.append(mv[pos:pos + n])

@@ -18,8 +18,30 @@ from efmuon.v1 import service_pb2_grpc as pb_grpc
 log = logging.getLogger("efmuon.server")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Rejected) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: Rejected, coordinator: Coordinator | None = None) -> None:
+    if coordinator is not None:
+        coordinator.rejected += 1
     await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+
+def _bound_client(context) -> tuple[bool, int | None]:
+    """(token auth on for this call, the client id its token is bound to or None for '*')."""
+    from efmuon.server.auth import authenticated_client, is_authenticated
+
+    return is_authenticated(context), authenticated_client(context)
+
+
+def _check_token_client(context, client_id: int | None) -> int | None:
+    """The client id a call acts as: a client-bound token may only act as its own client."""
+    on, bound = _bound_client(context)
+    if not on or bound is None:
+        return client_id
+    if client_id is None:
+        return bound
+    if client_id != bound:
+        raise Rejected("PERMISSION_DENIED", f"this token belongs to client {bound}; it cannot act as client "
+                       f"{client_id} (start the worker with --client-id {bound}, or use that client's token)")
+    return client_id
 
 
 class ParameterServer(pb_grpc.ParameterServerServicer):
@@ -28,28 +50,28 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
 
     async def Join(self, request: pb.JoinRequest, context):
         c = self.c
+        asked = request.client_id if request.HasField("client_id") else None
         try:
-            s = c.join(request.client_id if request.HasField("client_id") else None,
-                       request.protocol_version, request.parameters, request.client_name)
+            cid = _check_token_client(context, asked)
+            s = c.join(cid, request.protocol_version, request.parameters, request.client_name, rejoin=request.rejoin)
         except Rejected as exc:
-            log.warning("refused Join (client %s): %s",
-                        request.client_id if request.HasField("client_id") else "?", exc)
-            await _abort(context, exc)
+            log.warning("refused Join (client %s): %s", "?" if asked is None else asked, exc)
+            await _abort(context, exc, c)
             return
         ok = False
         try:
-            lengths, chunks = await c.initial_w()
+            resume = request.resume_round if request.HasField("resume_round") else None
+            fields, chunks, payload = await c.join_payload(s, resume)
             header = pb.JoinReply(header=pb.JoinHeader(
                 client_id=s.client_id, session=s.token, protocol_version=protocol.PROTOCOL_VERSION,
-                config=c.config_bytes, workers=c.n, rounds=c.rounds, next_round=c.collecting,
-                frame_lengths=lengths))
+                config=c.config_bytes, workers=c.n, rounds=c.rounds, **fields))
             sent = header.ByteSize()
             yield header
             for chunk in chunks:
                 msg = pb.JoinReply(chunk=chunk)
                 sent += msg.ByteSize()
                 yield msg
-            c.confirm_join(s, request.ByteSize(), sent, sum(lengths))
+            c.confirm_join(s, request.ByteSize(), sent, payload)
             ok = True
         finally:
             if not ok:
@@ -61,40 +83,48 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             it = request_iterator.__aiter__()
             first = await it.__anext__()
         except StopAsyncIteration:
-            await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"))
+            await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"), c)
             return
         try:
             if first.WhichOneof("part") != "header":
                 raise Rejected("INVALID_ARGUMENT", "the first Submission of an Exchange must carry the header")
             h = first.header
+            _check_token_client(context, h.client_id)
             s = c.session(h.client_id, h.session)
             kind = c.classify(s, h.round)
+            previous = h.previous if h.HasField("previous") else None
             message = first.ByteSize()
             if kind == "new":
+                c.check_wire_report(h.round, previous)
                 try:
                     parts = protocol.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
                     async for msg in it:
                         if msg.WhichOneof("part") != "chunk":
                             raise FrameError("a Submission after the first must carry a chunk, not another header")
+                        if len(msg.chunk) > protocol.CHUNK_BYTES:
+                            raise FrameError(f"a chunk of {len(msg.chunk)} bytes: at most {protocol.CHUNK_BYTES}")
                         message += msg.ByteSize()
                         parts.add(msg.chunk)
                     frames = parts.frames()
                 except FrameError as exc:
                     raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
-                kind = await c.accept(s, h.round, frames, h.train_loss,
-                                      h.previous if h.HasField("previous") else None,
-                                      parts.total, message)
+                kind = await c.accept(s, h.round, frames, h.train_loss, previous, parts.total, message)
                 del frames, parts
             else:
                 async for _ in it:  # a duplicate: read and drop, never apply
                     pass
             if kind in ("new", "pending"):
                 plan = await c.result(h.round)
+            elif kind == "resync":
+                plan = None
             else:
                 plan = c.reply_for(kind, h.round)
         except Rejected as exc:
             log.warning("refused Exchange: %s", exc)
-            await _abort(context, exc)
+            await _abort(context, exc, c)
+            return
+        if plan is None:  # tell the client to re-join: its estimator on the server did not take this round
+            yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, duplicate=True, resync=True))
             return
         duplicate = kind != "new"
         header = plan.header(duplicate=duplicate)
@@ -106,9 +136,12 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
 
     async def Leave(self, request: pb.LeaveRequest, context):
         try:
+            _check_token_client(context, request.client_id)
             s = self.c.session(request.client_id, request.session)
+            if len(request.reason) > 4096:
+                raise Rejected("INVALID_ARGUMENT", f"a Leave reason of {len(request.reason)} characters: at most 4096")
         except Rejected as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.c)
             return pb.LeaveReply()
         self.c.leave(s, request.last if request.HasField("last") else None, request.reason)
         return pb.LeaveReply()
@@ -117,14 +150,41 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         return self.c.status()
 
 
+def grpc_options(max_message_bytes: int = protocol.MAX_MESSAGE_BYTES) -> list:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
 async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server for `coordinator`; returns it and the bound port (port 0 = any free)."""
-    server = grpc.aio.server(options=protocol.GRPC_OPTIONS)
+    """Start a grpc.aio server for `coordinator`; returns it and the bound port (port 0 = any free).
+
+    TLS (`--tls-cert/--tls-key`, mutual with `--tls-ca`) and bearer tokens (`--token-file`) come
+    from `coordinator.opts`.
+    """
+    opts = coordinator.opts
+    interceptors = []
+    if opts.token_file:
+        from efmuon.server.auth import TokenAuthInterceptor, load_tokens
+
+        tokens = load_tokens(opts.token_file)
+        bad = sorted({j for j in tokens.values() if j is not None and not 0 <= j < coordinator.n})
+        if bad:
+            log.warning("token file %s has tokens for client ids %s outside this run's 0..%d", opts.token_file, bad,
+                        coordinator.n - 1)
+        interceptors.append(TokenAuthInterceptor(tokens))
+    server = grpc.aio.server(options=grpc_options(opts.max_message_bytes), interceptors=interceptors or None)
     pb_grpc.add_ParameterServerServicer_to_server(ParameterServer(coordinator), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if opts.tls_cert:
+        from efmuon.server.auth import server_credentials
+
+        bound = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca))
+    else:
+        bound = server.add_insecure_port(address)
     if not bound:
         raise OSError(f"could not listen on {host}:{port}")
     await server.start()
+    coordinator.start()
     return server, bound
 
 

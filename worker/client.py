@@ -101,6 +101,10 @@ class Connection:
             return self.stub.Status(pb.StatusRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             raise _rpc_error(f"Status at {self.server}", exc) from None
+        finally:
+            if self.relay is not None:  # a transfer of its own, not part of the Join that follows
+                t = self.relay.take_transfers()
+                self.transfers.append({"exchange": "status", "up": t["up"], "down": t["down"]})
 
     def close(self) -> None:
         self.channel.close()

@@ -1,0 +1,828 @@
+"""Service benchmarks: `efmuon bench transport|scaling|memory|bytes-wire` (registered in common.bench).
+
+Every speed figure is a ratio to a baseline measured in the same run (these machines are noisy).
+The server side of `transport`, `scaling` and `memory` runs in a subprocess started from this
+module (`python -m efmuon.server.bench sink|serve|worker|idle JSON`), so it has its own
+interpreter and its own CPU and memory figures, as in a real deployment.
+
+transport   one client pushes 1 KB .. 512 MB as one Exchange (the worker's chunk path:
+            `protocol.iter_chunks` -> Submission chunks -> grpc -> `protocol.Reassembler`) to a
+            minimal grpc.aio servicer that receives exactly as `service.ParameterServer.Exchange`
+            does, through the worker's `CountingRelay` (wire bytes), vs a raw TCP `sendall` of the
+            same bytes into a preallocated buffer on the same loopback, same run, interleaved.
+scaling     the real Coordinator + servicer for a synthetic model (spectral 256x1024 matrices),
+            driven by n light synthetic clients (threads in this process: Join, then each round one
+            Exchange of precomputed uplink frames, no gradient computation). Server phases are timed
+            by wrapping ServerState / Plan / Reassembler methods inside the server process only.
+memory      peak RSS (VmHWM) of a real server process and real `Worker` processes vs model size,
+            minus the VmHWM of an idle process that imported the same modules.
+bytes-wire  `efmuon.server.app.run_local` (real server + worker processes): payload vs wire bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from efmuon.common.bench import bench, goal, table
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmHWM / VmRSS in bytes from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a process (all threads), seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spawn(mode: str, spec: dict) -> subprocess.Popen:
+    """A helper subprocess of this module; it prints one JSON line when ready (and one when done)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "efmuon.server.bench", mode, json.dumps(spec)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
+
+
+def _read_json(proc: subprocess.Popen, timeout: float = 600.0) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout)
+        raise RuntimeError(f"bench helper exited with code {proc.returncode} before reporting")
+    return json.loads(line)
+
+
+def _linfit(xs, ys) -> tuple[float, float, float]:
+    """Least-squares y = a + b x; returns (a, b, r^2)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    b = sxy / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
+
+
+def _size_name(n: int) -> str:
+    for unit, f in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= f:
+            return f"{n / f:g} {unit}"
+    return f"{n} B"
+
+
+# ------------------------------------------------------------------------------- synthetic model
+LAYER_SHAPE = (256, 1024)  # 262,144 parameters per layer, spectral norm (Newton-Schulz on 256x1024)
+
+
+def synthetic_layers(params: int) -> list[tuple[str, tuple[int, ...]]]:
+    """~`params` parameters as spectral 256x1024 matrices (the remainder as one smaller matrix)."""
+    per = LAYER_SHAPE[0] * LAYER_SHAPE[1]
+    full, rest = divmod(int(params), per)
+    shapes = [LAYER_SHAPE] * full
+    if rest >= 1024:
+        shapes.append((rest // 1024, 1024))
+    return [(f"layers.{i}", s) for i, s in enumerate(shapes)]
+
+
+def synthetic_config(workers: int, rounds: int, uplink: str, downlink: str, init: str):
+    from efmuon.common.config import RunConfig
+
+    return RunConfig(task="lsq", workers=workers, rounds=rounds, uplink=uplink, downlink=downlink, init=init,
+                     lr=0.01, beta=0.1, schedule="constant", warmup=0, preset="muon", eval_every=10 ** 9,
+                     threads=1)
+
+
+class SyntheticModule:
+    """nn.Module factory whose parameters are named like `synthetic_layers` (layers.0, layers.1, ...)."""
+
+    @staticmethod
+    def build(layers, seed: int = 0):
+        import torch
+
+        class Synth(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                g = torch.Generator().manual_seed(seed)
+                self.layers = torch.nn.ParameterList(
+                    [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in layers])
+
+        return Synth()
+
+    @staticmethod
+    def loss(model, batch):
+        # 0.5 sum p^2: the gradient is p itself (autograd keeps no extra copy of the model)
+        return sum(0.5 * (p * p).sum() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------- transport
+def _sink_main(spec: dict) -> None:
+    """Transport receiver: a grpc.aio servicer receiving an Exchange like the real one, and a raw
+    TCP receiver (length-prefixed, recv_into a preallocated buffer, 1-byte ack)."""
+    import asyncio
+
+    import grpc
+
+    from efmuon.common.errors import FrameError
+    from efmuon.server import protocol
+    from efmuon.v1 import service_pb2 as pb
+    from efmuon.v1 import service_pb2_grpc as pb_grpc
+
+    def raw_server(lsock: socket.socket) -> None:
+        while True:
+            conn, _ = lsock.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=raw_conn, args=(conn,), daemon=True).start()
+
+    def recv_exact(conn, view) -> bool:
+        pos, n = 0, len(view)
+        while pos < n:
+            got = conn.recv_into(view[pos:], n - pos)
+            if not got:
+                return False
+            pos += got
+        return True
+
+    def raw_conn(conn: socket.socket) -> None:
+        hdr = bytearray(8)
+        while recv_exact(conn, memoryview(hdr)):
+            (n,) = struct.unpack("<Q", hdr)
+            buf = bytearray(n)
+            if not recv_exact(conn, memoryview(buf)):
+                break
+            del buf
+            conn.sendall(b"k")
+        conn.close()
+
+    class Sink(pb_grpc.ParameterServerServicer):
+        async def Exchange(self, request_iterator, context):
+            it = request_iterator.__aiter__()
+            first = await it.__anext__()
+            h = first.header
+            message = first.ByteSize()
+            parts = protocol.Reassembler(h.frame_lengths)
+            async for msg in it:  # as service.ParameterServer.Exchange receives a new submission
+                if msg.WhichOneof("part") != "chunk":
+                    raise FrameError("a Submission after the first must carry a chunk")
+                message += msg.ByteSize()
+                parts.add(msg.chunk)
+            frames = parts.frames()
+            del frames, parts
+            yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1))
+
+    async def main() -> None:
+        server = grpc.aio.server(options=protocol.GRPC_OPTIONS)
+        pb_grpc.add_ParameterServerServicer_to_server(Sink(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        threading.Thread(target=raw_server, args=(lsock,), daemon=True).start()
+        print(json.dumps({"grpc": port, "raw": lsock.getsockname()[1], "pid": os.getpid()}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def _submission_messages(round_: int, frames: list) -> tuple[list, int]:
+    """The worker's request stream for one Exchange (header, then protocol.iter_chunks) and its
+    message bytes (sum of ByteSize) -- built lazily by the generator the caller iterates."""
+    from efmuon.server import protocol
+    from efmuon.v1 import service_pb2 as pb
+
+    h = pb.SubmissionHeader(client_id=0, session="bench", round=round_, frame_lengths=[len(f) for f in frames],
+                            train_loss=float("nan"))
+    sizes: list[int] = []
+
+    def gen():
+        first = pb.Submission(header=h)
+        sizes.append(first.ByteSize())
+        yield first
+        for chunk in protocol.iter_chunks(frames):
+            msg = pb.Submission(chunk=chunk)
+            sizes.append(msg.ByteSize())
+            yield msg
+    return gen, sizes
+
+
+def _transport_measure(sizes: list[int], reps_for) -> list[dict]:
+    import grpc
+    import numpy as np
+
+    from efmuon.common.links import CountingRelay
+    from efmuon.server import protocol
+    from efmuon.v1 import service_pb2_grpc as pb_grpc
+
+    sink = subprocess.Popen([sys.executable, "-m", "efmuon.server.bench", "sink", "{}"], stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    rows = []
+    try:
+        ports = json.loads(sink.stdout.readline())
+        relay = CountingRelay("127.0.0.1", ports["grpc"])
+        lhost, lport = relay.start()
+        relay_ch = grpc.insecure_channel(f"{lhost}:{lport}", options=protocol.CHANNEL_OPTIONS)
+        direct_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}", options=protocol.CHANNEL_OPTIONS)
+        stubs = {"relay": pb_grpc.ParameterServerStub(relay_ch), "direct": pb_grpc.ParameterServerStub(direct_ch)}
+        raw = socket.create_connection(("127.0.0.1", ports["raw"]))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rng = np.random.default_rng(0)
+
+        def via_grpc(kind, frames):
+            gen, msg_sizes = _submission_messages(1, frames)
+            c0 = relay.counters()
+            t0 = time.perf_counter()
+            for _ in stubs[kind].Exchange(gen()):
+                pass
+            dt = time.perf_counter() - t0
+            c1 = relay.counters()
+            return dt, sum(msg_sizes), c1["up"] - c0["up"], c1["down"] - c0["down"]
+
+        def via_raw(payload):
+            t0 = time.perf_counter()
+            raw.sendall(struct.pack("<Q", len(payload)))
+            raw.sendall(payload)
+            if raw.recv(1) != b"k":
+                raise RuntimeError("raw sink closed")
+            return time.perf_counter() - t0
+
+        # warm up: HTTP/2 connection setup, window growth
+        warm = [rng.bytes(4 << 20)]
+        for _ in range(2):
+            via_grpc("relay", warm), via_grpc("direct", warm), via_raw(warm[0])
+        for n in sizes:
+            frames = [rng.bytes(n)]
+            reps = reps_for(n)
+            t_raw, t_rel, t_dir, wires = [], [], [], []
+            for _ in range(reps):  # interleaved: drift hits all three alike
+                t_raw.append(via_raw(frames[0]))
+                dt, message, up, down = via_grpc("relay", frames)
+                t_rel.append(dt)
+                wires.append((up, down))
+                t_dir.append(via_grpc("direct", frames)[0])
+            up, down = wires[-1]
+            mr, mg, md = statistics.median(t_raw), statistics.median(t_rel), statistics.median(t_dir)
+            row = {"size": _size_name(n), "payload": n, "message": message, "wire_up": up, "wire_down": down,
+                   "message/payload": message / n, "wire/payload": up / n,
+                   "raw_MBps": n / mr / 1e6, "grpc_relay_MBps": n / mg / 1e6, "grpc_direct_MBps": n / md / 1e6,
+                   "x_raw_relay": mr / mg, "x_raw_direct": mr / md, "reps": reps}
+            rows.append(row)
+            print(f"  {row['size']:>8s}: wire/payload {row['wire/payload']:.4f}  raw {row['raw_MBps']:8.1f} MB/s  "
+                  f"grpc+relay {row['grpc_relay_MBps']:8.1f} ({row['x_raw_relay']:.2f}x)  "
+                  f"grpc direct {row['grpc_direct_MBps']:8.1f} ({row['x_raw_direct']:.2f}x)", flush=True)
+            del frames
+        raw.close()
+        relay_ch.close()
+        direct_ch.close()
+        relay.stop()
+    finally:
+        try:
+            sink.stdin.close()
+            sink.wait(10)
+        except Exception:  # noqa: BLE001
+            sink.kill()
+    return rows
+
+
+def _tcpip_overhead(mtu: int, ethernet: bool) -> float:
+    """IP/TCP (+ Ethernet framing) header bytes per TCP payload byte for full segments:
+    IPv4 20 + TCP 20 + timestamps option 12 per segment of MSS = MTU - 52 (+ Ethernet header 14)."""
+    mss = mtu - 52
+    return (52 + (14 if ethernet else 0)) / mss
+
+
+@bench("transport")
+def bench_transport(quick: bool) -> dict:
+    """One client pushing 1 KB .. 512 MB through the real chunk path vs raw TCP sendall, same run."""
+    top = (8 << 20) if quick else (512 << 20)
+    sizes = [1 << 10, 64 << 10, 1 << 20, 8 << 20, 64 << 20, 512 << 20]
+    sizes = [s for s in sizes if s <= top]
+
+    def reps_for(n):
+        if quick:
+            return 3 if n <= (1 << 20) else 2
+        return 30 if n <= (1 << 20) else 7 if n <= (8 << 20) else 5 if n <= (64 << 20) else 3
+
+    rows = _transport_measure(sizes, reps_for)
+    try:
+        lo_mtu = int(open("/sys/class/net/lo/mtu").read())
+    except OSError:
+        lo_mtu = 65536
+    eth = _tcpip_overhead(1500, True)
+    lo = _tcpip_overhead(lo_mtu, False)
+    for r in rows:
+        r["+ip/tcp_eth1500"] = r["wire/payload"] * (1 + eth)
+        r["+ip/tcp_lo"] = r["wire/payload"] * (1 + lo)
+    big = [r for r in rows if r["payload"] >= (1 << 20)]
+    worst_wire = max(r["wire/payload"] for r in big)
+    worst_x = min(r["x_raw_relay"] for r in big)
+    goals = [
+        goal("wire/payload from 1 MB up (worst size, TCP payload bytes)", round(worst_wire, 4), "<= 1.01",
+             worst_wire <= 1.01),
+        goal("goodput vs raw TCP sendall from 1 MB up, through the worker's CountingRelay (worst size)",
+             round(worst_x, 3), ">= 0.7x", worst_x >= 0.7),
+        goal("goodput vs raw TCP sendall from 1 MB up, direct gRPC channel (measure_wire=False; worst size)",
+             round(min(r["x_raw_direct"] for r in big), 3), ">= 0.7x",
+             min(r["x_raw_direct"] for r in big) >= 0.7),
+    ]
+    cols = ["size", "payload", "message", "wire_up", "message/payload", "wire/payload", "+ip/tcp_eth1500",
+            "+ip/tcp_lo", "raw_MBps", "grpc_relay_MBps", "x_raw_relay", "grpc_direct_MBps", "x_raw_direct", "reps"]
+    notes = (f"One Exchange per push: header + `protocol.iter_chunks` (1 MiB chunks) -> grpc -> a grpc.aio servicer "
+             f"receiving exactly as `ParameterServer.Exchange` (ByteSize, `Reassembler.add`, `frames()`), reply = "
+             f"one Downlink header. Timed from the call to the reply (median of `reps`, interleaved with the "
+             f"baseline). Baseline: raw TCP `sendall` of the same bytes to a receiver that `recv_into`s a "
+             f"preallocated buffer and acks 1 byte; the receivers run in one subprocess, the senders (and the "
+             f"relay) in this one, all on 127.0.0.1. x_raw_* = raw time / gRPC time. wire_up = bytes the relay "
+             f"read from the client's TCP connection (HTTP/2 + gRPC framing + protobuf tags; wire_down = the "
+             f"reply + WINDOW_UPDATE/PING frames). IP/TCP headers are not on the wire count: estimated per full "
+             f"segment as IPv4 20 + TCP 20 + timestamps 12 (+ Ethernet 14) bytes per MSS = MTU - 52, i.e. "
+             f"{eth:.2%} at MTU 1500 on Ethernet and {lo:.3%} on this loopback (MTU {lo_mtu}); the +ip/tcp "
+             f"columns are wire/payload including them (ACKs in the other direction not counted).")
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}
+
+
+# ------------------------------------------------------------------------------------- serve
+def _serve_main(spec: dict) -> None:
+    """A real Coordinator + servicer for a synthetic model; instrumented when spec['instrument']."""
+    import asyncio
+
+    import torch
+
+    from efmuon.common import algorithm
+    from efmuon.common.lmo import assign_norms
+    from efmuon.common.training import configure_torch
+    from efmuon.server import coordinator as coord_mod
+    from efmuon.server import protocol
+    from efmuon.server.coordinator import Coordinator, Plan, ServerModel
+    from efmuon.server.service import serve
+
+    configure_torch(spec.get("threads", 1))
+    layers = synthetic_layers(spec["params"])
+    names = [n for n, _ in layers]
+    model = SyntheticModule.build(layers)
+    params = [p.detach() for p in model.parameters()]
+    del model
+    specs = assign_norms(layers)
+    cfg = synthetic_config(spec["workers"], spec["rounds"], spec["uplink"], spec["downlink"], spec["init"])
+    timings: dict = {"decode": [], "aggregate": [], "lmo": [], "step": [], "plan": [], "recv": [], "process": [],
+                     "record_down": [], "cpu": []}
+    counts = {"decode_uplinks": 0, "decode_frames": 0, "step": 0, "plan_build": 0}
+
+    if spec.get("instrument"):
+        cur = {"round": 0}
+
+        def timed(key, fn, count=None):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    timings[key].append((cur["round"], t0, time.perf_counter()))
+                    if count:
+                        counts[count] += 1
+            return wrapper
+
+        SS = algorithm.ServerState
+        if hasattr(Coordinator, "decode"):  # the coordinator decodes each client's uplink as it arrives
+            orig_cdecode = Coordinator.decode
+
+            def cdecode(self, j, frames, *a, **kw):
+                counts["decode_frames"] += len(frames)
+                return orig_cdecode(self, j, frames, *a, **kw)
+            Coordinator.decode = timed("decode", cdecode, "decode_uplinks")
+        else:
+            orig_decode = SS.decode_uplinks
+
+            def decode_uplinks(self, uplinks, init=False):
+                counts["decode_frames"] += sum(len(f) for f in uplinks.values())
+                return orig_decode(self, uplinks, init)
+            SS.decode_uplinks = timed("decode", decode_uplinks, "decode_uplinks")
+        SS.apply_decoded = timed("aggregate", SS.apply_decoded)
+        SS.step = timed("step", SS.step, "step")
+        algorithm.lmo_all = timed("lmo", algorithm.lmo_all)
+        Plan.build = classmethod(timed("plan", Plan.build.__func__, "plan_build"))
+
+        class TimedReassembler(protocol.Reassembler):
+            def __init__(self, *a, **kw):
+                self._t0 = time.perf_counter()
+                super().__init__(*a, **kw)
+
+            def frames(self):
+                out = super().frames()
+                timings["recv"].append((cur["round"], self._t0, time.perf_counter()))
+                return out
+        protocol.Reassembler = TimedReassembler
+
+        orig_process = Coordinator._process
+
+        async def _process(self, k, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return await orig_process(self, k, *a, **kw)
+            finally:
+                t1 = time.perf_counter()
+                timings["process"].append((k, t0, t1))
+                timings["cpu"].append((k, _cpu_seconds(), t1))
+                cur["round"] = k + 1
+        Coordinator._process = _process
+        orig_record = Coordinator.record_down
+
+        def record_down(self, plan, *a, **kw):
+            timings["record_down"].append((plan.round - 1, time.perf_counter(), time.perf_counter()))
+            return orig_record(self, plan, *a, **kw)
+        Coordinator.record_down = record_down
+
+    async def main() -> dict:
+        c = Coordinator(cfg, ServerModel(names, params, specs), quiet=True, leave_timeout=60)
+
+        def ready(port: int) -> None:
+            print(json.dumps({"port": port, "pid": os.getpid(), **_proc_status()}), flush=True)
+        return await serve(c, "127.0.0.1", 0, on_ready=ready)
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    print(json.dumps({"timings": timings, "counts": counts, "seconds": time.perf_counter() - t0,
+                      "cpu_total": _cpu_seconds(), **_proc_status()}), flush=True)
+    _ = torch, coord_mod
+
+
+def _worker_main(spec: dict) -> None:
+    """A real efmuon Worker for the synthetic model (memory bench)."""
+    from efmuon.worker.client import Worker
+
+    layers = synthetic_layers(spec["params"])
+    model = SyntheticModule.build(layers, seed=1)
+    w = Worker(model, SyntheticModule.loss, lambda k: None, server=spec["server"], client_id=spec["client_id"],
+               measure_wire=spec.get("measure_wire", True))
+    w.run()
+    print(json.dumps({"client_id": spec["client_id"], **_proc_status()}), flush=True)
+
+
+def _idle_main(spec: dict) -> None:
+    """Framework baseline: the imports of a server and a worker, a torch op, nothing else."""
+    import torch
+
+    import efmuon.server.service  # noqa: F401
+    import efmuon.worker.client  # noqa: F401
+
+    torch.randn(16, 16) @ torch.randn(16, 16)
+    print(json.dumps(_proc_status()), flush=True)
+
+
+# ------------------------------------------------------------------------------------ scaling
+class _SynthClient:
+    """A light client: Join (W is received and dropped), then per round one Exchange of
+    precomputed Submission messages; the downlink is received and dropped."""
+
+    def __init__(self, address: str, client_id: int, fingerprint, messages_for, rounds: int):
+        import grpc
+
+        from efmuon.server import protocol
+        from efmuon.v1 import service_pb2_grpc as pb_grpc
+
+        self.channel = grpc.insecure_channel(address, options=protocol.CHANNEL_OPTIONS)
+        self.stub = pb_grpc.ParameterServerStub(self.channel)
+        self.j, self.fp, self.messages_for, self.rounds = client_id, fingerprint, messages_for, rounds
+        self.error: BaseException | None = None
+        self.round_times: list[float] = []
+
+    def run(self) -> None:
+        from efmuon.server import protocol
+        from efmuon.v1 import service_pb2 as pb
+
+        try:
+            req = pb.JoinRequest(protocol_version=protocol.PROTOCOL_VERSION, client_id=self.j,
+                                 parameters=self.fp, client_name=f"synthetic {self.j}")
+            session = None
+            for msg in self.stub.Join(req, wait_for_ready=True):
+                if msg.WhichOneof("part") == "header":
+                    session = msg.header.session
+            k = 0
+            while True:
+                h = pb.SubmissionHeader(client_id=self.j, session=session, round=k, train_loss=float("nan"))
+                lengths, chunks = self.messages_for(k)
+                h.frame_lengths.extend(lengths)
+                t0 = time.perf_counter()
+                done = False
+                for msg in self.stub.Exchange(iter([pb.Submission(header=h), *chunks])):
+                    if msg.WhichOneof("part") == "header":
+                        done = msg.header.done
+                self.round_times.append(time.perf_counter() - t0)
+                if done:
+                    break
+                k += 1
+            self.stub.Leave(pb.LeaveRequest(client_id=self.j, session=session), timeout=60)
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+        finally:
+            self.channel.close()
+
+
+def _uplink_messages(params: int, uplink: str, init: str):
+    """Precomputed uplink Submission chunk messages (the same frames for every client; the server
+    decodes each client's copy separately)."""
+    import torch
+
+    from efmuon.common.algorithm import frame_seed, layer_compressors
+    from efmuon.common.lmo import assign_norms
+    from efmuon.server import protocol
+    from efmuon.v1 import service_pb2 as pb
+
+    layers = synthetic_layers(params)
+    specs = assign_norms(layers)
+    comps = layer_compressors(specs, uplink, {})
+    g = torch.Generator().manual_seed(3)
+    frames = [c.encode(torch.randn(s, generator=g) * 1e-3, frame_seed(0, 0, 1, i))
+              for i, (c, (_, s)) in enumerate(zip(comps, layers))]
+    chunks = [pb.Submission(chunk=c) for c in protocol.iter_chunks(frames)]
+    lengths = [len(f) for f in frames]
+    payload = sum(lengths)
+
+    def messages_for(k):
+        if k == 0 and init == "zero":
+            return [], []
+        return lengths, chunks
+    fp = protocol.fingerprint([n for n, _ in layers], [torch.empty(s) for _, s in layers])
+    return messages_for, fp, payload
+
+
+def _per_round(timings: dict, key: str, rounds: range, span: bool = False) -> list[float]:
+    """Per round: the sum of the durations of `key` (or the span first start .. last end)."""
+    out = []
+    for k in rounds:
+        ev = [(t0, t1) for r, t0, t1 in timings[key] if r == k]
+        if not ev:
+            out.append(0.0)
+        elif span:
+            out.append(max(t1 for _, t1 in ev) - min(t0 for t0, _ in ev))
+        else:
+            out.append(sum(t1 - t0 for t0, t1 in ev))
+    return out
+
+
+def _scaling_run(n: int, params: int, rounds: int, uplink: str, downlink: str, messages_for, fp) -> dict:
+    spec = {"params": params, "workers": n, "rounds": rounds, "uplink": uplink, "downlink": downlink,
+            "init": "zero", "instrument": True}
+    proc = _spawn("serve", spec)
+    try:
+        ready = _read_json(proc)
+        clients = [_SynthClient(f"127.0.0.1:{ready['port']}", j, fp, messages_for, rounds) for j in range(n)]
+        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [c.error for c in clients if c.error is not None]
+        if errors:
+            raise RuntimeError(f"synthetic client failed: {errors[0]!r}")
+        res = _read_json(proc)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tm, counts = res["timings"], res["counts"]
+    # rounds 2..R are measured (round 0 = the empty init submission, round 1 = warm-up)
+    measured = range(2, rounds + 1)
+    ends = {k: t1 for k, _, t1 in tm["process"]}
+    cpu = {k: c for k, c, _ in tm["cpu"]}
+    round_s = [ends[k] - ends[k - 1] for k in measured]
+    cpu_s = [cpu[k] - cpu[k - 1] for k in measured]
+    decode = _per_round(tm, "decode", measured)
+    aggregate = _per_round(tm, "aggregate", measured)
+    lmo = _per_round(tm, "lmo", measured)
+    step = _per_round(tm, "step", measured)
+    plan = _per_round(tm, "plan", measured)
+    recv_span = _per_round(tm, "recv", measured, span=True)
+    # send: from S_k published (end of _process(k-1)) to the last client's stream of it ended
+    send = []
+    for k in measured:
+        ev = [t1 for r, _, t1 in tm["record_down"] if r == k - 1]
+        send.append(max(ev) - ends[k - 1] if ev else 0.0)
+    med = statistics.median
+    busy = [d + a + s + p for d, a, s, p in zip(decode, aggregate, step, plan)]
+    return {"workers": n, "rounds": len(measured), "round_s": med(round_s), "server_cpu_s": med(cpu_s),
+            "recv_s": med(recv_span), "decode_s": med(decode), "aggregate_s": med(aggregate),
+            "decode_aggregate_s": med([d + a for d, a in zip(decode, aggregate)]), "lmo_s": med(lmo),
+            "down_encode_s": med([s - m + p for s, m, p in zip(step, lmo, plan)]), "send_s": med(send),
+            "compute_busy_s": med(busy), "cpu_per_round": med(cpu_s) / med(round_s),
+            "busy_per_round": med(busy) / med(round_s),
+            "step_calls": counts["step"], "plan_builds": counts["plan_build"],
+            "decode_calls": counts["decode_uplinks"], "decoded_frames": counts["decode_frames"],
+            "total_rounds": rounds}
+
+
+@bench("scaling")
+def bench_scaling(quick: bool) -> dict:
+    """Round time and server CPU per round vs workers (synthetic clients), split into phases."""
+    params = (1 << 20) if quick else 10_485_760
+    workers = [1, 2, 4] if quick else [1, 2, 4, 8, 16, 32]
+    rounds = 3 if quick else 6
+    uplink = downlink = "topk:0.1"
+    messages_for, fp, payload = _uplink_messages(params, uplink, "zero")
+    rows = []
+    for n in workers:
+        r = _scaling_run(n, params, rounds, uplink, downlink, messages_for, fp)
+        r["uplink_MB_per_worker"] = payload / 1e6
+        rows.append(r)
+        print(f"  {n:2d} workers: round {r['round_s'] * 1e3:8.1f} ms  server cpu {r['server_cpu_s'] * 1e3:8.1f} ms  "
+              f"decode+agg {r['decode_aggregate_s'] * 1e3:7.1f} ms  lmo {r['lmo_s'] * 1e3:7.1f} ms  "
+              f"busy/round {r['busy_per_round']:.2f}", flush=True)
+    xs = [r["workers"] for r in rows]
+    a, b, r2 = _linfit(xs, [r["decode_aggregate_s"] for r in rows])
+    once = all(r["step_calls"] == r["total_rounds"] and r["plan_builds"] == r["total_rounds"] + 1 for r in rows)
+    layers = len(synthetic_layers(params))
+    one_pass = all(r["decode_calls"] == r["workers"] * r["total_rounds"]
+                   and r["decoded_frames"] == r["decode_calls"] * layers for r in rows)
+    below16 = [r for r in rows if r["workers"] < 16]
+    worst_busy = max(r["busy_per_round"] for r in below16)
+    goals = [
+        goal(f"decode + aggregate linear in workers: per-worker cost {b * 1e3:.2f} ms (intercept {a * 1e3:.1f} ms), "
+             f"r^2 of the linear fit; one decode per uplink frame: {one_pass}", round(r2, 4), "r^2 >= 0.9, one pass",
+             r2 >= 0.9 and one_pass),
+        goal("downlink encoded once per round (ServerState.step calls == rounds, Plan.build == rounds + 1 incl. done)",
+             once, "True", once),
+        goal("server compute busy time / round time below 16 workers (worst)", round(worst_busy, 3), "< 0.5",
+             worst_busy < 0.5),
+        goal("server process CPU time / round time below 16 workers (worst)",
+             round(max(r["cpu_per_round"] for r in below16), 3), "< 0.5 (reported)",
+             max(r["cpu_per_round"] for r in below16) < 0.5),
+    ]
+    cols = ["workers", "round_s", "server_cpu_s", "recv_s", "decode_s", "aggregate_s", "lmo_s", "down_encode_s",
+            "send_s", "compute_busy_s", "busy_per_round", "cpu_per_round", "step_calls", "decode_calls"]
+    notes = (f"Synthetic model: {len(synthetic_layers(params))} spectral matrices ({params / 1e6:.1f}M parameters), "
+             f"uplink {uplink}, downlink {downlink} ({payload / 1e6:.2f} MB uplink per worker per round), init zero, "
+             f"server threads 1. The real Coordinator + ParameterServer servicer run in a subprocess; the workers "
+             f"are light synthetic clients (threads in the bench process: Join, then one Exchange per round of "
+             f"precomputed Submission messages, downlink received and dropped, no gradient computation), so the "
+             f"round time is server + transport only. Medians over rounds 2..{rounds} (round 1 warms up). "
+             f"Phases (timed inside the server process by wrapping methods, never in the product code): "
+             f"recv_s = first Reassembler created .. last frames() of the round (the uplink streams, overlapping "
+             f"decode); decode_s = ServerState.decode_uplinks summed over clients; aggregate_s = apply_decoded; "
+             f"lmo_s = lmo_all; down_encode_s = step() minus LMO (steps, X/W update, C_down encode + decode) + "
+             f"Plan.build (chunking, once); send_s = S published .. the last client's reply stream ended; "
+             f"compute_busy_s = decode + aggregate + step + Plan.build (the server's compute thread); "
+             f"busy_per_round = compute_busy_s / round_s; cpu_per_round = server process CPU (all threads incl. "
+             f"gRPC) / round_s. Server 'not the bottleneck' = busy_per_round < 0.5: the workers wait on the "
+             f"server's compute for less than half the round. On this 2-core machine the synthetic clients and the "
+             f"server share the cores.")
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}
+
+
+# ------------------------------------------------------------------------------------- memory
+def _memory_run(params: int, workers: int, rounds: int, uplink: str, downlink: str) -> dict:
+    spec = {"params": params, "workers": workers, "rounds": rounds, "uplink": uplink, "downlink": downlink,
+            "init": "grad", "instrument": False}
+    server = _spawn("serve", spec)
+    procs = []
+    try:
+        ready = _read_json(server)
+        for j in range(workers):
+            procs.append(_spawn("worker", {"params": params, "server": f"127.0.0.1:{ready['port']}",
+                                           "client_id": j}))
+        wres = [_read_json(p) for p in procs]
+        sres = _read_json(server)
+        for p in procs + [server]:
+            p.wait(60)
+    finally:
+        for p in procs + [server]:
+            if p.poll() is None:
+                p.kill()
+    return {"server_hwm": sres["VmHWM"], "server_ready_rss": ready["VmRSS"],
+            "worker_hwm": max(w["VmHWM"] for w in wres)}
+
+
+@bench("memory")
+def bench_memory(quick: bool) -> dict:
+    """Peak RSS of the server and a worker process vs model size, minus an idle framework process."""
+    sizes = [1_000_000, 4_000_000] if quick else [1_000_000, 10_000_000, 50_000_000]
+    workers, rounds = 2, 2
+    uplink = downlink = "identity"  # the largest frames: one round's frames are (n + 1) model copies
+    idle_p = _spawn("idle", {})
+    idle = _read_json(idle_p)["VmHWM"]
+    idle_p.wait(30)
+    rows = []
+    for p in sizes:
+        n_actual = sum(s[0] * s[1] for _, s in synthetic_layers(p))
+        model = 4 * n_actual
+        r = _memory_run(p, workers, rounds, uplink, downlink)
+        s_net, w_net = r["server_hwm"] - idle, r["worker_hwm"] - idle
+        s_bound = (3 + workers + (workers + 1)) * model  # X W G + G_j per client + one round's frames
+        w_bound = 4 * model
+        rows.append({"params": n_actual, "model_MB": model / 1e6, "idle_MB": idle / 1e6,
+                     "server_peak_MB": r["server_hwm"] / 1e6, "server_net_MB": s_net / 1e6,
+                     "server_copies": s_net / model, "server_bound_copies": s_bound / model,
+                     "worker_peak_MB": r["worker_hwm"] / 1e6, "worker_net_MB": w_net / 1e6,
+                     "worker_copies": w_net / model, "worker_bound_copies": 4.0})
+        print(f"  {n_actual / 1e6:5.1f}M params: server {s_net / 1e6:8.1f} MB over idle ({s_net / model:.2f} "
+              f"copies, bound {s_bound / model:.0f})  worker {w_net / 1e6:8.1f} MB ({w_net / model:.2f} copies)",
+              flush=True)
+    big = rows[-1]  # the largest model: the framework's own growth is smallest relative to it
+    goals = [
+        goal(f"server peak RSS over idle, in model copies (largest model; bound = 3 + n G_j + one round's "
+             f"frames (n + 1) with n = {workers}, identity)", round(big["server_copies"], 2),
+             f"<= {big['server_bound_copies']:.0f}", big["server_copies"] <= big["server_bound_copies"]),
+        goal("worker peak RSS over idle, in model copies (largest model)", round(big["worker_copies"], 2), "<= 4",
+             big["worker_copies"] <= 4),
+        goal("server peak RSS over idle, in model copies (smallest model)", round(rows[0]["server_copies"], 2),
+             f"<= {rows[0]['server_bound_copies']:.0f}", rows[0]["server_copies"] <= rows[0]["server_bound_copies"]),
+        goal("worker peak RSS over idle, in model copies (smallest model)", round(rows[0]["worker_copies"], 2),
+             "<= 4", rows[0]["worker_copies"] <= 4),
+    ]
+    cols = ["params", "model_MB", "idle_MB", "server_peak_MB", "server_net_MB", "server_copies",
+            "server_bound_copies", "worker_peak_MB", "worker_net_MB", "worker_copies", "worker_bound_copies"]
+    notes = (f"Peak RSS = VmHWM of each process at its exit (/proc/self/status). Server: the real Coordinator + "
+             f"servicer for a synthetic model of spectral 256x1024 matrices, {workers} real `efmuon.worker.Worker` "
+             f"processes (loss 0.5 sum p^2), {rounds} rounds, init grad, {uplink} both ways (the largest frames). "
+             f"idle = VmHWM of a process that imported torch, efmuon.server.service and efmuon.worker.client and "
+             f"ran one matmul (the framework baseline, subtracted). copies = (peak - idle) / (4 bytes x params).")
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}
+
+
+# --------------------------------------------------------------------------------- bytes-wire
+def _best_pairing() -> tuple[str, str]:
+    """The best (uplink, downlink) of BENCHMARKS.md's bytes section, else topk:0.1 / topk:0.1."""
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
+    try:
+        text = open(path).read()
+        sec = re.search(r"<!-- bench:bytes -->(.*?)<!-- /bench:bytes -->", text, re.S).group(1)
+        best, best_x = None, 0.0
+        for line in sec.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) > 9 and cells[0] in ("ef21", "ef14") and cells[1] != "identity":
+                try:
+                    x = float(cells[9])
+                except ValueError:
+                    continue
+                if x > best_x:
+                    best, best_x = (cells[1], cells[2]), x
+        if best:
+            return best
+    except (OSError, AttributeError):
+        pass
+    return "topk:0.1", "topk:0.1"
+
+
+@bench("bytes-wire")
+def bench_bytes_wire(quick: bool) -> dict:
+    """Payload vs wire bytes both ways through run_local (real server + worker processes)."""
+    from efmuon.common.config import RunConfig
+    from efmuon.server.app import run_local
+
+    up, down = _best_pairing()
+    task, rounds = ("lsq", 20) if quick else ("gpt-char", 30)
+    rows = []
+    for uplink, downlink in [("identity", "identity"), (up, down)]:
+        cfg = RunConfig(task=task, workers=2 if quick else 4, rounds=rounds, uplink=uplink, downlink=downlink)
+        t0 = time.perf_counter()
+        rep = run_local(cfg, quiet=True)
+        s = rep["summary"]
+        row = {"task": task, "uplink": uplink, "downlink": downlink, "rounds": rounds, "workers": cfg.workers}
+        for d in ("up", "down"):
+            tot = {lvl: (s["bytes"][d].get(lvl) or 0) + (s["init_bytes"][d].get(lvl) or 0)
+                   for lvl in ("payload", "message", "wire")}
+            row[f"{d}_payload_MB"] = tot["payload"] / 1e6
+            row[f"{d}_message_MB"] = tot["message"] / 1e6
+            row[f"{d}_wire_MB"] = tot["wire"] / 1e6
+            row[f"{d}_wire/payload"] = tot["wire"] / tot["payload"] if tot["payload"] else None
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"  {uplink}/{downlink}: up wire/payload {row['up_wire/payload']:.4f}  "
+              f"down {row['down_wire/payload']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    goals = [goal(f"{r['uplink']}/{r['downlink']} wire/payload (worst direction, incl. the join phase)",
+                  round(max(r["up_wire/payload"], r["down_wire/payload"]), 4), "reported (<= 1.01 for identity)",
+                  r["uplink"] != "identity" or max(r["up_wire/payload"], r["down_wire/payload"]) <= 1.01)
+             for r in rows]
+    cols = ["task", "workers", "rounds", "uplink", "downlink", "up_payload_MB", "up_message_MB", "up_wire_MB",
+            "up_wire/payload", "down_payload_MB", "down_message_MB", "down_wire_MB", "down_wire/payload"]
+    notes = (f"`efmuon.server.app.run_local`: the server in this process and real worker processes on 127.0.0.1; "
+             f"totals over all clients, rounds and the join phase (initial W down, init gradients up). wire = "
+             f"bytes each worker's TCP connection carried (its CountingRelay), incl. Status/Join/Leave calls, "
+             f"HTTP/2 and gRPC framing. The compressed pairing is the best of the `bytes` section "
+             f"(default topk:0.1 / topk:0.1 when none reached the target).")
+    return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}
+
+
+# --------------------------------------------------------------------------------------- main
+if __name__ == "__main__":
+    _mode, _spec = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    {"sink": _sink_main, "serve": _serve_main, "worker": _worker_main, "idle": _idle_main}[_mode](_spec)

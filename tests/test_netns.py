@@ -1,0 +1,138 @@
+"""Kernel link shaping: network namespaces + bridge + tc tbf (`efmuon run --shaping netns`, deploy/netns-*.sh).
+
+Needs root and `ip netns`; skipped otherwise. Every address used (10.77.x.x) exists only inside the
+namespaces these tests create, and every namespace is removed at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from efmuon.common.links import parse_link
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def _netns_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (ip netns add)"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc)"
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "`ip netns` is not available"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_netns_usable() is not None, reason=f"kernel shaping: {_netns_usable()}")
+
+
+def namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(prefix)]
+
+
+def test_deploy_scripts_up_shape_down():
+    prefix = f"efmt{os.getpid() % 100000}"
+    try:
+        # Act
+        subprocess.run([DEPLOY / "netns-up.sh", prefix, "2"], check=True, capture_output=True)
+        shaped = subprocess.run([DEPLOY / "netns-shape.sh", prefix, "1", "10mbit", "20mbit", "20ms"],
+                                check=True, capture_output=True, text=True)
+
+        # Assert
+        assert sorted(namespaces(prefix)) == sorted([f"{prefix}-sw", f"{prefix}-s", f"{prefix}-c0", f"{prefix}-c1"])
+        assert "rate 10Mbit" in shaped.stdout and "rate 20Mbit" in shaped.stdout
+        ping = subprocess.run(["ip", "netns", "exec", f"{prefix}-c1", sys.executable, "-c",
+                               "import socket; s = socket.socket(); s.settimeout(2)\n"
+                               "try: s.connect(('10.77.0.1', 9))\nexcept ConnectionRefusedError: print('reached')"],
+                              capture_output=True, text=True, timeout=10)
+        assert "reached" in ping.stdout  # the server namespace answers (RST) across the bridge
+    finally:
+        subprocess.run([DEPLOY / "netns-down.sh", prefix], capture_output=True)
+    assert namespaces(prefix) == []
+
+
+def test_star_tbf_rate_and_teardown_and_stale_cleanup():
+    from efmuon.server.netns import Star, cleanup_stale
+
+    # a namespace left by a run whose process is gone (pid 2**22 + 1 does not exist)
+    stale = f"efm-{2**22 + 1}-abcd-sw"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    star = Star(1)
+    try:
+        star.up()
+        assert stale not in namespaces("efm-")  # removed by up() -> cleanup_stale()
+        relay, mech = star.shape(0, parse_link("up=20mbit,down=10mbit,delay=5ms"), netem=False)
+        assert mech == "tbf+relay-delay" and relay == parse_link("delay=5ms")
+        with star.enter(star.server):
+            ls = socket.create_server((star.server_addr, 0))
+        result = {}
+
+        def sink():
+            c, _ = ls.accept()
+            n, t0 = 0, None
+            while (b := c.recv(1 << 20)):
+                t0 = t0 or time.monotonic()
+                n += len(b)
+            result["mbit"] = n * 8 / (time.monotonic() - t0) / 1e6
+
+        th = threading.Thread(target=sink)
+        th.start()
+        code = (f"import socket; c = socket.create_connection(('{star.server_addr}', {ls.getsockname()[1]})); "
+                "c.sendall(b'x' * 5_000_000); c.close()")
+        subprocess.run(star.exec_prefix(star.clients[0]) + [sys.executable, "-c", code], check=True, timeout=30)
+        th.join(10)
+
+        # Assert: TCP goodput = 0.956 x the tbf (L2) rate (research notes, section 1)
+        assert result["mbit"] == pytest.approx(20 * 0.956, rel=0.05)
+        assert "rate 20Mbit" in star.qdisc_stats(0)["up"] and "rate 10Mbit" in star.qdisc_stats(0)["down"]
+    finally:
+        star.down()
+        cleanup_stale()
+    assert namespaces(star.prefix) == []
+
+
+def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
+    """4 workers behind up=10mbit,down=10mbit,delay=20ms; a 2 MB model sent uncompressed both ways."""
+    rate, delay = 10e6, 0.020
+    report = tmp_path / "r.json"
+    t0 = time.monotonic()
+
+    # Act
+    run = subprocess.run(
+        [sys.executable, "-m", "efmuon.common.cli", "run", "--task", "lsq", "--task-option", "d_in=1024",
+         "--task-option", "d_out=512", "--workers", "4", "--rounds", "1", "--uplink", "identity",
+         "--downlink", "identity", "--link", "up=10mbit,down=10mbit,delay=20ms", "--shaping", "netns",
+         "--report", str(report), "--plots", "none"], capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t0
+
+    # Assert
+    assert run.returncode == 0, run.stderr
+    r = json.loads(report.read_text())
+    s = r["summary"]
+    assert s["links_shaping"] == "netns" and s["links_server_address"].startswith("10.77.0.1:")
+    assert namespaces(s["links_netns_prefix"]) == []  # torn down
+    for j in map(str, range(4)):
+        link = s["links"][j]
+        assert link["mechanism"] in ("tbf+relay-delay", "tbf+netem")
+        assert link["up"]["configured_bps"] == rate
+        assert link["up"]["transfers"] == 2
+        assert link["up"]["achieved_bps"] == pytest.approx(rate, rel=0.10), link
+        assert link["down"]["achieved_bps"] == pytest.approx(rate, rel=0.10), link
+    # round 1: S (2 MB) down and the uplink (2 MB) up over each client's own link. tbf counts L2
+    # bytes: TCP payload x 1.0456 at MTU 1500 (research notes, section 2)
+    rnd = r["rounds"][0]
+    per_client = [c["down"]["wire"] + c["up"]["wire"] for c in rnd["clients"].values()]
+    expected = max(per_client) * 8 * 1.0456 / rate + 2 * delay
+    assert rnd["seconds"] == pytest.approx(expected, rel=0.15), (rnd["seconds"], expected)
+    assert wall < 60, wall

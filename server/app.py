@@ -12,9 +12,10 @@ Links (`--link`, `--link-mix`, `--link-trace`, a `[links]` table): client j's pr
                                 client and direction, delay by netem or the worker's relay
                                 (efmuon.server.netns); needs root.
 The report then has `summary.links.<client>`: profile, mechanism, and per direction `configured_bps`
-and `achieved_bps` = wire bytes of the client's transfers of >= 64 KiB / their duration measured at
-the worker (`CountingRelay.take_transfers`: up from the first byte the worker handed over to the
-last byte acknowledged by the server's TCP; down from the first to the last chunk delivered).
+and `achieved_bps` = wire bytes of the client's round transfers of >= 64 KiB / their duration
+measured at the worker (`CountingRelay.take_transfers`: up from the first byte the worker handed
+over to the last byte acknowledged by the server's TCP; down from the first to the last chunk
+delivered); the join phase (initial W) is reported apart under `<direction>.join`.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class WorkerProcessError(EfmuonError):
     """A local worker process exited with an error."""
 
 
-def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok: bool = False) -> Coordinator:
+def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok: bool = False,
+                      options=None, resume=None) -> Coordinator:
     """The task's model and evaluation from `Setup(cfg)`, exactly as `efmuon simulate` builds them.
     `links_ok`: the caller (`run_local`) emulates link, link_mix, link_trace, links and shaping."""
     from efmuon.common.simulate import Setup
@@ -60,14 +62,15 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok
     configure_torch(cfg.threads)
     setup = Setup(cfg)
     return Coordinator(setup.cfg, ServerModel.from_setup(setup), device=resolve_device(setup.cfg.device),
-                       quiet=quiet, stream=stream)
+                       quiet=quiet, stream=stream, options=options, resume=resume)
 
 
-def run_server(cfg: RunConfig, host: str, port: int, quiet: bool = False) -> dict:
-    """`efmuon server`: serve one run for workers on other machines; returns the report."""
+def run_server(cfg: RunConfig, host: str, port: int, quiet: bool = False, options=None, resume=None) -> dict:
+    """`efmuon server`: serve one run for workers on other machines; returns the report.
+    `options`: a coordinator.ServerOptions; `resume`: a loaded server checkpoint to continue from."""
 
     async def main() -> dict:
-        coordinator = build_coordinator(cfg, quiet=quiet)
+        coordinator = build_coordinator(cfg, quiet=quiet, options=options, resume=resume)
 
         def ready(bound: int) -> None:
             print(f"efmuon server: listening on {host}:{bound} for {coordinator.n} workers "
@@ -101,14 +104,20 @@ def _direction_summary(rate, transfers: list) -> dict:
 
 def links_summary(links, mechanisms: dict, stats: dict) -> dict:
     """summary.links: per client the profile, the mechanism and per direction configured and achieved
-    rate (module docstring). `stats[j]` is worker j's --stats JSON (or missing)."""
+    rate (module docstring) over the rounds' transfers (exchanges 0..R); the join phase (Status,
+    Join: the initial W down) separately under `join`, because on one machine it overlaps with the
+    other workers starting up (CPU-bound, not link-bound). `stats[j]` is worker j's --stats JSON."""
     out = {}
     for j, (desc, prof) in enumerate(links):
         st = stats.get(j) or {}
         calls = st.get("transfers") or []
+        rounds = [c for c in calls if isinstance(c.get("exchange"), int) and c["exchange"] >= 0]
+        joins = [c for c in calls if c not in rounds]
         side = {}
         for d, rate in (("up", prof.up_bps), ("down", prof.down_bps)):
-            side[d] = _direction_summary(rate, [tuple(c[d]) for c in calls if c.get(d)])
+            side[d] = _direction_summary(rate, [tuple(c[d]) for c in rounds if c.get(d)])
+            side[d]["join"] = _direction_summary(rate, [tuple(c[d]) for c in joins if c.get(d)])
+            del side[d]["join"]["configured_bps"]
         out[str(j)] = {"profile": desc, "mechanism": mechanisms.get(j, "none"), "delay_s": prof.delay_s,
                        "jitter_s": prof.jitter_s, "loss": prof.loss, **side}
     return out
@@ -143,7 +152,32 @@ async def _watch(procs: list[asyncio.subprocess.Process]) -> None:
             f.cancel()
 
 
-def run_local(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
+def local_worker_flags(options, j: int) -> list[str]:
+    """Flags that give local worker j what the server's options need: its token, TLS trust (the CA, or
+    ca.pem next to the server certificate), client-j.pem/.key next to the CA for mutual TLS, and a
+    worker checkpoint directory CKPT/worker-j."""
+    from pathlib import Path
+
+    if options is None:
+        return []
+    out = []
+    if options.token_file:
+        out += ["--token-file", str(options.token_file)]
+    if options.tls_cert:
+        ca = options.tls_ca or str(Path(options.tls_cert).with_name("ca.pem"))
+        out += ["--tls-ca", ca]
+        if options.tls_ca:
+            cert, key = Path(ca).with_name(f"client-{j}.pem"), Path(ca).with_name(f"client-{j}.key")
+            if not (cert.is_file() and key.is_file()):
+                raise ConfigError(f"mutual TLS (--tls-ca) with local workers needs {cert} and {key} "
+                                  f"(efmuon certs DIR --clients N makes them)")
+            out += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    if options.checkpoint_dir:
+        out += ["--checkpoint-dir", os.path.join(options.checkpoint_dir, f"worker-{j}")]
+    return out
+
+
+def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None) -> dict:
     """`efmuon run`: the server here and cfg.workers worker processes on 127.0.0.1, or, with
     shaping 'netns', each in its own network namespace (module docstring)."""
     import json
@@ -160,7 +194,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
         from efmuon.common.federated import client_links
 
         links = client_links(cfg, int(cfg.workers))
-    coordinator = build_coordinator(cfg, quiet=quiet, stream=stream, links_ok=True)
+    coordinator = build_coordinator(cfg, quiet=quiet, stream=stream, links_ok=True, options=options, resume=resume)
     relay: dict[int, object] = {}
     mechanisms: dict[int, str] = {}
     host = "127.0.0.1"
@@ -201,7 +235,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
             async def launch(port: int) -> None:
                 address = served["address"] = f"{host}:{port}"
                 for j in range(coordinator.n):
-                    cmd = worker_command(address, j, relay.get(j), stats_path(j))
+                    cmd = worker_command(address, j, relay.get(j), stats_path(j)) + local_worker_flags(options, j)
                     if star is not None:
                         cmd = star.exec_prefix(star.clients[j]) + cmd
                     procs.append(await asyncio.create_subprocess_exec(

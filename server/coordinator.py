@@ -331,7 +331,7 @@ class Coordinator:
                            "same model as the server")
         if self.failed is not None:
             raise Rejected("ABORTED", f"the run was aborted: {self.failed}")
-        if self.collecting > self.rounds:
+        if self.collecting > self.rounds and client_id is None:
             raise Rejected("FAILED_PRECONDITION", f"the run is finished (all {self.rounds} rounds done)")
         if client_id is None:
             if self.collecting > 0:
@@ -777,6 +777,7 @@ class Coordinator:
         if self.collecting > 0 and self.collecting <= self.rounds:
             self._arm_deadline(self.collecting)
         elif self.collecting > self.rounds and not self._summary_written:
+            self._all_left.set()  # resumed after the last round: nobody is left to wait for
             self._spawn(self._wrap_up())
 
     # ------------------------------------------------------------------ report

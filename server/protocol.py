@@ -25,7 +25,9 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0)]
+# Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
+                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 # ---------------------------------------------------------------------------- fingerprint

@@ -15,7 +15,7 @@ from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
 from efmuon.common.config import RunConfig, resolve
 from efmuon.common.training import gradients, model_specs, parameters_of
 from efmuon.server import protocol, service
-from efmuon.server.coordinator import Coordinator, ServerModel
+from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
@@ -52,9 +52,10 @@ def server_model(cfg: RunConfig, evaluate=None) -> ServerModel:
 
 
 class Harness:
-    def __init__(self, cfg: RunConfig, evaluate=None):
+    def __init__(self, cfg: RunConfig, evaluate=None, options: ServerOptions | None = None):
         self.cfg = cfg
-        self.coordinator = Coordinator(cfg, server_model(cfg, evaluate), quiet=True, leave_timeout=5)
+        self.coordinator = Coordinator(cfg, server_model(cfg, evaluate), quiet=True, leave_timeout=5,
+                                       options=options)
 
     async def __aenter__(self):
         self.server, self.port = await service.start(self.coordinator)
@@ -307,15 +308,15 @@ async def test_the_downlink_is_encoded_once_per_round_for_all_workers():
         assert len({c["down"]["message"] for c in r["clients"].values()}) == 1
 
 
-async def test_a_worker_failing_mid_run_aborts_the_run_for_everyone_with_a_clear_error():
-    # Prepare: worker 1's data source breaks in round 2
+async def test_a_worker_failing_mid_run_aborts_the_run_for_everyone_at_the_deadline_with_a_clear_error():
+    # Prepare: worker 1's data source breaks in round 2; nobody restarts it within the 1 s round deadline
     def broken(k):
         if k == 2:
             raise RuntimeError("disk on fire")
         return batches_of(1)(k)
 
     cfg = make_cfg(workers=2, rounds=4)
-    async with Harness(cfg) as h:
+    async with Harness(cfg, options=ServerOptions(round_deadline=1.0)) as h:
         failing = Worker(tiny_model(), loss_fn, broken, server=h.address, client_id=1, configure_threads=False)
 
         # Execute
@@ -326,5 +327,6 @@ async def test_a_worker_failing_mid_run_aborts_the_run_for_everyone_with_a_clear
     # Assert
     assert isinstance(results[1], RuntimeError)
     assert isinstance(results[0], WorkerError) and results[0].code == grpc.StatusCode.ABORTED
+    assert "round 2: client(s) 1 did not submit within the round deadline of 1 s" in str(results[0])
     assert "client 1 left before the last round (RuntimeError: disk on fire)" in str(results[0])
     assert h.coordinator.finished.is_set() and status.state == pb.StatusReply.STATE_STOPPING

@@ -20,7 +20,44 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                         "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
     p.add_argument("--stats", metavar="PATH.json", default=None,
                    help="write this worker's stats (bytes, transfer timings per call) as JSON when it finishes")
+    r = p.add_argument_group("resilience and security")
+    r.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="checkpoint this worker's state (W, M_j, G_j, the submission in flight) here every round; "
+                        "a restarted worker resumes from it exactly (without it, the server re-syncs W and G_j "
+                        "and the momentum restarts as M_j := G_j)")
+    r.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="after a lost connection or a server restart, keep re-joining for this long (default 300; "
+                        "0: fail at once)")
+    r.add_argument("--token", default=None, metavar="TOKEN", help="bearer token for the server's --token-file "
+                   "(prefer --token-file: a command line is visible to other users)")
+    r.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file with this worker's token (its 'J TOKEN' line, or just the token)")
+    r.add_argument("--tls-ca", default=None, metavar="CA.pem", help="use TLS and trust the server certificate "
+                   "this CA signed")
+    r.add_argument("--tls-cert", default=None, metavar="CERT.pem", help="client certificate (mutual TLS)")
+    r.add_argument("--tls-key", default=None, metavar="KEY.pem", help="client key (mutual TLS)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def security_from_args(args: argparse.Namespace):
+    """The worker's TLS/token settings, or None when none is given."""
+    from efmuon.common.errors import ConfigError
+    from efmuon.worker.security import Security
+
+    if args.token and args.token_file:
+        raise ConfigError("give --token or --token-file, not both")
+    token = args.token
+    if args.token_file:
+        from efmuon.server.auth import read_token
+
+        token = read_token(args.token_file, args.client_id)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("give both --tls-cert and --tls-key (mutual TLS), or neither")
+    if args.tls_cert and not args.tls_ca:
+        raise ConfigError("--tls-cert/--tls-key (mutual TLS) need --tls-ca to trust the server")
+    if not (token or args.tls_ca):
+        return None
+    return Security(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -34,7 +71,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         link = parse_link(args.link)
     worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=not args.no_wire,
-                      link=link)
+                      link=link, security=security_from_args(args), checkpoint_dir=args.checkpoint_dir,
+                      reconnect_timeout=args.reconnect_timeout)
     stats = worker.run()
     if args.stats:
         import json

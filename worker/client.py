@@ -65,8 +65,9 @@ def _rpc_error(what: str, exc: grpc.RpcError) -> WorkerError:
 class Connection:
     """A gRPC channel to the server, through a byte-counting relay when `measure_wire`."""
 
-    def __init__(self, server: str, measure_wire: bool = True, link=None):
+    def __init__(self, server: str, measure_wire: bool = True, link=None, security=None):
         self.server = server
+        self.security = security  # worker.security.Security: TLS and/or a bearer token (None: neither)
         host, port = split_address(server)
         self.relay = None
         self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)
@@ -78,7 +79,10 @@ class Connection:
             self.relay = CountingRelay(host, port, link=link)
             lhost, lport = self.relay.start()
             target = f"{lhost}:{lport}"
-        self.channel = grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
+        from efmuon.worker.security import make_channel
+
+        self.channel = make_channel(target, host, security)
+        self.metadata = security.metadata() if security is not None else ()
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self._mark = self.counters()
 
@@ -98,7 +102,7 @@ class Connection:
 
     def status(self, timeout: float | None = 30.0) -> pb.StatusReply:
         try:
-            return self.stub.Status(pb.StatusRequest(), timeout=timeout, wait_for_ready=True)
+            return self.stub.Status(pb.StatusRequest(), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _rpc_error(f"Status at {self.server}", exc) from None
         finally:
@@ -128,7 +132,8 @@ class Worker:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                  batches: Callable[[int], Any] | Iterable, server: str | Connection = "127.0.0.1:50051",
                  client_id: int | None = None, device: str | torch.device = "cpu", specs=None,
-                 measure_wire: bool = True, name: str | None = None, configure_threads: bool = True):
+                 measure_wire: bool = True, name: str | None = None, configure_threads: bool = True,
+                 rejoin: bool | None = None, checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
@@ -143,6 +148,16 @@ class Worker:
         self.state: WorkerState | None = None
         self.session = ""
         self.history: list[dict] = []  # per call: round, payload/message/wire up and down
+        # resilience: a worker given its client id takes it over from an older session (a restart)
+        self.rejoin = (client_id is not None) if rejoin is None else bool(rejoin)
+        self.checkpoint_dir = checkpoint_dir
+        self.reconnect_timeout = float(reconnect_timeout)
+        self.pending: tuple[int, list[bytes], float] | None = None  # (round, frames, loss) not yet acknowledged
+        self.resyncs = 0
+        self.reconnects = 0
+        self._saved = None  # a worker checkpoint read at start: (tensors, manifest)
+        self._wire = None
+        self._empty_resend = False
 
     # ------------------------------------------------------------------ batches and gradients
     def _batch(self, round_: int):
@@ -165,19 +180,30 @@ class Worker:
 
     # ------------------------------------------------------------------ protocol steps
     def join(self) -> None:
+        """Join (or re-join) the run. Keeps this worker's state when the server says it is consistent;
+        otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta)."""
         names, params = zip(*self.model.named_parameters())
-        req = pb.JoinRequest(protocol_version=protocol.PROTOCOL_VERSION, client_name=self.name,
-                             parameters=protocol.fingerprint(names, params))
+        req = pb.JoinRequest(protocol_version=protocol.PROTOCOL_VERSION, client_name=self.name[:256],
+                             parameters=protocol.fingerprint(names, params), rejoin=self.rejoin)
         if self.client_id is not None:
             req.client_id = int(self.client_id)
+        resume = self._resume_round()
+        if resume is not None:
+            req.resume_round = resume
         header, parts = None, None
         try:
-            for msg in self.conn.stub.Join(req, wait_for_ready=True):
+            for msg in self.conn.stub.Join(req, wait_for_ready=True, metadata=self.conn.metadata):
                 if header is None:
                     if msg.WhichOneof("part") != "header":
                         raise ProtocolError("the server's Join reply did not start with a header")
                     header = msg.header
-                    parts = protocol.Reassembler(header.frame_lengths, len(params))
+                    lengths = list(header.frame_lengths) + list(header.estimator_frame_lengths)
+                    if header.resync and len(header.frame_lengths) != len(params):
+                        raise ProtocolError(f"the server's Join reply has {len(header.frame_lengths)} W frames, "
+                                            f"the model {len(params)} layers")
+                    if header.estimator_frame_lengths and len(header.estimator_frame_lengths) != len(params):
+                        raise ProtocolError("the server's Join reply has a G_j of the wrong number of layers")
+                    parts = protocol.Reassembler(lengths, limit=8 * sum(p.numel() for p in params) + 1)
                 elif msg.WhichOneof("part") == "chunk":
                     parts.add(msg.chunk)
         except grpc.RpcError as exc:
@@ -188,18 +214,93 @@ class Worker:
             raise ProtocolError(f"the server speaks protocol version {header.protocol_version}, "
                                 f"this worker {protocol.PROTOCOL_VERSION}")
         cfg = protocol.decode_config(header.config).replace(report=None, metrics=None)
-        if self.configure_threads:
+        if self.configure_threads and self.cfg is None:
             configure_torch(cfg.threads)
-        W0 = protocol.tensors_from_raw(parts.frames(), [p.shape for p in params])
         self.cfg, self.client_id, self.session = cfg, header.client_id, header.session
         self.names = list(names)
         specs = self.specs if self.specs is not None else model_specs(self.model, cfg)
-        self.state = WorkerState(W0, specs, cfg, self.client_id, device=self.device)
         self.next_round = int(header.next_round)
+        shapes = [p.shape for p in params]
+        if header.resync:
+            frames = parts.frames()
+            p = len(params)
+            W = protocol.tensors_from_raw(frames[:p], shapes)
+            self.state = WorkerState(W, specs, cfg, self.client_id, device=self.device)
+            if header.estimator_frame_lengths:  # re-sync: G_j from the server, M_j := G_j
+                G = protocol.tensors_from_raw(frames[p:], shapes)
+                self.state.Gj = [g.to(self.device).clone() for g in G]
+                self.state.M = [g.to(self.device).clone() for g in G]
+            self.state.round = self.next_round
+            self.pending = None
+            self._empty_resend = bool(header.submitted)
+            if self.next_round > 0 or header.estimator_frame_lengths:
+                self.resyncs += 1
+                log.warning("client %d re-synced from the server at round %d (W and G_j; M_j := G_j)",
+                            self.client_id, self.next_round)
+        elif self.next_round <= cfg.rounds:
+            if self.state is None and self._saved is not None:
+                self._restore_checkpoint(params, specs, cfg)
+            if self.state is None or self.pending is None:
+                raise ProtocolError("the server kept this worker's state, but it has none")
+            log.info("client %d continues from its own state at round %d", self.client_id, self.pending[0])
+        self._saved = None
         self._wire = self.conn.since_mark(-1)
-        self.history.append({"round": "join", "down_payload": parts.total,
+        self.history.append({"round": "join", "down_payload": parts.total if parts is not None else 0,
                              "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
-        log.info("joined as client %d of %d (%d rounds)", self.client_id, cfg.workers, cfg.rounds)
+        log.info("joined as client %d of %d (%d rounds, next round %d)", self.client_id, cfg.workers, cfg.rounds,
+                 self.next_round)
+
+    def _resume_round(self) -> int | None:
+        """The round of the submission this worker holds (its state is at that round), or None."""
+        if self.state is not None and self.pending is not None:
+            return self.pending[0]
+        if self.state is None and self.checkpoint_dir and self._saved is None:
+            from efmuon.common.checkpoint import latest_checkpoint, load_worker
+
+            if latest_checkpoint(self.checkpoint_dir) is not None:
+                self._saved = load_worker(self.checkpoint_dir)
+                log.info("found a worker checkpoint of round %d in %s", self._saved[1]["round"], self.checkpoint_dir)
+        if self.state is None and self._saved is not None:
+            if self.client_id is not None and self._saved[1]["client_id"] != self.client_id:
+                raise WorkerError(f"the checkpoint in {self.checkpoint_dir} belongs to client "
+                                  f"{self._saved[1]['client_id']}, this worker is client {self.client_id}")
+            if self.client_id is None:
+                self.client_id = int(self._saved[1]["client_id"])
+            return int(self._saved[1]["round"])
+        return None
+
+    def _restore_checkpoint(self, params, specs, cfg) -> None:
+        from efmuon.common.checkpoint import restore_worker
+
+        tensors, m = self._saved
+        state = WorkerState(list(params), specs, cfg, self.client_id, device=self.device)
+        restore_worker(state, self._saved)
+        extra = m.get("extra") or {}
+        lengths = list(extra.get("frame_lengths") or [])
+        blob = tensors.get("extra/frames")
+        raw = blob.numpy().tobytes() if blob is not None else b""
+        if sum(lengths) != len(raw):
+            raise WorkerError(f"the worker checkpoint {m.get('path')} has damaged submission frames")
+        frames, pos = [], 0
+        for n in lengths:
+            frames.append(raw[pos:pos + n])
+            pos += n
+        loss = extra.get("train_loss")
+        self.state = state
+        self.pending = (int(m["round"]), frames, math.nan if loss is None else float(loss))
+        log.warning("client %d resumed from its checkpoint %s (round %d)", self.client_id, m.get("path"), m["round"])
+
+    def _save_checkpoint(self) -> None:
+        if not self.checkpoint_dir or self.pending is None:
+            return
+        from efmuon.common.checkpoint import save_worker
+
+        k, frames, loss = self.pending
+        blob = b"".join(bytes(f) for f in frames)
+        save_worker(self.checkpoint_dir, self.state, self.client_id,
+                    extra={"frame_lengths": [len(f) for f in frames], "train_loss": loss if math.isfinite(loss) else None},
+                    extra_tensors={"frames": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob
+                                   else torch.zeros(0, dtype=torch.uint8)}, keep=2)
 
     def _requests(self, header: pb.SubmissionHeader, frames: list[bytes], sizes: list):
         first = pb.Submission(header=header)
@@ -219,7 +320,7 @@ class Worker:
         sizes: list[int] = []
         header, parts, down_message = None, None, 0
         try:
-            for msg in self.conn.stub.Exchange(self._requests(h, frames, sizes)):
+            for msg in self.conn.stub.Exchange(self._requests(h, frames, sizes), metadata=self.conn.metadata):
                 down_message += msg.ByteSize()
                 if header is None:
                     if msg.WhichOneof("part") != "header":
@@ -240,40 +341,104 @@ class Worker:
         return header, parts.frames()
 
     def leave(self, reason: str = "") -> None:
-        req = pb.LeaveRequest(client_id=self.client_id or 0, session=self.session, reason=reason)
+        req = pb.LeaveRequest(client_id=self.client_id or 0, session=self.session, reason=reason[:4096])
         if self._wire is not None and not reason:
             req.last.CopyFrom(self._wire)
         try:
-            self.conn.stub.Leave(req, timeout=30)
+            self.conn.stub.Leave(req, timeout=30, metadata=self.conn.metadata)
         except grpc.RpcError as exc:
             raise _rpc_error("Leave", exc) from None
 
+    # ------------------------------------------------------------------ reconnecting
+    _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION}
+
+    def _retryable(self, exc: WorkerError) -> bool:
+        if exc.code not in self._RETRY or self.reconnect_timeout <= 0 or self.client_id is None:
+            return False
+        # our id was taken over by another process: do not fight over it
+        return "another process holds this client id" not in str(exc)
+
+    def _reconnect(self, why: WorkerError) -> None:
+        """Re-join with backoff until the server answers (e.g. it restarted from a checkpoint)."""
+        import time
+
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.2
+        log.warning("client %s: %s; reconnecting (up to %.0f s)", self.client_id, why, self.reconnect_timeout)
+        self.session = ""
+        while True:
+            try:
+                self.join()
+                self.reconnects += 1
+                return
+            except WorkerError as exc:
+                if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise WorkerError(f"client {self.client_id}: the server did not come back within "
+                                      f"{self.reconnect_timeout:.0f} s: {exc}", exc.code) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        """Join, then run every round until the server says done; Leave. Returns this worker's stats."""
-        try:
-            self.join()
-            k = self.next_round
-            if k != 0:
-                raise ProtocolError(f"the server expects round {k} first; rejoining a running run is not supported")
+    def _next_submission(self) -> None:
+        """Compute the submission of round state.round (0: the initial one) and keep it as pending."""
+        k = self.state.round
+        if self._empty_resend:  # the server already has this round's submission (we re-synced after it)
+            self.pending, self._empty_resend = (k, [], math.nan), False
+            return
+        if k == 0:
             if self.cfg.init == "grad":
                 loss, g = self._gradients(0)
                 frames = self.state.init_uplink(g)
             else:
                 loss, frames = math.nan, []
+        else:
+            loss, g = self._gradients(k)
+            frames = self.state.make_uplink(g)
+            del g
+        self.pending = (k, frames, loss)
+        self._save_checkpoint()
+
+    def run(self) -> dict:
+        """Join, then run every round until the server says done; Leave. Returns this worker's stats.
+
+        When the connection fails or the server restarts, the worker re-joins with backoff (up to
+        `reconnect_timeout` seconds) and resends the submission it holds, or is re-synced."""
+        try:
+            self.join()
             while True:
-                header, S = self.exchange(k, frames, loss)
+                if self.next_round > self.cfg.rounds:
+                    break  # the run finished while we were away
+                if self.pending is None:
+                    self._next_submission()
+                k, frames, loss = self.pending
+                try:
+                    header, S = self.exchange(k, frames, loss)
+                except WorkerError as exc:
+                    if not self._retryable(exc):
+                        raise
+                    self._reconnect(exc)
+                    continue
+                if header.resync:  # the round closed without us: take W and G_j from the server
+                    self.pending, self.state = None, None
+                    self.session = ""
+                    self.join()
+                    continue
                 if header.done:
                     break
                 if header.round != k + 1:
                     raise ProtocolError(f"the server sent the downlink of round {header.round} after round {k}")
-                k += 1
-                self.state.apply_downlink(S)
+                self.pending = None
+                self.state.apply_downlink(S)  # state.round = k + 1
+                self.next_round = k + 1
                 del S
-                loss, g = self._gradients(k)
-                frames = self.state.make_uplink(g)
-                del g
-            self.leave()
+            try:
+                self.leave()
+            except WorkerError as exc:  # the run is done; a lost goodbye only loses the last wire figures
+                log.warning("client %s: %s", self.client_id, exc)
             return self.stats()
         except (FrameError, ProtocolError) as exc:
             self._leave_quietly(str(exc))
@@ -305,13 +470,14 @@ class Worker:
 
 
 def for_task(server: str, client_id: int | None = None, device: str | None = None,
-             measure_wire: bool = True, link=None) -> Worker:
+             measure_wire: bool = True, link=None, security=None, checkpoint_dir: str | None = None,
+             reconnect_timeout: float = 300.0) -> Worker:
     """A Worker for the server's built-in task: the config comes from the server (Status), the task,
     model and layer specs from `Setup(cfg)` exactly as `efmuon simulate` builds them, and the batch of
     round k is `task.batch(client_id, k)`."""
     from efmuon.common.simulate import Setup
 
-    conn = Connection(server, measure_wire, link=link)
+    conn = Connection(server, measure_wire, link=link, security=security)
     try:
         status = conn.status()
         cfg = protocol.decode_config(status.config).replace(report=None, metrics=None)
@@ -323,6 +489,7 @@ def for_task(server: str, client_id: int | None = None, device: str | None = Non
     task = setup.task
     holder: dict = {}
     worker = Worker(setup.model, task.loss, lambda k: task.batch(holder["w"].client_id, k), server=conn,
-                    client_id=client_id, device=device or cfg.device, specs=setup.specs)
+                    client_id=client_id, device=device or cfg.device, specs=setup.specs,
+                    checkpoint_dir=checkpoint_dir, reconnect_timeout=reconnect_timeout)
     holder["w"] = worker
     return worker

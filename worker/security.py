@@ -1,0 +1,50 @@
+"""How a worker's channel is secured: TLS (server certificate, optionally mutual) and a bearer token.
+
+    Security(tls_ca="ca.pem")                                   TLS, trust this CA
+    Security(tls_ca="ca.pem", tls_cert="c.pem", tls_key="c.key") mutual TLS
+    Security(token="...")                                       a bearer token (with or without TLS)
+
+The token travels as per-call metadata ``authorization: Bearer <token>`` (`auth.auth_metadata`), which
+works on secure and insecure channels alike. When the channel goes through the worker's
+byte-counting relay (127.0.0.1:RELAY), TLS still verifies the server's name: the relay only forwards
+bytes, and `grpc.ssl_target_name_override` names the real host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from efmuon.server import protocol
+
+
+@dataclass
+class Security:
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def metadata(self) -> tuple:
+        if not self.token:
+            return ()
+        from efmuon.server.auth import auth_metadata
+
+        return auth_metadata(self.token)
+
+
+def make_channel(target: str, server_host: str, security: Security | None) -> grpc.Channel:
+    """A sync channel to `target` (the server, or the relay in front of it) with `security`."""
+    if security is None or not security.tls:
+        return grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
+    from efmuon.server.auth import channel_credentials
+
+    creds = channel_credentials(security.tls_ca, security.tls_cert, security.tls_key)
+    options = list(protocol.CHANNEL_OPTIONS)
+    if not target.startswith(server_host + ":"):
+        options.append(("grpc.ssl_target_name_override", server_host))
+    return grpc.secure_channel(target, creds, options=options)

@@ -196,6 +196,10 @@ def run_bench(name: str, quick: bool, report: str | None, markdown: str | None, 
         import efmuon.server.bench  # noqa: F401  (registers transport, scaling, memory)
     except ImportError:
         pass
+    try:
+        import efmuon.server.bench_soak  # noqa: F401  (registers soak)
+    except ImportError:
+        pass
     if name not in BENCHES:
         from efmuon.common.errors import ConfigError
 

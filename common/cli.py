@@ -73,7 +73,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--ns-coeffs", choices=NS_COEFFS, help="Newton-Schulz coefficients (default jordan)")
     a.add_argument("--ef14-variant", choices=("classic", "airbench"), help="with --method ef14")
     a.add_argument("--ef14-bits", type=int, help="airbench variant: bits of the quantised update (4/8/16/32)")
-    f = p.add_argument_group("federated (simulate: n clients, partial participation, per-client links, simulated clock)")
+    f = p.add_argument_group("federated (simulate: n clients, partial participation, per-client links, simulated clock; "
+                             "run: --link/--link-mix/--link-trace shape each worker, see --shaping)")
     f.add_argument("--clients", type=int, help="number of clients n (federated; sets n, --workers stays the synchronous count)")
     f.add_argument("--participation", type=float, metavar="P",
                    help="fraction of the n clients sampled per round, in (0, 1] (at least 1; deterministic per seed and round)")

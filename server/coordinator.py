@@ -315,7 +315,7 @@ class Coordinator:
              rejoin: bool = False) -> Session:
         """Validate a Join and reserve the client id. Raises Rejected; changes nothing when it does."""
         if self.stopping:
-            raise Rejected("UNAVAILABLE", "the server is shutting down")
+            raise self._stopping_error()
         if len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES:
             raise Rejected("INVALID_ARGUMENT", f"client_name is {len(name.encode('utf-8', 'replace'))} bytes; "
                            f"at most {MAX_NAME_BYTES}")
@@ -428,11 +428,16 @@ class Coordinator:
         from the future is refused."""
         if self.failed is not None:
             raise Rejected("ABORTED", f"the run was aborted: {self.failed}")
+        if self.stopping:
+            raise self._stopping_error()
         if round_ > self.collecting or (round_ == self.collecting and self.collecting > self.rounds):
             raise Rejected("FAILED_PRECONDITION", f"round {round_} is not open: the server is collecting round "
                            f"{self.collecting} (0 = the initial submission, the run has {self.rounds} rounds)")
         if round_ == self.collecting:
-            return "pending" if s.client_id in self.submitted else "new"
+            if s.client_id in self.submitted:
+                return "pending"
+            # the round is already closing without this client (the deadline passed, --on-deadline proceed)
+            return "resync" if self._processing >= round_ else "new"
         if round_ == self.collecting - 1 and self.last_applied.get(s.client_id) == round_:
             return "last"
         return "resync"
@@ -844,10 +849,23 @@ class Coordinator:
                 await asyncio.wait_for(locked(), 60)
             except Exception:  # noqa: BLE001 - a failed shutdown checkpoint must not hide the report
                 log.exception("the shutdown checkpoint failed")
+        err = self._stopping_error()
+        for fut in self.results.values():  # clients waiting for a round: resumable or over
+            if not fut.done():
+                fut.set_exception(err)
         if not self._summary_written:
             await self.write_summary(partial=True)
         self.finished.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _stopping_error(self) -> Rejected:
+        """What clients hear while the server stops: UNAVAILABLE (reconnect: it can be resumed from its
+        checkpoint) or ABORTED (the run is over)."""
+        if self.opts.checkpoint_dir and self.checkpoint_round == self.collecting and not self.state_broken:
+            return Rejected("UNAVAILABLE", f"the server is stopping; it checkpointed round {self.collecting} to "
+                            f"{self.opts.checkpoint_dir} and can be resumed (efmuon server --resume DIR): reconnect")
+        return Rejected("ABORTED", "the server was stopped before the run finished and cannot be resumed "
+                        "(no --checkpoint-dir): the run is over")
 
     # ------------------------------------------------------------------ status
     def status(self) -> pb.StatusReply:

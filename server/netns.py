@@ -18,6 +18,9 @@ Shaping per client and direction with `tbf` (section 1 of the research notes):
 Delay, jitter and loss: `netem` under the tbf where the kernel has it (probed once per run with
 `tc qdisc add dev lo root netem` in the switch namespace); otherwise the worker's relay adds them
 in user space (rate stays with tbf): mechanism "tbf+relay-delay" instead of "tbf+netem".
+Loss differs between the two: netem drops packets (TCP retransmits them), the relay models a loss
+per 64 KiB as a retransmission timeout (common.links). The netem path is written from the tc
+documentation but untested here: this machine's kernel has no netem.
 
 Teardown: `Star.down()` deletes every namespace of the run (which removes the veths and qdiscs).
 `efmuon run` calls it in a finally block, from atexit and on SIGTERM/SIGINT; a run killed with

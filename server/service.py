@@ -44,12 +44,83 @@ def _check_token_client(context, client_id: int | None) -> int | None:
     return client_id
 
 
+class Undecodable:
+    """A request whose bytes are not a valid protobuf message (the handler answers INVALID_ARGUMENT)."""
+
+    def __init__(self, kind: str, error: Exception, size: int):
+        self.kind, self.error, self.size = kind, error, size
+
+    def WhichOneof(self, _):  # noqa: N802 - looks like a message to code that peeks at it
+        return None
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return self.size
+
+    def rejected(self) -> Rejected:
+        return Rejected("INVALID_ARGUMENT", f"the request is not a valid {self.kind} message "
+                        f"({type(self.error).__name__}: {self.error})")
+
+
+def _safe(cls):
+    name = cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the peer's bytes are bad
+            return Undecodable(name, exc, len(data))
+    return deserialize
+
+
+DRAIN_SECONDS = 2.0
+DRAIN_MESSAGES = 4096
+
+
+async def _drain(it) -> None:
+    """Read what the client is still sending (bounded) before refusing, so it sees our status code and
+    not a broken stream."""
+    async def read():
+        n = 0
+        async for _ in it:
+            n += 1
+            if n >= DRAIN_MESSAGES:
+                return
+    try:
+        await asyncio.wait_for(read(), DRAIN_SECONDS)
+    except Exception:  # noqa: BLE001 - the stream is bad or slow: abort anyway
+        pass
+
+
+def add_servicer(servicer: "ParameterServer", server) -> None:
+    """Like pb_grpc.add_ParameterServerServicer_to_server, with deserializers that never raise: an
+    undecodable message reaches the handler as `Undecodable` and is refused with INVALID_ARGUMENT."""
+    handlers = {
+        "Join": grpc.unary_stream_rpc_method_handler(
+            servicer.Join, request_deserializer=_safe(pb.JoinRequest),
+            response_serializer=pb.JoinReply.SerializeToString),
+        "Exchange": grpc.stream_stream_rpc_method_handler(
+            servicer.Exchange, request_deserializer=_safe(pb.Submission),
+            response_serializer=pb.Downlink.SerializeToString),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave, request_deserializer=_safe(pb.LeaveRequest),
+            response_serializer=pb.LeaveReply.SerializeToString),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status, request_deserializer=_safe(pb.StatusRequest),
+            response_serializer=pb.StatusReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("efmuon.v1.ParameterServer", handlers),))
+    server.add_registered_method_handlers("efmuon.v1.ParameterServer", handlers)
+
+
 class ParameterServer(pb_grpc.ParameterServerServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
 
     async def Join(self, request: pb.JoinRequest, context):
         c = self.c
+        if isinstance(request, Undecodable):
+            await _abort(context, request.rejected(), c)
+            return
         asked = request.client_id if request.HasField("client_id") else None
         try:
             cid = _check_token_client(context, asked)
@@ -86,6 +157,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"), c)
             return
         try:
+            if isinstance(first, Undecodable):
+                raise first.rejected()
             if first.WhichOneof("part") != "header":
                 raise Rejected("INVALID_ARGUMENT", "the first Submission of an Exchange must carry the header")
             h = first.header
@@ -99,6 +172,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 try:
                     parts = protocol.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
                     async for msg in it:
+                        if isinstance(msg, Undecodable):
+                            raise FrameError(str(msg.rejected()))
                         if msg.WhichOneof("part") != "chunk":
                             raise FrameError("a Submission after the first must carry a chunk, not another header")
                         if len(msg.chunk) > protocol.CHUNK_BYTES:
@@ -121,6 +196,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 plan = c.reply_for(kind, h.round)
         except Rejected as exc:
             log.warning("refused Exchange: %s", exc)
+            await _drain(it)
             await _abort(context, exc, c)
             return
         if plan is None:  # tell the client to re-join: its estimator on the server did not take this round
@@ -136,6 +212,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
 
     async def Leave(self, request: pb.LeaveRequest, context):
         try:
+            if isinstance(request, Undecodable):
+                raise request.rejected()
             _check_token_client(context, request.client_id)
             s = self.c.session(request.client_id, request.session)
             if len(request.reason) > 4096:
@@ -173,7 +251,7 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
                         coordinator.n - 1)
         interceptors.append(TokenAuthInterceptor(tokens))
     server = grpc.aio.server(options=grpc_options(opts.max_message_bytes), interceptors=interceptors or None)
-    pb_grpc.add_ParameterServerServicer_to_server(ParameterServer(coordinator), server)
+    add_servicer(ParameterServer(coordinator), server)
     address = f"{host}:{port}"
     if opts.tls_cert:
         from efmuon.server.auth import server_credentials

@@ -246,7 +246,8 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
             else:
                 code, details, _ = await unary_call(channel, LEAVE, payload)
             codes.setdefault(kind, set()).add(code.name)
-            if code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN):
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
+                        grpc.StatusCode.INTERNAL):
                 ok.append((n, kind, code.name, details))
         elapsed = time.monotonic() - t0
         status = await stub.Status(pb.StatusRequest(), timeout=5)
@@ -263,6 +264,7 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
 
     # Assert
     print({k: sorted(v) for k, v in codes.items()}, f"{N_CASES} cases in {elapsed:.1f} s")
+    print([o for o in ok if o[2] != "UNKNOWN"][:6])
     assert not ok, ok[:10]  # every case answered with a definite error, none hung or was taken
     assert after == before  # X, W, G and every G_j bit-for-bit unchanged
     assert status.round == 1 and list(status.submitted) == [] and status.rejected >= N_CASES // 2

@@ -136,3 +136,36 @@ def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
     expected = max(per_client) * 8 * 1.0456 / rate + 2 * delay
     assert rnd["seconds"] == pytest.approx(expected, rel=0.15), (rnd["seconds"], expected)
     assert wall < 60, wall
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_run_netns_interrupted_tears_everything_down(tmp_path, how):
+    import signal
+
+    cmd = [sys.executable, "-m", "efmuon.common.cli", "run", "--task", "lsq", "--workers", "2", "--rounds", "500",
+           "--link", "up=1mbit,down=1mbit,delay=50ms", "--shaping", "netns", "--plots", "none",
+           "--report", str(tmp_path / "r.json")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        prefix = f"efm-{p.pid}-"
+        deadline = time.monotonic() + 60
+        while len(namespaces(prefix)) < 4 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert len(namespaces(prefix)) == 4  # switch, server, 2 clients
+        time.sleep(3)
+
+        # Act: SIGTERM to the run only, or SIGINT to the whole process group (what Ctrl-C does)
+        if how == "SIGTERM":
+            p.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    # Assert
+    assert p.returncode == 130, out
+    assert namespaces(prefix) == []
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["partial"] is True

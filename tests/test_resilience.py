@@ -194,3 +194,57 @@ async def test_a_stalled_worker_meets_the_round_deadline(policy):
             mean = sum(st.estimators[j][i] for j in range(2)) / 2
             assert (g - mean).abs().max() < 1e-5
     assert elapsed < 20
+
+
+@pytest.mark.parametrize("mode", ["bf16", "disk"])
+async def test_estimator_storage_modes_keep_the_run_exact_and_bound_memory(tmp_path, mode):
+    """The server's copies of G_j only serve re-sync: bf16 halves them, disk spills them to files."""
+    import torch
+
+    from efmuon.server.coordinator import ServerOptions
+    from test_service_protocol import Harness, make_cfg, reference_w, run_workers
+
+    cfg = make_cfg(workers=2, rounds=3)
+    opts = ServerOptions(estimators=mode, checkpoint_dir=str(tmp_path / "ckpt"))
+    async with Harness(cfg, options=opts) as h:
+        await run_workers(h.worker(0), h.worker(1))
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+    est = h.coordinator.state.estimators
+    assert h.coordinator.report.summary["w_sha256"] == reference_w(cfg)  # G is exact whatever the storage
+    assert sorted(est) == [0, 1]
+    if mode == "bf16":
+        assert all(t.dtype == torch.bfloat16 for t in est[0])
+        assert est.nbytes() == sum(p.numel() for p in h.coordinator.state.X) * 2 * 2
+    else:
+        assert len(list((tmp_path / "ckpt" / "estimators").glob("client-*-layer-*.f32"))) == 2 * len(est[0])
+    assert (tmp_path / "ckpt" / "LATEST").is_file()  # the final checkpoint (estimators saved as float32)
+    from efmuon.common.checkpoint import load_server
+
+    tensors, m = load_server(tmp_path / "ckpt")
+    assert m["extra"]["collecting"] == 4 and tensors["G_j/1/0"].dtype == torch.float32
+
+
+async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
+    import math
+
+    import torch
+
+    from efmuon.common.algorithm import WorkerState
+    from efmuon.common.training import model_specs, parameters_of
+    from efmuon.server.coordinator import ServerOptions
+    from test_service_protocol import Harness, make_cfg, tiny_model
+
+    cfg = make_cfg(workers=1, rounds=2, uplink="identity", downlink="identity")
+    model = tiny_model()
+    names, params = parameters_of(model)
+    async with Harness(cfg, options=ServerOptions(nan_policy="zero")) as h:
+        header = await h.raw_join(0)
+        grads = [torch.ones_like(p) for p in params]
+        grads[0][0, 0], grads[0][0, 1] = math.nan, math.inf
+        frames = WorkerState(params, model_specs(model, cfg), cfg, 0).init_uplink(grads)
+        reply, _ = await h.raw_exchange(0, header.session, 0, frames)
+        status = await h.stub.Status(pb.StatusRequest())
+        G0 = h.coordinator.state.G[0].clone()
+    assert reply.round == 1 and not reply.duplicate
+    assert status.nonfinite_zeroed == 2
+    assert G0[0, 0] == 0 and G0[0, 1] == 0 and G0[0, 2] == 1 and torch.isfinite(G0).all()

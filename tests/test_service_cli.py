@@ -67,8 +67,10 @@ def test_sigterm_stops_the_server_gracefully_with_a_partial_report(tmp_path):
                                "--report", str(tmp_path / "partial.json")], log)
     try:
         port = wait_for_port(server_log, server)
+        # (a worker waits --reconnect-timeout for a server to come back; this one is not resumable)
         worker = subprocess.Popen([sys.executable, "-m", "efmuon.worker", "--server", f"127.0.0.1:{port}",
-                                   "--client-id", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                   "--client-id", "0", "--reconnect-timeout", "5"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
         while "client 0 joined" not in server_log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -110,8 +110,8 @@ def test_relay_transfer_timing_matches_the_configured_rate():
 
 
 # ------------------------------------------------------------------------------------------ efmuon run
-# (rate, lsq d_in, d_out): a full model of about 1 s at the rate (identity both ways, one worker)
-RATES = [(1e6, 128, 256), (10e6, 512, 640), (100e6, 1024, 3072)]
+# (rate, lsq d_in, d_out): a full model of about 0.5 s at the rate (identity both ways, one worker)
+RATES = [(1e6, 128, 160), (10e6, 512, 320), (100e6, 1024, 1536)]
 
 
 @pytest.mark.parametrize("rate, d_in, d_out", RATES, ids=["1mbit", "10mbit", "100mbit"])

@@ -158,6 +158,7 @@ class Worker:
         self._saved = None  # a worker checkpoint read at start: (tensors, manifest)
         self._wire = None
         self._empty_resend = False
+        self._placeholder = False
 
     # ------------------------------------------------------------------ batches and gradients
     def _batch(self, round_: int):
@@ -253,6 +254,8 @@ class Worker:
     def _resume_round(self) -> int | None:
         """The round of the submission this worker holds (its state is at that round), or None."""
         if self.state is not None and self.pending is not None:
+            if self._placeholder:  # an empty resend after a re-sync: the server may have lost the real one
+                return None
             return self.pending[0]
         if self.state is None and self.checkpoint_dir and self._saved is None:
             from efmuon.common.checkpoint import latest_checkpoint, load_worker
@@ -386,8 +389,9 @@ class Worker:
     def _next_submission(self) -> None:
         """Compute the submission of round state.round (0: the initial one) and keep it as pending."""
         k = self.state.round
+        self._placeholder = False
         if self._empty_resend:  # the server already has this round's submission (we re-synced after it)
-            self.pending, self._empty_resend = (k, [], math.nan), False
+            self.pending, self._empty_resend, self._placeholder = (k, [], math.nan), False, True
             return
         if k == 0:
             if self.cfg.init == "grad":

@@ -61,8 +61,13 @@ class EstimatorStore(MutableMapping):
         return out
 
     def __setitem__(self, j: int, tensors: Sequence[torch.Tensor]) -> None:
+        j = int(j)
+        if self.mode == "disk" and j in self._data:  # write into the existing files (never remap them)
+            for view, t in zip(self._data[j], tensors):
+                view.copy_(t.detach().to(torch.float32))
+            return
         self._drop(j)
-        self._data[int(j)] = self._store(int(j), tensors)
+        self._data[j] = self._store(j, tensors)
 
     def __getitem__(self, j: int) -> list[torch.Tensor]:
         return self._data[j]

@@ -483,7 +483,7 @@ def for_task(server: str, client_id: int | None = None, device: str | None = Non
 
     conn = Connection(server, measure_wire, link=link, security=security)
     try:
-        status = conn.status()
+        status = conn.status(timeout=max(30.0, reconnect_timeout))  # e.g. restarted while the server restarts
         cfg = protocol.decode_config(status.config).replace(report=None, metrics=None)
         configure_torch(cfg.threads)
         setup = Setup(cfg)

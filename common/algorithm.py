@@ -273,6 +273,9 @@ class WorkerState:
                 g = torch.zeros_like(w)
             if tuple(g.shape) != tuple(w.shape):
                 raise ValueError(f"gradient of {s.name} has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"gradient of {s.name} has NaN/Inf entries at round {self.round}: the loss "
+                                 f"diverged or the data holds non-finite values (try a smaller --lr)")
             out.append(g.detach().to(self.device, torch.float32))
         return out
 

@@ -61,7 +61,12 @@ def gradients(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn) -
     model.train()
     loss = loss_fn(model)
     loss.backward()
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    # Hand the gradient tensors over instead of cloning them (one model copy less per worker):
+    # the parameters drop their reference, so the next backward allocates fresh ones.
+    grads = []
+    for p in model.parameters():
+        grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+        p.grad = None
     return float(loss.detach()), grads
 
 

@@ -195,3 +195,16 @@ def test_presets_step_and_move_toward_targets(preset):
         _round(server, workers, targets, k)
     dist = sum(float((x - t).pow(2).sum()) for x, t in zip(server.X, mean_t))
     assert dist < dist0
+
+
+def test_non_finite_gradient_is_refused_before_any_state_changes():
+    cfg = _cfg(uplink="topk:0.2")
+    _, specs, _, targets, server, workers = _run(cfg, 3)
+    w = workers[0]
+    w.apply_downlink(server.step())
+    g = _grads(w.W, targets[0], 1, 0)
+    g[1][0, 0] = float("nan")
+    M_before = [m.clone() for m in w.M]
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        w.make_uplink(g)
+    assert all(torch.equal(a, b) for a, b in zip(w.M, M_before))

@@ -229,8 +229,8 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
 
     import torch
 
-    from efmuon.common.algorithm import WorkerState
-    from efmuon.common.training import model_specs, parameters_of
+    from efmuon.common.compress import parse_spec
+    from efmuon.common.training import parameters_of
     from efmuon.server.coordinator import ServerOptions
     from test_service_protocol import Harness, make_cfg, tiny_model
 
@@ -241,7 +241,9 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
         header = await h.raw_join(0)
         grads = [torch.ones_like(p) for p in params]
         grads[0][0, 0], grads[0][0, 1] = math.nan, math.inf
-        frames = WorkerState(params, model_specs(model, cfg), cfg, 0).init_uplink(grads)
+        # A peer that sends non-finite values (our own WorkerState refuses to encode them).
+        identity = parse_spec("identity")
+        frames = [identity.encode(g, 0) for g in grads]
         reply, _ = await h.raw_exchange(0, header.session, 0, frames)
         status = await h.stub.Status(pb.StatusRequest())
         G0 = h.coordinator.state.G[0].clone()

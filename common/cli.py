@@ -142,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    b = sub.add_parser("bench", help="benchmarks: bytes, codecs, lmo, methods, transport, scaling, memory",
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, transport, scaling, memory, soak",
                        description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
                                    "--markdown updates its section of BENCHMARKS.md.")
-    b.add_argument("name", help="bytes | codecs | lmo | methods | transport | scaling | memory")
+    b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
     b.add_argument("--quick", action="store_true", help="a few seconds: a smoke version")
     b.add_argument("--report", metavar="PATH.json", help="write the JSON result here")
     b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")

@@ -249,10 +249,13 @@ class WorkerState:
     """Worker side of EF21-Muon: W (identical bits to the server's), momentum M_j, estimator G_j."""
 
     def __init__(self, params: Sequence[torch.Tensor], specs: Sequence[LayerSpec], cfg: RunConfig,
-                 client_id: int, device: str | torch.device = "cpu"):
+                 client_id: int, device: str | torch.device = "cpu", copy: bool = True):
+        """`copy=False`: W takes over `params` (float32 tensors on `device` are used as they are, not
+        cloned); for a caller that owns them, e.g. the worker's W decoded from the Join reply."""
         self.cfg, self.specs, self.client = cfg, list(specs), int(client_id)
         self.device = torch.device(device)
-        self.W = [p.detach().to(self.device, torch.float32).clone() for p in params]
+        self.W = [p.detach().to(self.device, torch.float32) for p in params] if not copy else \
+            [p.detach().to(self.device, torch.float32).clone() for p in params]
         self.M = [torch.zeros_like(w) for w in self.W]
         self.Gj = [torch.zeros_like(w) for w in self.W]
         self.error = [torch.zeros_like(w) for w in self.W] if cfg.method == "ef14" else None
@@ -279,32 +282,53 @@ class WorkerState:
             out.append(g.detach().to(self.device, torch.float32))
         return out
 
-    def init_uplink(self, grads: Sequence[torch.Tensor]) -> list[bytes]:
-        """'grad' initialisation: G_j = M_j = g_j(X_0); returns the uncompressed frames to send once."""
-        grads = self._check_grads(grads)
+    def init_uplink(self, grads: Sequence[torch.Tensor], consume: bool = False) -> list[bytes]:
+        """'grad' initialisation: G_j = M_j = g_j(X_0); returns the uncompressed frames to send once.
+        `consume`: `grads` is a list this call empties, freeing each gradient once it is encoded."""
+        checked = self._check_grads(grads)
+        if consume and isinstance(grads, list):
+            grads.clear()
         ident = _identity()
-        frames = [ident.encode(g, 0) for g in grads]
-        for i, (f, s) in enumerate(zip(frames, self.specs)):
+        frames = []
+        for i, s in enumerate(self.specs):
+            f = ident.encode(checked[i], 0)
+            checked[i] = None
             g = ident.decode(f, s.shape, device=self.device)
             self.M[i] = g.clone()
             self.Gj[i] = g
+            frames.append(f)
         return frames
 
-    def apply_downlink(self, frames: Sequence) -> None:
-        """W <- W + S. Decodes every layer before touching W, so a bad frame changes nothing."""
-        S = _decode_all(self.down, frames, self.specs, self.device, "downlink")
+    def apply_downlink(self, frames: Sequence, consume: bool = False) -> None:
+        """W <- W + S. Decodes every layer before touching W, so a bad frame changes nothing.
+        `consume`: `frames` is a list whose entries are dropped as they are decoded (their buffers freed)."""
+        if consume and isinstance(frames, list):
+            if len(frames) != len(self.specs):
+                raise FrameError(f"downlink: expected {len(self.specs)} layer frames, got {len(frames)}")
+            S = []
+            for i, (c, s) in enumerate(zip(self.down, self.specs)):
+                f, frames[i] = frames[i], None
+                S.append(c.decode(f, s.shape, device=self.device))
+                del f
+        else:
+            S = _decode_all(self.down, frames, self.specs, self.device, "downlink")
         for w, s in zip(self.W, S):
             w.add_(s)
         self.round += 1
 
-    def make_uplink(self, grads: Sequence[torch.Tensor]) -> list[bytes]:
-        """M_j <- (1-beta) M_j + beta g; R_j = C_up(M_j - G_j); G_j += R_j. Returns R_j's frames."""
-        grads = self._check_grads(grads)
+    def make_uplink(self, grads: Sequence[torch.Tensor], consume: bool = False) -> list[bytes]:
+        """M_j <- (1-beta) M_j + beta g; R_j = C_up(M_j - G_j); G_j += R_j. Returns R_j's frames.
+        `consume`: `grads` is a list this call empties, freeing each gradient once it is used."""
+        checked = self._check_grads(grads)
+        if consume and isinstance(grads, list):
+            grads.clear()
         beta = float(self.cfg.beta)
         k = self.round
         frames = []
-        for i, (g, comp, s) in enumerate(zip(grads, self.up, self.specs)):
+        for i, (comp, s) in enumerate(zip(self.up, self.specs)):
+            g, checked[i] = checked[i], None
             self.M[i].mul_(1.0 - beta).add_(g, alpha=beta)
+            del g
             seed = frame_seed(self.cfg.seed, UP, k, i, self.client)
             if self.error is not None:  # ef14: send C(M + e), keep the residual
                 v = self.M[i] + self.error[i]

@@ -182,8 +182,11 @@ def _sink_main(spec: dict) -> None:
             async for msg in it:  # as service.ParameterServer.Exchange receives a new submission
                 if msg.WhichOneof("part") != "chunk":
                     raise FrameError("a Submission after the first must carry a chunk")
-                message += msg.ByteSize()
-                parts.add(msg.chunk)
+                chunk = msg.chunk
+                if len(chunk) > protocol.CHUNK_BYTES:
+                    raise FrameError("a chunk over 1 MiB")
+                message += protocol.received_chunk_size(msg, len(chunk))
+                parts.add(chunk)
             frames = parts.frames()
             del frames, parts
             yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1))
@@ -218,10 +221,9 @@ def _submission_messages(round_: int, frames: list) -> tuple[list, int]:
         first = pb.Submission(header=h)
         sizes.append(first.ByteSize())
         yield first
-        for chunk in protocol.iter_chunks(frames):
-            msg = pb.Submission(chunk=chunk)
-            sizes.append(msg.ByteSize())
-            yield msg
+        for chunk in protocol.iter_chunks(frames):  # as Worker._requests
+            sizes.append(protocol.chunk_message_size(pb.Submission, len(chunk)))
+            yield pb.Submission(chunk=chunk)
     return gen, sizes
 
 
@@ -347,7 +349,8 @@ def bench_transport(quick: bool) -> dict:
     cols = ["size", "payload", "message", "wire_up", "message/payload", "wire/payload", "+ip/tcp_eth1500",
             "+ip/tcp_lo", "raw_MBps", "grpc_relay_MBps", "x_raw_relay", "grpc_direct_MBps", "x_raw_direct", "reps"]
     notes = (f"One Exchange per push: header + `protocol.iter_chunks` (1 MiB chunks) -> grpc -> a grpc.aio servicer "
-             f"receiving exactly as `ParameterServer.Exchange` (ByteSize, `Reassembler.add`, `frames()`), reply = "
+             f"receiving exactly as `ParameterServer.Exchange` (chunk message size by arithmetic, "
+             f"`protocol.received_chunk_size` = ByteSize, `Reassembler.add`, `frames()`), reply = "
              f"one Downlink header. Timed from the call to the reply (median of `reps`, interleaved with the "
              f"baseline). Baseline: raw TCP `sendall` of the same bytes to a receiver that `recv_into`s a "
              f"buffer allocated once and reused (no allocation, no page faults: the socket's own speed) and acks "
@@ -369,9 +372,12 @@ Profile (py-spy, 64 MB pushes; shares of each process's samples outside imports)
   regrowth and 4 KiB page faults on fresh memory). `Reassembler` now fills one numpy buffer of the announced
   size (huge pages, no zero-fill, no regrowth), allocated at the first chunk: add() went from ~18% to ~9% of
   the receiver's samples, ~3x faster alone (64 MiB: 33-44 ms -> 13-17 ms), frames/errors unchanged.
-- Now, receiver: grpc.aio receive + deserialisation (`async for msg in it`, which copies each chunk out of
+- Then, receiver: grpc.aio receive + deserialisation (`async for msg in it`, which copies each chunk out of
   the message) ~23%, `msg.ByteSize()` ~11% (upb serialises the message to size it: ~63 us per MiB; the size
   of a chunk message is 1 + varint(len) + len), `Reassembler.add` ~9%, the rest epoll/idle.
+- Now: chunk message sizes are computed (`protocol.chunk_message_size`: tag + varint(len) + len; received
+  messages fall back to ByteSize only when the peer sent unknown fields), identical figures, ~0.5 us instead
+  of ~50 us per MiB on both ends; and `msg.chunk` is read once per message (each read copies the 1 MiB out).
 - Sender: grpc's request-consumer thread (serialisation, writes) ~20%, the CountingRelay's asyncio thread
   (recv_into / sendall, in the same process and GIL) ~15-20%, `pb.Submission(chunk=...)` + ByteSize ~8%,
   `iter_chunks`' `bytes(...)` copy ~6% (protobuf bytes fields accept only `bytes`, so this copy stays).
@@ -471,8 +477,11 @@ def _serve_main(spec: dict) -> None:
             return orig_record(self, plan, *a, **kw)
         Coordinator.record_down = record_down
 
+    server_model = ServerModel(names, params, specs)
+    del params  # as in a real server: the Coordinator drops the ServerModel's parameters once copied
+
     async def main() -> dict:
-        c = Coordinator(cfg, ServerModel(names, params, specs), quiet=True, leave_timeout=60)
+        c = Coordinator(cfg, server_model, quiet=True, leave_timeout=60)
 
         def ready(port: int) -> None:
             print(json.dumps({"port": port, "pid": os.getpid(), **_proc_status()}), flush=True)
@@ -802,18 +811,20 @@ def bench_memory(quick: bool) -> dict:
 MEMORY_NOTES = """
 
 Where the copies come from (10M parameters = 40 MB, RSS over idle after each step, in model copies):
-- server before any client: ~5 (the ServerModel's own parameter tensors stay referenced next to X, W, G,
-  plus gRPC/asyncio); round 0 (init grad): +5 (cached X_0 chunks for Join, each client's reassembled raw
-  gradient buffer and its decoded tensors, the estimators G_j); rounds: + the previous Plan's chunk messages,
-  the new step's frames and Plan (both alive while the new Plan is built), X - W and the decoded S
-  temporaries, plus glibc keeping freed 1 MiB chunk buffers (its mmap threshold rises after the first frees).
-- worker: the model's own parameters 1, Join +3.3 (reassembled W buffer, W, M, G_j), gradients +2.7
-  (p.grad, its clone in `training.gradients`, autograd temporaries), init/make_uplink +2 (the encoded frame
-  bytes and the difference tensor), Exchange +1 (chunk bytes and protobuf/gRPC copies).
-- None of these are in the chunk path (protocol.py): they are in coordinator.py / client.py / algorithm.py
-  (not changed by this benchmark's author). Cheapest wins: drop ServerModel.params after ServerState copied
-  them (-1 server), build the next Plan after freeing the previous one's chunks (-1), let the worker's W
-  alias the reassembled Join buffer (-1) and not clone p.grad (-1)."""
+- server: X, W, G and the two G_j 5, ~1.6 not attributed (gRPC buffers, allocator slack); while a round's uplinks
+  arrive + one decoded R_j per client (n = 2), each client's frame buffers freed frame by frame as they
+  are decoded; the previous downlink's chunks are freed once every client has started the next round's
+  submission, and the next downlink is cut into chunks frame by frame (`Plan.build` consumes the step's
+  frames). The gap to the bound (~0.7 at 50M) is that unattributed part.
+- worker: the model's own parameters 1, W (aliasing the reassembled Join buffer, no copy), M_j, G_j 3,
+  the gradient 1 (handed over from p.grad, freed layer by layer in make_uplink), the uplink frames kept
+  for a resend 1, and in Exchange the downlink buffer + decoded S (frame by frame) and gRPC copies.
+- Changed since the first measurement (server 14.4, worker 10.7 copies): ServerModel.params dropped after ServerState copied them (`from_setup` no longer keeps the
+  Setup alive), the cached X_0 chunks freed when round 0 is processed, the reassembled buffers released
+  right after decode, and glibc's mmap threshold fixed at 256 KiB (`training.return_freed_memory`, called
+  by configure_torch): freed 1 MiB chunk buffers and per-layer tensors go back to the OS instead of staying
+  resident (the dynamic threshold otherwise rises after the first frees). Reaching 4 copies on a worker
+  would need gradients computed into (or applied straight from) the model's own storage."""
 
 
 # --------------------------------------------------------------------------------- bytes-wire

@@ -158,14 +158,14 @@ class ServerModel:
     @classmethod
     def from_setup(cls, setup) -> "ServerModel":
         """A built-in task, evaluated exactly as `efmuon simulate` does."""
-        from efmuon.common.simulate import eval_losses
         from efmuon.common.training import evaluate
 
         eval_model = setup.task.build_model()
-        task = setup.task
+        task = setup.task  # the hooks keep the task, not the Setup (its model and initial parameters)
 
         def per_round(W, X) -> dict:
-            lw, lx = eval_losses(setup, eval_model, W, X)
+            # = simulate.eval_losses(setup, eval_model, W, X)
+            lw, lx = evaluate(eval_model, W, task.train_eval_loss), evaluate(eval_model, X, task.train_eval_loss)
             return {"loss_w": lw, "loss_x": lx, "val_loss_w": evaluate(eval_model, W, task.eval_loss)}
 
         def initial(W) -> dict:
@@ -198,13 +198,33 @@ class Plan:
     frame_lengths: list[int]
     chunks: list[pb.Downlink] = field(default_factory=list)
     chunk_message_bytes: int = 0
+    released: bool = False  # the chunks were freed (release()): a duplicate gets a resync instead
 
     @classmethod
-    def build(cls, round_: int, frames: Sequence[bytes] | None) -> "Plan":
+    def build(cls, round_: int, frames: list[bytes] | None) -> "Plan":
+        """Cut `frames` into chunk messages. A list given is consumed: each frame is dropped from it as
+        soon as it is cut, so the frames and the chunks are not both alive in full."""
         if frames is None:
             return cls(round_, True, [])
-        chunks = [pb.Downlink(chunk=c) for c in protocol.iter_chunks(frames)]
-        return cls(round_, False, [len(f) for f in frames], chunks, sum(m.ByteSize() for m in chunks))
+        lengths = [len(f) for f in frames]
+
+        def consume():
+            if isinstance(frames, list):
+                for i in range(len(frames)):
+                    f, frames[i] = frames[i], None
+                    yield f
+            else:
+                yield from frames
+        chunks, size = [], 0
+        for c in protocol.iter_chunks(consume()):
+            size += protocol.chunk_message_size(pb.Downlink, len(c))
+            chunks.append(pb.Downlink(chunk=c))
+        return cls(round_, False, lengths, chunks, size)
+
+    def release(self) -> None:
+        """Free the chunks (handlers still streaming them keep their own reference to the old list)."""
+        if self.chunks:
+            self.chunks, self.released = [], True
 
     @property
     def payload(self) -> int:
@@ -235,6 +255,7 @@ class Coordinator:
         self.config_bytes = protocol.encode_config(cfg)
         self.numel = sum(p.numel() for p in model.params)
         self.frame_limit = 16 * self.numel + 4096 * len(model.params) + protocol.CHUNK_BYTES
+        model.params = []  # ServerState copied them into X and W: do not keep a third copy alive
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="efmuon-state")
         self.report = Report(cfg.to_dict(), transport=True, metrics_path=cfg.metrics, log_every=cfg.log_every,
                              total_rounds=self.rounds, stream=stream, quiet=quiet)
@@ -457,19 +478,25 @@ class Coordinator:
             raise Rejected("INVALID_ARGUMENT", f"round {round_}: the WireReport counts are implausible "
                            f"(up {previous.up}, down {previous.down})")
 
-    def decode(self, j: int, frames: Sequence, init: bool) -> tuple[list[torch.Tensor], int]:
+    def decode(self, j: int, frames: Sequence, init: bool, consume: bool = False) -> tuple[list[torch.Tensor], int]:
         """Decode and check client j's frames (on the compute thread); FrameError says what is wrong.
 
         Non-finite values are refused or, with nan_policy 'zero', replaced by 0 (and counted).
+        `consume`: `frames` is a list this call may empty as it goes (each frame's buffer is freed as
+        soon as the frame is decoded).
         """
         st = self.state
         comps = [parse_spec("identity")] * len(st.specs) if init else st.up
         if len(frames) != len(st.specs):
             raise FrameError(f"expected {len(st.specs)} layer frames, got {len(frames)}")
         out, zeroed = [], 0
-        for c, f, spec in zip(comps, frames, st.specs):
+        for i, (c, spec) in enumerate(zip(comps, st.specs)):
+            f = frames[i]
+            if consume:
+                frames[i] = None
             try:
                 d = c.decode(f, spec.shape, device=st.device)
+                del f
             except FrameError as exc:
                 raise FrameError(f"layer {spec.name}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - any decoder failure on peer bytes is the peer's
@@ -491,6 +518,17 @@ class Coordinator:
             out.append(d)
         return out, zeroed
 
+    def release_last_reply(self, s: Session, round_: int) -> None:
+        """Client j starts a new submission of the round being collected: once every client has done
+        so, each holds S_{round} (it applied the last reply, or re-synced), so the last reply's chunks
+        are freed before this submission is reassembled and decoded (a stray duplicate of the previous
+        round is then told to re-sync). Clients skipped by a partial round re-sync anyway (classify)."""
+        plan = self.last_plan
+        if plan is None or plan.released or round_ != self.collecting or plan.round != round_:
+            return
+        if len(self.submitted | {s.client_id}) == self.n:
+            plan.release()
+
     async def accept(self, s: Session, round_: int, frames: Sequence, train_loss: float,
                      previous: pb.WireReport | None, payload: int, message: int) -> str:
         """Decode and store a new submission; start the round when it is the n-th. Returns the
@@ -499,10 +537,15 @@ class Coordinator:
         decoded, zeroed = [], 0
         if frames:
             try:
-                decoded, zeroed = await self._run(self.decode, j, list(frames), round_ == 0)
+                owned = isinstance(frames, list)
+                decoded, zeroed = await self._run(self.decode, j, frames if owned else list(frames), round_ == 0,
+                                                  owned)
             except FrameError as exc:
                 raise Rejected("INVALID_ARGUMENT", f"client {j} round {round_}: {exc}; nothing was applied, resend a "
                                "valid submission") from None
+            finally:
+                if isinstance(frames, list):  # the caller's reassembled buffer: free it now, not after the round
+                    frames.clear()
         if self.sessions.get(j) is not s:
             raise Rejected("FAILED_PRECONDITION", f"client {j} re-joined while this submission was read; Join again")
         kind = self.classify(s, round_)  # re-check: the decode awaited
@@ -527,9 +570,10 @@ class Coordinator:
     async def result(self, round_: int) -> Plan:
         return await asyncio.shield(self._result(round_))
 
-    def reply_for(self, kind: str, round_: int) -> Plan:
+    def reply_for(self, kind: str, round_: int) -> Plan | None:
+        """The reply to a duplicate; None: tell the client to re-sync (the last reply was freed)."""
         if kind == "last" and self.last_plan is not None:
-            return self.last_plan
+            return None if self.last_plan.released else self.last_plan
         return Plan(round_ + 1, round_ >= self.rounds, [])
 
     def _start_processing(self, k: int, missing: Sequence[int] = ()) -> None:
@@ -583,6 +627,10 @@ class Coordinator:
             decoded, self.pending = self.pending, {}
             zeroed, self.pending_zeroed = self.pending_zeroed, {}
             losses, self.train_losses = self.train_losses, {}
+            if k == 0:
+                # free the cached X_0 chunks now: a Join waits for this lock and, once round 0 is
+                # processed, is answered from the state (re-sync), never from this cache
+                self._init_w = None
             try:
                 self.phase = "aggregating"
                 if decoded:
@@ -611,11 +659,14 @@ class Coordinator:
                 if k < self.rounds:
                     self.phase = "stepping"
                     self._step_t0 = time.perf_counter()
+                    if not missing and self.last_plan is not None:
+                        # every client submitted round k, so each has S_k: nobody can still ask for the
+                        # previous reply (a stray duplicate of round k-1 gets a resync). Free its chunks
+                        # before the new ones are built rather than holding both.
+                        self.last_plan.release()
                     plan = await self._run(lambda: Plan.build(k + 1, self.state.step()))
                 else:
                     plan = Plan.build(k + 1, None)
-                if k == 0:
-                    self._init_w = None  # every client has W; free the cached X_0 chunks
                 self.last_plan = plan
                 self.collecting, self.submitted = k + 1, set()
                 if self._checkpoint_due():
@@ -686,7 +737,8 @@ class Coordinator:
         meta = {
             "collecting": self.collecting,
             "plan": None if plan is None else {"round": plan.round, "done": plan.done,
-                                               "frame_lengths": list(plan.frame_lengths)},
+                                               "frame_lengths": [] if plan.released else list(plan.frame_lengths),
+                                               **({"released": True} if plan.released else {})},
             "report": json.dumps({
                 "rounds": self.report.rounds, "totals": self.report.totals, "init_bytes": self.report.init_bytes,
                 "open": {str(k): {str(j): v for j, v in c.items()} for k, c in led.open.items()},
@@ -757,7 +809,10 @@ class Coordinator:
                 for n in p["frame_lengths"]:
                     frames.append(raw[pos:pos + n])
                     pos += n
-            self.last_plan = Plan.build(int(p["round"]), None if p["done"] else frames)
+            if p.get("released"):  # every client had it; its chunks were freed before the checkpoint
+                self.last_plan = Plan(int(p["round"]), bool(p["done"]), [], released=True)
+            else:
+                self.last_plan = Plan.build(int(p["round"]), None if p["done"] else frames)
         r = json.loads(extra.get("report") or "{}")
         rep, led = self.report, self.ledger
         rep.rounds = r.get("rounds", [])

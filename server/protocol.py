@@ -74,6 +74,46 @@ def decode_config(data: bytes) -> RunConfig:
 
 
 # ---------------------------------------------------------------------------- chunks
+def varint_size(value: int) -> int:
+    """Bytes of `value` (>= 0) as a protobuf varint."""
+    n = 1
+    while value >= 0x80:
+        value >>= 7
+        n += 1
+    return n
+
+
+def _chunk_tag_size(cls) -> int:
+    number = cls.DESCRIPTOR.fields_by_name["chunk"].number
+    return varint_size(number << 3 | 2)  # wire type 2: length-delimited
+
+
+_CHUNK_TAG = {cls: _chunk_tag_size(cls) for cls in (pb.JoinReply, pb.Submission, pb.Downlink)}
+
+
+def chunk_message_size(cls, n: int) -> int:
+    """`cls(chunk=<n bytes>).ByteSize()` without serialising the message: tag + varint(n) + n (the
+    chunk is the only field set; a oneof member is serialised even when empty)."""
+    tag = _CHUNK_TAG.get(cls)
+    if tag is None:
+        tag = _CHUNK_TAG[cls] = _chunk_tag_size(cls)
+    return tag + varint_size(n) + n
+
+
+try:
+    from google.protobuf.unknown_fields import UnknownFieldSet as _UnknownFieldSet
+except ImportError:  # an older protobuf: always measure by serialising
+    _UnknownFieldSet = None
+
+
+def received_chunk_size(msg, n: int) -> int:
+    """`msg.ByteSize()` of a received message whose `chunk` (n bytes) is its only known field set,
+    without re-serialising 1 MiB: arithmetic, unless the peer sent unknown fields (then ByteSize)."""
+    if _UnknownFieldSet is None or len(_UnknownFieldSet(msg)):
+        return msg.ByteSize()
+    return chunk_message_size(type(msg), n)
+
+
 def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The concatenation of `frames` cut into pieces of exactly `size` bytes (the last may be shorter)."""
     buf = bytearray()
@@ -110,36 +150,48 @@ class Reassembler:
         if limit is not None and self.total > limit:
             raise FrameError(f"the header announces {self.total} bytes of frames, more than the {limit} "
                              f"any compressor produces for this model")
-        # One buffer of the announced size, allocated at the first chunk and filled in place: no
-        # regrowth, and numpy's allocation is neither zero-filled nor faulted in 4 KiB pages (it asks
-        # for huge pages), ~3x faster than `bytearray +=` for large frames (BENCHMARKS.md, transport).
+        # One buffer per frame of its announced size, allocated when its first byte arrives and filled
+        # in place: no regrowth, and numpy's allocation is neither zero-filled nor faulted in 4 KiB
+        # pages (it asks for huge pages), ~3x faster than `bytearray +=` for large frames (BENCHMARKS.md,
+        # transport). Separate buffers let a consumer free each frame as soon as it is decoded.
         self.received = 0
-        self._buf: np.ndarray | bytearray | None = None
+        self._bufs: list[np.ndarray | bytearray | None] = [None] * len(self.lengths)
+        self._fi, self._fo = 0, 0  # the frame being filled and the bytes it already has
 
     def add(self, chunk: bytes) -> None:
         n = len(chunk)
         if self.received + n > self.total:
             raise FrameError(f"received more than the {self.total} frame bytes the header announced")
-        if self._buf is None:
-            try:
-                self._buf = np.empty(self.total, dtype=np.uint8)
-            except (MemoryError, ValueError):  # an announced size this machine cannot map: grow as bytes arrive
-                self._buf = bytearray()
-        if isinstance(self._buf, bytearray):
-            self._buf += chunk
-        elif n:
-            self._buf[self.received:self.received + n] = np.frombuffer(chunk, dtype=np.uint8)
+        if not n:
+            return
+        src = np.frombuffer(chunk, dtype=np.uint8)
+        pos = 0
+        while pos < n:
+            need = self.lengths[self._fi] - self._fo
+            if need == 0:  # frame complete (or empty): the next one
+                self._fi, self._fo = self._fi + 1, 0
+                continue
+            buf = self._bufs[self._fi]
+            if buf is None:
+                try:
+                    buf = np.empty(self.lengths[self._fi], dtype=np.uint8)
+                except (MemoryError, ValueError):  # a size this machine cannot map: grow as bytes arrive
+                    buf = bytearray()
+                self._bufs[self._fi] = buf
+            take = min(need, n - pos)
+            if isinstance(buf, bytearray):
+                buf += chunk[pos:pos + take]
+            else:
+                buf[self._fo:self._fo + take] = src[pos:pos + take]
+            pos += take
+            self._fo += take
         self.received += n
 
     def frames(self) -> list[memoryview]:
+        """The frames, as writable memoryviews of their own buffers."""
         if self.received != self.total:
             raise FrameError(f"received {self.received} frame bytes, the header announced {self.total}")
-        mv = memoryview(self._buf if self._buf is not None else bytearray())
-        out, pos = [], 0
-        for n in self.lengths:
-            out.append(mv[pos:pos + n])
-            pos += n
-        return out
+        return [memoryview(b if b is not None else bytearray()) for b in self._bufs]
 
 
 def raw_frames(params: Sequence[torch.Tensor]) -> list[bytes]:

@@ -139,9 +139,9 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             sent = header.ByteSize()
             yield header
             for chunk in chunks:
-                msg = pb.JoinReply(chunk=chunk)
-                sent += msg.ByteSize()
-                yield msg
+                sent += protocol.chunk_message_size(pb.JoinReply, len(chunk))
+                yield pb.JoinReply(chunk=chunk)
+            del chunks
             c.confirm_join(s, request.ByteSize(), sent, payload)
             ok = True
         finally:
@@ -169,6 +169,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             message = first.ByteSize()
             if kind == "new":
                 c.check_wire_report(h.round, previous)
+                c.release_last_reply(s, h.round)
                 try:
                     parts = protocol.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
                     async for msg in it:
@@ -176,15 +177,18 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                             raise FrameError(str(msg.rejected()))
                         if msg.WhichOneof("part") != "chunk":
                             raise FrameError("a Submission after the first must carry a chunk, not another header")
-                        if len(msg.chunk) > protocol.CHUNK_BYTES:
-                            raise FrameError(f"a chunk of {len(msg.chunk)} bytes: at most {protocol.CHUNK_BYTES}")
-                        message += msg.ByteSize()
-                        parts.add(msg.chunk)
-                    frames = parts.frames()
+                        chunk = msg.chunk  # each access copies the bytes out of the message: once
+                        if len(chunk) > protocol.CHUNK_BYTES:
+                            raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
+                        message += protocol.received_chunk_size(msg, len(chunk))
+                        parts.add(chunk)
+                    msg = chunk = None
+                    frames, total = parts.frames(), parts.total
                 except FrameError as exc:
                     raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
-                kind = await c.accept(s, h.round, frames, h.train_loss, previous, parts.total, message)
-                del frames, parts
+                parts = None  # `frames` holds the only reference to the buffer; accept() empties it after decoding
+                kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
+                del frames
             else:
                 async for _ in it:  # a duplicate: read and drop, never apply
                     pass
@@ -203,10 +207,12 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, duplicate=True, resync=True))
             return
         duplicate = kind != "new"
+        chunks = plan.chunks  # taken before the first yield: Plan.release() may rebind plan.chunks later
         header = plan.header(duplicate=duplicate)
         yield header
-        for msg in plan.chunks:
+        for msg in chunks:
             yield msg
+        del chunks
         if not duplicate:
             c.record_down(plan, s.client_id, header.ByteSize() + plan.chunk_message_bytes)
 

@@ -330,3 +330,46 @@ async def test_a_worker_failing_mid_run_aborts_the_run_for_everyone_at_the_deadl
     assert "round 2: client(s) 1 did not submit within the round deadline of 1 s" in str(results[0])
     assert "client 1 left before the last round (RuntimeError: disk on fire)" in str(results[0])
     assert h.coordinator.finished.is_set() and status.state == pb.StatusReply.STATE_STOPPING
+
+
+def test_chunk_message_size_arithmetic_equals_bytesize():
+    # Arrange: chunk sizes around the varint boundaries (1, 2, 3 and 4 length bytes) and the 1 MiB chunk
+    sizes = [0, 1, 127, 128, 16383, 16384, 65536, (1 << 20) - 1, 1 << 20, 2_097_152]
+    for cls in (pb.JoinReply, pb.Submission, pb.Downlink):
+        for n in sizes:
+            msg = cls(chunk=b"\x5a" * n)
+            # Act / Assert: sent (constructed) and received (parsed) messages
+            assert protocol.chunk_message_size(cls, n) == msg.ByteSize(), (cls, n)
+            parsed = cls.FromString(msg.SerializeToString())
+            assert protocol.received_chunk_size(parsed, len(parsed.chunk)) == parsed.ByteSize(), (cls, n)
+    # a peer's unknown field (field 19, varint 5) is counted exactly as ByteSize counts it
+    data = pb.Submission(chunk=b"x" * 1000).SerializeToString() + b"\x98\x01\x05"
+    odd = pb.Submission.FromString(data)
+    assert protocol.received_chunk_size(odd, len(odd.chunk)) == odd.ByteSize() == len(data)
+    # a Plan's chunk_message_bytes is the sum of its messages' ByteSize
+    from efmuon.server.coordinator import Plan
+
+    plan = Plan.build(3, [b"a" * 1500000, b"b" * 7, b"c" * 700000])
+    assert plan.chunk_message_bytes == sum(m.ByteSize() for m in plan.chunks)
+    assert b"".join(m.chunk for m in plan.chunks) == b"a" * 1500000 + b"b" * 7 + b"c" * 700000
+
+
+def test_a_freed_last_reply_answers_a_stray_duplicate_with_resync_and_checkpoints_without_frames():
+    from efmuon.server.coordinator import Plan
+
+    cfg = make_cfg(workers=2, rounds=3)
+    c = Coordinator(cfg, server_model(cfg), quiet=True)
+    c.collecting, c.last_applied = 1, {0: 0, 1: 0}
+    c.last_plan = Plan.build(1, [b"x" * 10, b"y" * 5])
+    s0, s1 = c.join(0, protocol.PROTOCOL_VERSION, c.fingerprint, ""), c.join(1, protocol.PROTOCOL_VERSION, c.fingerprint, "")
+    # Act: client 0 starts round 1 (client 1 has not): the reply is kept; then client 1 starts it too
+    c.release_last_reply(s0, 1)
+    kept = c.reply_for("last", 0)
+    kept_chunks = len(kept.chunks)
+    c.submitted.add(0)
+    c.release_last_reply(s1, 1)
+    # Assert
+    assert kept is c.last_plan and kept_chunks == 1
+    assert c.last_plan.released and c.last_plan.chunks == [] and c.reply_for("last", 0) is None
+    meta, _, tensors = c._checkpoint_payload()
+    assert meta["plan"] == {"round": 1, "done": False, "frame_lengths": [], "released": True} and "plan" not in tensors

@@ -207,6 +207,7 @@ class Worker:
                     parts = protocol.Reassembler(lengths, limit=8 * sum(p.numel() for p in params) + 1)
                 elif msg.WhichOneof("part") == "chunk":
                     parts.add(msg.chunk)
+            msg = None
         except grpc.RpcError as exc:
             raise _rpc_error(f"Join at {self.conn.server}", exc) from None
         if header is None:
@@ -225,12 +226,16 @@ class Worker:
         if header.resync:
             frames = parts.frames()
             p = len(params)
+            # W (and G_j) alias the reassembled Join buffer (writable, owned by nobody else): no copy
             W = protocol.tensors_from_raw(frames[:p], shapes)
-            self.state = WorkerState(W, specs, cfg, self.client_id, device=self.device)
+            self.state = WorkerState(W, specs, cfg, self.client_id, device=self.device, copy=False)
+            del W
             if header.estimator_frame_lengths:  # re-sync: G_j from the server, M_j := G_j
                 G = protocol.tensors_from_raw(frames[p:], shapes)
-                self.state.Gj = [g.to(self.device).clone() for g in G]
+                self.state.Gj = [g.to(self.device) for g in G]
                 self.state.M = [g.to(self.device).clone() for g in G]
+                del G
+            del frames
             self.state.round = self.next_round
             self.pending = None
             self._empty_resend = bool(header.submitted)
@@ -310,9 +315,8 @@ class Worker:
         sizes.append(first.ByteSize())
         yield first
         for chunk in protocol.iter_chunks(frames):
-            msg = pb.Submission(chunk=chunk)
-            sizes.append(msg.ByteSize())
-            yield msg
+            sizes.append(protocol.chunk_message_size(pb.Submission, len(chunk)))  # = ByteSize(), not serialised
+            yield pb.Submission(chunk=chunk)
 
     def exchange(self, round_: int, frames: list[bytes], train_loss: float) -> tuple[pb.DownlinkHeader, list]:
         """Send this round's frames; return the reply's header and S's frames."""
@@ -324,14 +328,19 @@ class Worker:
         header, parts, down_message = None, None, 0
         try:
             for msg in self.conn.stub.Exchange(self._requests(h, frames, sizes), metadata=self.conn.metadata):
-                down_message += msg.ByteSize()
                 if header is None:
+                    down_message += msg.ByteSize()
                     if msg.WhichOneof("part") != "header":
                         raise ProtocolError("the server's Exchange reply did not start with a header")
                     header = msg.header
                     parts = protocol.Reassembler(header.frame_lengths, (0, len(self.state.W)))
                 elif msg.WhichOneof("part") == "chunk":
-                    parts.add(msg.chunk)
+                    chunk = msg.chunk  # each access copies the bytes out of the message: once
+                    down_message += protocol.received_chunk_size(msg, len(chunk))
+                    parts.add(chunk)
+                else:
+                    down_message += msg.ByteSize()
+            msg = chunk = None
         except grpc.RpcError as exc:
             raise _rpc_error(f"Exchange of round {round_}", exc) from None
         if header is None:
@@ -396,12 +405,12 @@ class Worker:
         if k == 0:
             if self.cfg.init == "grad":
                 loss, g = self._gradients(0)
-                frames = self.state.init_uplink(g)
+                frames = self.state.init_uplink(g, consume=True)
             else:
                 loss, frames = math.nan, []
         else:
             loss, g = self._gradients(k)
-            frames = self.state.make_uplink(g)
+            frames = self.state.make_uplink(g, consume=True)
             del g
         self.pending = (k, frames, loss)
         self._save_checkpoint()
@@ -436,7 +445,7 @@ class Worker:
                 if header.round != k + 1:
                     raise ProtocolError(f"the server sent the downlink of round {header.round} after round {k}")
                 self.pending = None
-                self.state.apply_downlink(S)  # state.round = k + 1
+                self.state.apply_downlink(S, consume=True)  # state.round = k + 1
                 self.next_round = k + 1
                 del S
             try:

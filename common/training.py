@@ -13,14 +13,22 @@ from efmuon.common.lmo import LayerSpec, assign_norms_for_model
 MMAP_THRESHOLD = 256 * 1024  # bytes; glibc's default starts at 128 KiB and grows up to 32 MiB
 
 
-def return_freed_memory() -> None:
+LARGE_MODEL_BYTES = 64 << 20  # allocator tuning pays off from here (BENCHMARKS.md, memory)
+
+
+def return_freed_memory(model_bytes: int | None = None) -> None:
     """Make glibc serve allocations >= 256 KiB by mmap and give them back to the OS when freed.
 
     glibc's default mmap threshold is dynamic: after the first free of an mmapped block it rises to
     that block's size, so later 1 MiB chunk buffers and per-layer tensors come from the heap, whose
     freed memory mostly stays resident (BENCHMARKS.md, memory: ~3 model copies on the server, ~2.5
     on a worker). Setting the threshold fixes it (and turns the dynamic adjustment off). Linux/glibc
-    only; `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own tunable) takes precedence."""
+    only; `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own tunable) takes precedence.
+    Only for models of at least LARGE_MODEL_BYTES (when `model_bytes` is given): every allocation
+    above the threshold then costs page faults, which on the small built-in models cost more time
+    (the default `efmuon run`: 81 s instead of 53 s wall) than the memory is worth."""
+    if model_bytes is not None and model_bytes < LARGE_MODEL_BYTES:
+        return
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         return
     try:
@@ -34,8 +42,7 @@ def return_freed_memory() -> None:
 
 def configure_torch(threads: int) -> None:
     """Fix the thread count (matmul results can depend on it) so separate processes agree bit for bit.
-    Also `return_freed_memory()` (allocator tuning, no effect on results)."""
-    return_freed_memory()
+    The server and the worker call `return_freed_memory(model_bytes)` once they know the model's size."""
     torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # torch.use_deterministic_algorithms is not needed on CPU (our kernels are deterministic for a

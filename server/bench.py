@@ -822,7 +822,7 @@ Where the copies come from (10M parameters = 40 MB, RSS over idle after each ste
 - Changed since the first measurement (server 14.4, worker 10.7 copies): ServerModel.params dropped after ServerState copied them (`from_setup` no longer keeps the
   Setup alive), the cached X_0 chunks freed when round 0 is processed, the reassembled buffers released
   right after decode, and glibc's mmap threshold fixed at 256 KiB (`training.return_freed_memory`, called
-  by configure_torch): freed 1 MiB chunk buffers and per-layer tensors go back to the OS instead of staying
+  by the server and the worker for models of >= 64 MiB only: on small models its page faults cost more time than the memory is worth; the 1M/10M rows here were measured with it on): freed 1 MiB chunk buffers and per-layer tensors go back to the OS instead of staying
   resident (the dynamic threshold otherwise rises after the first frees). Reaching 4 copies on a worker
   would need gradients computed into (or applied straight from) the model's own storage."""
 

@@ -56,6 +56,7 @@ from efmuon.common.config import RunConfig
 from efmuon.common.errors import ConfigError, EfmuonError, FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec
 from efmuon.common.report import Report
+from efmuon.common.training import return_freed_memory
 from efmuon.server import protocol
 from efmuon.server.estimators import MODES as ESTIMATOR_MODES
 from efmuon.server.estimators import EstimatorStore
@@ -249,6 +250,7 @@ class Coordinator:
             raise ConfigError(f"workers={self.n} is more than --max-clients {self.opts.max_clients}")
         self.model = model
         self.state = ServerState(model.params, model.specs, cfg, self.n, device=device)
+        return_freed_memory(sum(4 * x.numel() for x in self.state.X))
         self.state.estimators = EstimatorStore([s.shape for s in model.specs], self.opts.estimators,
                                                self.opts.checkpoint_dir)
         self.fingerprint = protocol.fingerprint(model.names, model.params)

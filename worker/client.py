@@ -31,7 +31,7 @@ import torch
 from efmuon.common.algorithm import WorkerState, params_sha256
 from efmuon.common.config import RunConfig
 from efmuon.common.errors import EfmuonError, FrameError, ProtocolError
-from efmuon.common.training import configure_torch, gradients, model_specs, resolve_device
+from efmuon.common.training import configure_torch, gradients, model_specs, resolve_device, return_freed_memory
 from efmuon.server import protocol
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
@@ -229,6 +229,7 @@ class Worker:
             # W (and G_j) alias the reassembled Join buffer (writable, owned by nobody else): no copy
             W = protocol.tensors_from_raw(frames[:p], shapes)
             self.state = WorkerState(W, specs, cfg, self.client_id, device=self.device, copy=False)
+            return_freed_memory(sum(4 * w.numel() for w in self.state.W))
             del W
             if header.estimator_frame_lengths:  # re-sync: G_j from the server, M_j := G_j
                 G = protocol.tensors_from_raw(frames[p:], shapes)

@@ -218,12 +218,7 @@ def _submission_messages(round_: int, frames: list) -> tuple[list, int]:
     sizes: list[int] = []
 
     def gen():
-        first = pb.Submission(header=h)
-        sizes.append(first.ByteSize())
-        yield first
-        for chunk in protocol.iter_chunks(frames):  # as Worker._requests
-            sizes.append(protocol.chunk_message_size(pb.Submission, len(chunk)))
-            yield pb.Submission(chunk=chunk)
+        return protocol.submission_messages(h, frames, sizes)  # the worker's own request stream
     return gen, sizes
 
 

@@ -114,6 +114,19 @@ def received_chunk_size(msg, n: int) -> int:
     return chunk_message_size(type(msg), n)
 
 
+def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission]:
+    """The Exchange request stream: the header message, then the frames in chunks.
+
+    Appends each message's serialized size to `sizes` (the `message` byte level) without
+    serialising the chunk messages a second time."""
+    first = pb.Submission(header=header)
+    sizes.append(first.ByteSize())
+    yield first
+    for chunk in iter_chunks(frames):
+        sizes.append(chunk_message_size(pb.Submission, len(chunk)))  # = ByteSize(), not serialised
+        yield pb.Submission(chunk=chunk)
+
+
 def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The concatenation of `frames` cut into pieces of exactly `size` bytes (the last may be shorter)."""
     buf = bytearray()

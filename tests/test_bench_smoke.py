@@ -1,4 +1,5 @@
-"""Smoke tests of `efmuon bench codecs|lmo --quick` through run_bench: structure only, never timings."""
+"""Smoke tests of every `efmuon bench NAME --quick` through run_bench: structure only, never timings
+(the machine is shared and noisy)."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from efmuon.common.bench import run_bench
 
 
-@pytest.mark.parametrize("name", ["codecs", "lmo"])
+@pytest.mark.parametrize("name", ["codecs", "lmo", "transport", "scaling", "memory"])
 def test_bench_quick_structure(name, tmp_path):
     report = tmp_path / f"{name}.json"
     md = tmp_path / "BENCHMARKS.md"

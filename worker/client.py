@@ -311,14 +311,6 @@ class Worker:
                     extra_tensors={"frames": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob
                                    else torch.zeros(0, dtype=torch.uint8)}, keep=2)
 
-    def _requests(self, header: pb.SubmissionHeader, frames: list[bytes], sizes: list):
-        first = pb.Submission(header=header)
-        sizes.append(first.ByteSize())
-        yield first
-        for chunk in protocol.iter_chunks(frames):
-            sizes.append(protocol.chunk_message_size(pb.Submission, len(chunk)))  # = ByteSize(), not serialised
-            yield pb.Submission(chunk=chunk)
-
     def exchange(self, round_: int, frames: list[bytes], train_loss: float) -> tuple[pb.DownlinkHeader, list]:
         """Send this round's frames; return the reply's header and S's frames."""
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
@@ -328,7 +320,7 @@ class Worker:
         sizes: list[int] = []
         header, parts, down_message = None, None, 0
         try:
-            for msg in self.conn.stub.Exchange(self._requests(h, frames, sizes), metadata=self.conn.metadata):
+            for msg in self.conn.stub.Exchange(protocol.submission_messages(h, frames, sizes), metadata=self.conn.metadata):
                 if header is None:
                     down_message += msg.ByteSize()
                     if msg.WhichOneof("part") != "header":

@@ -109,9 +109,53 @@ except ImportError:  # an older protobuf: always measure by serialising
 def received_chunk_size(msg, n: int) -> int:
     """`msg.ByteSize()` of a received message whose `chunk` (n bytes) is its only known field set,
     without re-serialising 1 MiB: arithmetic, unless the peer sent unknown fields (then ByteSize)."""
+    if isinstance(msg, ReceivedChunk):
+        return msg.size
     if _UnknownFieldSet is None or len(_UnknownFieldSet(msg)):
         return msg.ByteSize()
     return chunk_message_size(type(msg), n)
+
+
+class ReceivedChunk:
+    """A received message whose serialized form is exactly one `chunk` field (tag, varint length,
+    bytes): `chunk` is a read-only memoryview into the bytes gRPC handed over, so nothing is copied
+    or parsed. Duck-types the two things a receiver asks of the message (`WhichOneof`, `ByteSize`)."""
+
+    __slots__ = ("chunk", "size")
+
+    def __init__(self, chunk: memoryview, size: int):
+        self.chunk, self.size = chunk, size
+
+    def WhichOneof(self, _oneof: str) -> str:  # noqa: N802 - the message API
+        return "chunk"
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return self.size
+
+
+def chunk_deserializer(cls, parse):
+    """A gRPC request deserializer for `cls` messages: a message that is exactly one `chunk` field
+    becomes a `ReceivedChunk` viewing the received bytes (protobuf would copy the MiB into its arena
+    and again on every `.chunk` read); anything else goes to `parse(data)`. Both readings agree: a
+    message whose bytes are one chunk field parses to that chunk, and nothing else matches."""
+    tag = cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+    if tag >= 0x80:
+        raise ValueError("chunk_deserializer needs a one-byte chunk tag")
+
+    def deserialize(data: bytes):
+        if len(data) >= 2 and data[0] == tag:
+            length, shift, pos = 0, 0, 1
+            while pos < len(data) and pos <= 10:  # a varint of at most 10 bytes
+                b = data[pos]
+                length |= (b & 0x7F) << shift
+                pos += 1
+                if b < 0x80:
+                    if pos + length == len(data):
+                        return ReceivedChunk(memoryview(data)[pos:], len(data))
+                    break
+                shift += 7
+        return parse(data)
+    return deserialize
 
 
 def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission]:

@@ -93,13 +93,14 @@ async def _drain(it) -> None:
 
 def add_servicer(servicer: "ParameterServer", server) -> None:
     """Like pb_grpc.add_ParameterServerServicer_to_server, with deserializers that never raise: an
-    undecodable message reaches the handler as `Undecodable` and is refused with INVALID_ARGUMENT."""
+    undecodable message reaches the handler as `Undecodable` and is refused with INVALID_ARGUMENT.
+    Exchange's chunk messages arrive as `protocol.ReceivedChunk` views of gRPC's bytes (no copy)."""
     handlers = {
         "Join": grpc.unary_stream_rpc_method_handler(
             servicer.Join, request_deserializer=_safe(pb.JoinRequest),
             response_serializer=pb.JoinReply.SerializeToString),
         "Exchange": grpc.stream_stream_rpc_method_handler(
-            servicer.Exchange, request_deserializer=_safe(pb.Submission),
+            servicer.Exchange, request_deserializer=protocol.chunk_deserializer(pb.Submission, _safe(pb.Submission)),
             response_serializer=pb.Downlink.SerializeToString),
         "Leave": grpc.unary_unary_rpc_method_handler(
             servicer.Leave, request_deserializer=_safe(pb.LeaveRequest),
@@ -177,7 +178,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                             raise FrameError(str(msg.rejected()))
                         if msg.WhichOneof("part") != "chunk":
                             raise FrameError("a Submission after the first must carry a chunk, not another header")
-                        chunk = msg.chunk  # each access copies the bytes out of the message: once
+                        chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
                         if len(chunk) > protocol.CHUNK_BYTES:
                             raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
                         message += protocol.received_chunk_size(msg, len(chunk))

@@ -11,11 +11,12 @@ Public API::
 A compressor is a *structure* (which entries / which subspace is sent) followed by a *value codec*
 (how the sent numbers are written).
 
-Structures: ``identity`` (all entries), ``topk:F|K`` (k largest |x|), ``randk:F|K`` (k entries drawn
-from ``seed``; the frame carries the seed and no indices), ``rankk:R`` (rank-R factors P Q^T).
-Value codecs: ``fp32`` (default, omitted from spellings), ``bf16``, ``fp16``, ``natural`` (sign +
-8-bit exponent, stochastic rounding to a power of two), ``quant:B[:BLOCK]`` (B bits, per-block fp32
-max-abs scale, deterministic round-to-nearest), ``sign[:BLOCK]`` (scaled sign, 1 bit/entry).
+Structures (this module): ``identity`` (all entries), ``topk:F|K`` (k largest |x|), ``randk:F|K``
+(k entries drawn from ``seed``; the frame carries the seed and no indices), ``rankk:R`` (rank-R
+factors P Q^T).  Value codecs (``efmuon.common.codecs``, which documents their byte layouts):
+``fp32`` (default, omitted from spellings), ``bf16``, ``fp16``, ``natural`` (sign + 8-bit exponent,
+stochastic rounding to a power of two), ``quant:B[:BLOCK]`` (B bits, per-block fp32 max-abs scale,
+deterministic round-to-nearest), ``sign[:BLOCK]`` (scaled sign, 1 bit/entry).
 
 Spellings (canonical forms): ``identity``, ``identity:bf16``, ``identity:fp16``, ``natural``,
 ``quant:8``, ``quant:4:64``, ``sign``, ``sign:128``, ``topk:0.1``, ``topk:1000``, ``randk:0.1``,
@@ -29,8 +30,9 @@ used scaled by 1/(1+omega), which gives alpha = 1/(1+omega):
 
 * randk: raw operator (d/k)*mask(x) is unbiased with omega = d/k - 1; as used it is scaled by
   k/d, i.e. it is the plain mask, E||mask(x)-x||^2 = (1 - k/d)||x||^2: alpha = k/d.
-* natural: raw stochastic power-of-two rounding is unbiased with omega = 1/8; ``decode`` returns it
-  scaled by 8/9: alpha = 8/9.
+* natural: raw stochastic power-of-two rounding is unbiased with omega = 1/8 (both up to 2**-16
+  relative: 16 random bits per entry, see ``NaturalCodec``); ``decode`` returns it scaled by 8/9:
+  alpha = 8/9.
 * quant uses deterministic nearest rounding (biased, contractive directly, see ``QuantCodec``).
 
 ``Compressor.unbiased`` reports the raw operator's property; ``Compressor.contractive`` is True for
@@ -51,8 +53,8 @@ field against this compressor and the caller's shape *before* allocating anythin
 frame length, index ranges and scale finiteness, and raises ``FrameError`` saying what was wrong.
 
 Seeds: ``seed`` is an int64 (or uint64); it is reduced modulo 2**64.  Random draws use numpy's
-PCG64 generator, so randk frames decode identically on any machine with the same numpy stream
-(numpy keeps PCG64's ``random_raw`` stream stable).
+bit generators (randk: PCG64, natural: SFC64) seeded from it, and only their ``random_raw`` streams,
+which numpy keeps stable: frames decode identically on any machine.
 """
 
 from __future__ import annotations
@@ -65,6 +67,22 @@ import sys
 import numpy as np
 import torch
 
+from .codecs import (  # the value codecs and the bit / varint helpers live in codecs.py
+    _CHUNK,
+    Bf16Codec,
+    Fp16Codec,
+    Fp32Codec,
+    NaturalCodec,
+    QuantCodec,
+    SignCodec,
+    _ceil_div,
+    _Codec,
+    _gaps,
+    _np_cpu,
+    _varint_decode,
+    _varint_encode,
+    _varint_sizes,
+)
 from .errors import ConfigError, FrameError
 
 __all__ = [
@@ -153,10 +171,6 @@ def _flat_f32(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
-def _np_cpu(t: torch.Tensor) -> np.ndarray:
-    return t.to("cpu").contiguous().numpy()
-
-
 def _mv(frame) -> memoryview:
     try:
         mv = memoryview(frame)
@@ -167,19 +181,12 @@ def _mv(frame) -> memoryview:
     return mv
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _qr(a: torch.Tensor) -> torch.Tensor:
     """Orthonormal factor of a reduced QR.  On CPU via numpy's LAPACK, which for the thin matrices
     used here is ~100x faster than torch.linalg.qr under thread contention."""
     if isinstance(a, np.ndarray):
         return np.linalg.qr(a, mode="reduced")[0].astype(np.float32, copy=False)
     return torch.linalg.qr(a).Q
-
-
-_CHUNK = 1 << 16  # elements per chunk of the fused single-pass loops (fits L2 with its temporaries)
 
 
 def _kth_keep(cv: np.ndarray, k: int) -> np.ndarray:
@@ -301,558 +308,6 @@ def _select_largest(a: torch.Tensor, k: int) -> torch.Tensor:
         ties = torch.nonzero(cv == tau).squeeze(1)[:need]
         keep[ties] = True
     return cand[keep]
-
-
-# ---- bit packing (vectorized) ------------------------------------------------------------------
-
-
-def _pack_codes(codes: np.ndarray, b: int) -> np.ndarray:
-    """Pack unsigned codes (< 2**b) into ceil(n*b/8) bytes, little-endian bit order."""
-    n = codes.size
-    if b == 8:
-        return codes.astype(np.uint8, copy=False)
-    if b == 16:
-        return codes.astype("<u2", copy=False).view(np.uint8)
-    if 8 % b == 0:
-        per = 8 // b
-        pad = (-n) % per
-        c = codes.astype(np.uint8, copy=False)
-        if pad:
-            c = np.concatenate([c, np.zeros(pad, np.uint8)])
-        c = c.reshape(-1, per)
-        out = c[:, 0].copy()
-        tmp = np.empty_like(out)
-        for j in range(1, per):
-            np.left_shift(c[:, j], np.uint8(b * j), out=tmp)
-            out |= tmp
-        return out
-    bits = ((codes.astype(np.uint32)[:, None] >> np.arange(b, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1), bitorder="little")
-
-
-def _unpack_codes(buf: np.ndarray, n: int, b: int) -> np.ndarray:
-    """Inverse of _pack_codes; returns int32 codes of length n."""
-    if b == 8:
-        return buf[:n].astype(np.int32)
-    if b == 16:
-        return buf[: 2 * n].view("<u2").astype(np.int32)
-    if 8 % b == 0:
-        per = 8 // b
-        m = (1 << b) - 1
-        out = np.empty((buf.size, per), np.uint8)
-        for j in range(per):
-            out[:, j] = (buf >> np.uint8(b * j)) & np.uint8(m)
-        return out.reshape(-1)[:n].astype(np.int32)
-    bits = np.unpackbits(buf, count=n * b, bitorder="little").reshape(n, b).astype(np.int32)
-    return (bits << np.arange(b, dtype=np.int32)).sum(axis=1, dtype=np.int32)
-
-
-# ---- LEB128 delta varints (vectorized) ----------------------------------------------------------
-
-
-def _varint_sizes(g: np.ndarray) -> np.ndarray:
-    s = np.ones(g.size, np.int64)
-    if not g.size:
-        return s
-    gmax = int(g.max())
-    for j in range(1, 10):
-        if gmax < (1 << (7 * j)):
-            break
-        s += g >= (np.uint64(1) << np.uint64(7 * j))
-    return s
-
-
-def _gaps(idx: np.ndarray) -> np.ndarray:
-    """idx strictly increasing int64 -> uint64 gaps: idx[0], then idx[i]-idx[i-1]-1."""
-    g = np.empty(idx.size, np.uint64)
-    if idx.size:
-        g[0] = idx[0]
-        g[1:] = np.diff(idx) - 1
-    return g
-
-
-def _varint_encode(g: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    maxb = int(sizes.max()) if sizes.size else 0
-    if maxb <= 1:
-        return g.astype(np.uint8)
-    # first bytes of all values by one scatter, continuation bytes only for the (few) long values
-    total = int(sizes.sum())
-    out = np.empty(total, np.uint8)
-    starts = np.cumsum(sizes)
-    starts -= sizes
-    more = sizes > 1
-    b0 = g.astype(np.uint8)
-    b0 &= np.uint8(0x7F)
-    b0 |= more.view(np.uint8) << np.uint8(7)
-    out[starts] = b0
-    sel = np.flatnonzero(more)
-    for j in range(1, maxb):
-        gs, ss = g[sel], sizes[sel]
-        byte = (gs >> np.uint64(7 * j)).astype(np.uint8)
-        byte &= np.uint8(0x7F)
-        byte |= (ss > j + 1).view(np.uint8) << np.uint8(7)
-        out[starts[sel] + j] = byte
-        sel = sel[ss > j + 1]
-    return out
-
-
-def _varint_decode(buf: np.ndarray, k: int, what: str) -> np.ndarray:
-    """Decode exactly k LEB128 values from all of buf (uint64 array)."""
-    if k == 0:
-        if buf.size:
-            raise FrameError(f"{what}: {buf.size} trailing bytes after 0 varint indices")
-        return np.zeros(0, np.uint64)
-    term = buf < 0x80
-    nterm = int(np.count_nonzero(term))
-    if nterm != k or not term[-1]:
-        raise FrameError(
-            f"{what}: varint index section holds {nterm} complete values (last byte "
-            f"{'complete' if term[-1] else 'incomplete'}), expected exactly {k}"
-        )
-    if buf.size == k:  # every value is one byte
-        return buf.astype(np.uint64)
-    ends = np.flatnonzero(term)
-    starts = np.empty(k, np.int64)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lens = ends - starts + 1
-    maxlen = int(lens.max())
-    if maxlen > 9:
-        raise FrameError(f"{what}: varint longer than 9 bytes (value overflows 63 bits)")
-    out = (buf[starts] & np.uint8(0x7F)).astype(np.uint64)
-    sel = np.flatnonzero(lens > 1)
-    for j in range(1, maxlen):
-        out[sel] |= (buf[starts[sel] + j] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * j)
-        sel = sel[lens[sel] > j + 1]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# value codecs
-
-
-class _Codec:
-    cid = 0
-    name = "fp32"
-    bits = 0
-    block = 0
-    unbiased = False
-
-    def spec(self) -> str:
-        return self.name
-
-    def size(self, n: int) -> int:
-        raise NotImplementedError
-
-    def alpha(self, n: int) -> float:
-        raise NotImplementedError
-
-    def encode(self, v: torch.Tensor, seed: int) -> list:
-        """v: 1-D float32 tensor (any device) -> list of bytes-like parts totalling size(n)."""
-        raise NotImplementedError
-
-    def decode(self, mv: memoryview, off: int, n: int, what: str) -> np.ndarray:
-        """Read size(n) bytes at off -> writable float32 numpy array of n values (as used)."""
-        raise NotImplementedError
-
-
-class Fp32Codec(_Codec):
-    """fp32 values, 4 bytes each: size(n) = 4n.  Exact: alpha = 1."""
-
-    cid, name = 0, "fp32"
-
-    def size(self, n):
-        return 4 * n
-
-    def alpha(self, n):
-        return 1.0
-
-    def encode(self, v, seed):
-        return [_np_cpu(v).view(np.uint8)]
-
-    def decode(self, mv, off, n, what):
-        return np.frombuffer(mv, dtype="<f4", count=n, offset=off).copy()
-
-
-class Bf16Codec(_Codec):
-    """bf16 values (round to nearest even), 2 bytes each: size(n) = 2n.
-
-    Relative error <= 2**-8 per entry, so alpha = 1 - 2**-16 (for inputs within bf16's range)."""
-
-    cid, name = 1, "bf16"
-
-    def size(self, n):
-        return 2 * n
-
-    def alpha(self, n):
-        return 1.0 - 2.0**-16
-
-    def encode(self, v, seed):
-        return [_np_cpu(v.to(torch.bfloat16).view(torch.int16)).view(np.uint8)]
-
-    def decode(self, mv, off, n, what):
-        u = np.frombuffer(mv, dtype="<u2", count=n, offset=off).astype(np.uint32)
-        u <<= np.uint32(16)
-        return u.view(np.float32)
-
-
-class Fp16Codec(_Codec):
-    """fp16 values (round to nearest, clamped to +-65504), 2 bytes each: size(n) = 2n.
-
-    Relative error <= 2**-11 in fp16's normal range: alpha = 1 - 2**-22 (inputs with
-    6.1e-5 <= |x| <= 65504; outside it the per-entry error is still <= |x|)."""
-
-    cid, name = 2, "fp16"
-
-    def size(self, n):
-        return 2 * n
-
-    def alpha(self, n):
-        return 1.0 - 2.0**-22
-
-    def encode(self, v, seed):
-        return [_np_cpu(v.clamp(-65504.0, 65504.0).to(torch.float16).view(torch.int16)).view(np.uint8)]
-
-    def decode(self, mv, off, n, what):
-        return np.frombuffer(mv, dtype="<f2", count=n, offset=off).astype(np.float32)
-
-
-class NaturalCodec(_Codec):
-    """Natural compression: sign + 8-bit exponent = 9 bits per entry.
-
-    Layout: ceil(n/8) bytes of sign bits (little-endian bit order, bit set = negative), then n
-    exponent bytes e (0 = zero, 1..254 = 2**(e-127); 255 is invalid).  size(n) = ceil(n/8) + n.
-    |x| in [2**a, 2**(a+1)) is rounded stochastically to 2**(a+1) with probability |x|/2**a - 1,
-    else to 2**a (subnormals: to 2**-126 or 0): unbiased, omega = 1/8.  ``decode`` returns the
-    as-used operator, scaled by 1/(1+omega) = 8/9, which is contractive with alpha = 8/9.
-    Randomness: 32-bit uniforms from PCG64(seed).
-    """
-
-    cid, name = 3, "natural"
-    unbiased = True
-    SCALE = 8.0 / 9.0
-
-    def size(self, n):
-        return _ceil_div(n, 8) + n
-
-    def alpha(self, n):
-        return 8.0 / 9.0
-
-    def encode(self, v, seed):
-        # One chunked pass (temporaries stay in cache), same stream as _random_u32(seed, n):
-        # code = min(expo + [u >> 9 < mant], 254) with u >> 9 < mant  <=>  u < mant << 9 = bits << 9.
-        n = v.numel()
-        bits = _np_cpu(v).view(np.uint32)
-        bg = _rng(seed).bit_generator
-        code = np.empty(n, np.uint8)
-        signs = np.empty(_ceil_div(n, 8), np.uint8)
-        C = _CHUNK
-        thr = np.empty(min(n, C), np.uint32)
-        e32 = np.empty(min(n, C), np.uint32)
-        cap = np.full(min(n, C), 254, np.uint8)  # np.minimum against an array is SIMD, against a scalar not
-        for i in range(0, n, C):
-            b = bits[i:i + C]
-            m = b.size
-            u = bg.random_raw((m + 1) // 2).view(np.uint32)[:m]
-            t = np.left_shift(b, np.uint32(9), out=thr[:m])
-            up = np.less(u, t)
-            e = np.right_shift(b, np.uint32(23), out=e32[:m])
-            c = code[i:i + m]
-            np.copyto(c, e, casting="unsafe")  # keeps the 8 exponent bits (drops the sign bit)
-            np.minimum(c, cap[:m], out=c)  # min(expo + up, 254) == min(min(expo, 254) + up, 254): no wrap
-            c += up
-            np.minimum(c, cap[:m], out=c)
-            signs[i // 8:i // 8 + _ceil_div(m, 8)] = np.packbits(b >= np.uint32(0x80000000), bitorder="little")
-        return [signs, code]
-
-    def decode(self, mv, off, n, what):
-        nb = _ceil_div(n, 8)
-        sbits = np.frombuffer(mv, dtype=np.uint8, count=nb, offset=off)
-        codes = np.frombuffer(mv, dtype=np.uint8, count=n, offset=off + nb)
-        if n and int(codes.max()) == 255:
-            bad = int(np.flatnonzero(codes == 255)[0])
-            raise FrameError(f"{what}: natural exponent code 255 (Inf/NaN) at entry {bad}")
-        # float bits = sign << 31 | code << 23, then * 8/9; chunked so temporaries stay in cache
-        out = np.empty(n, np.uint32)
-        C = _CHUNK
-        t = np.empty(min(n, C), np.uint32)
-        scale = np.float32(self.SCALE)
-        for i in range(0, n, C):
-            m = min(C, n - i)
-            o = out[i:i + m]
-            np.copyto(o, codes[i:i + m])
-            np.left_shift(o, np.uint32(23), out=o)
-            sg = np.unpackbits(sbits[i // 8:i // 8 + _ceil_div(m, 8)], count=m, bitorder="little")
-            tm = t[:m]
-            np.copyto(tm, sg)
-            np.left_shift(tm, np.uint32(31), out=tm)
-            np.bitwise_or(o, tm, out=o)
-            f = o.view(np.float32)
-            np.multiply(f, scale, out=f)
-        return out.view(np.float32)
-
-
-class QuantCodec(_Codec):
-    """b-bit quantisation with a per-block fp32 max-abs scale, deterministic nearest rounding.
-
-    Layout: nb = ceil(n/BLOCK) fp32 scales s_j = max|x| over block j, then the n codes
-    c = round(x/s * L) + L (L = 2**(b-1) - 1, c in 0..2L) packed b bits each, little-endian bit
-    order: size(n) = 4*nb + ceil(n*b/8).  Decoded value (c - L) * s / L.
-    Deterministic round-to-nearest (not stochastic), so the operator is biased but contractive
-    directly: per entry |err| <= min(|x|, s/(2L)) and the block max is exact, which gives
-    ||C(x)-x||^2 <= c/(1+c) ||x||^2 with c = (B-1)/(4L^2), B = min(BLOCK, n):
-    alpha = 1/(1+c)  (b=8, B=128: 0.998; b=4: 0.61; b=2: 0.03).
-    """
-
-    cid, name = 4, "quant"
-
-    def __init__(self, bits: int, block: int = 128):
-        self.bits = bits
-        self.block = block
-        self.L = (1 << (bits - 1)) - 1
-
-    def spec(self):
-        return f"quant:{self.bits}" + ("" if self.block == 128 else f":{self.block}")
-
-    def size(self, n):
-        return 4 * _ceil_div(n, self.block) + _ceil_div(n * self.bits, 8)
-
-    def alpha(self, n):
-        B = max(1, min(self.block, n))
-        c = (B - 1) / (4.0 * self.L**2)
-        return 1.0 / (1.0 + c)
-
-    def encode(self, v, seed):
-        n = v.numel()
-        B = self.block
-        nb = _ceil_div(n, B)
-        if v.device.type == "cpu":  # numpy, one chunked pass: temporaries stay in cache
-            xn = v.numpy()
-            full = n // B
-            s = np.empty(nb, np.float32)
-            codes = np.empty(n, np.uint8 if self.bits <= 8 else np.uint16)
-            R = max(1, _CHUNK // B)
-            for r0 in range(0, full, R):
-                r1 = min(full, r0 + R)
-                self._quant_rows(xn[r0 * B:r1 * B].reshape(r1 - r0, B), s[r0:r1], codes[r0 * B:r1 * B])
-            if n % B:
-                xp = np.zeros((1, B), np.float32)
-                xp[0, :n - full * B] = xn[full * B:]
-                tail = np.empty(B, codes.dtype)
-                self._quant_rows(xp, s[full:], tail)
-                codes[full * B:] = tail[:n - full * B]
-            if not np.isfinite(s).all():
-                raise ValueError("quant codec: input holds NaN or Inf")
-            return [s.view(np.uint8), _pack_codes(codes, self.bits)]
-        if n % B:
-            vp = torch.zeros(nb * B, dtype=torch.float32, device=v.device)
-            vp[:n] = v
-        else:
-            vp = v
-        blocks = vp.view(nb, B)
-        s = blocks.abs().amax(dim=1) if nb else torch.zeros(0, device=v.device)
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("quant codec: input holds NaN or Inf")
-        inv = torch.where(s > 0, self.L / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-        q = torch.mul(blocks, inv[:, None]).round_().add_(self.L)  # |x|/s <= 1: no clamp needed
-        dt = torch.uint8 if self.bits <= 8 else torch.int32
-        codes = _np_cpu(q.reshape(-1)[:n].to(dt))
-        return [_np_cpu(s.float()).view(np.uint8), _pack_codes(codes, self.bits)]
-
-    def _quant_rows(self, blocks, s_out, codes_out):
-        """Scales and codes of whole blocks (rows), entrywise as the reference formula."""
-        with np.errstate(all="ignore"):  # NaN/Inf inputs are rejected by the caller afterwards
-            # s = max(max x, -min x) = max |x| (NaN propagates); zero blocks recomputed exactly
-            # as the reference so that the sign of a zero scale is the same
-            s = s_out
-            np.abs(blocks).max(axis=1, out=s)  # numpy only: no torch parallel regions inside the loop
-            z = np.flatnonzero(s == 0)
-            if z.size:
-                s[z] = np.maximum(blocks[z].max(axis=1), -blocks[z].min(axis=1))
-            safe = np.where(s > 0, s, np.float32(1))
-            inv = np.where(s > 0, np.float32(self.L) / safe, np.float32(0)).astype(np.float32)
-            q = blocks * inv[:, None]
-            np.rint(q, out=q)
-            q += np.float32(self.L)
-            np.copyto(codes_out, q.reshape(-1), casting="unsafe")
-
-    def decode(self, mv, off, n, what):
-        B = self.block
-        nb = _ceil_div(n, B)
-        s = np.frombuffer(mv, dtype="<f4", count=nb, offset=off)
-        if nb and not (np.isfinite(s).all() and (s >= 0).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(s) & (s >= 0)))[0])
-            raise FrameError(f"{what}: quant scale {float(s[bad])!r} of block {bad} is not finite and >= 0")
-        nbytes = _ceil_div(n * self.bits, 8)
-        buf = np.frombuffer(mv, dtype=np.uint8, count=nbytes, offset=off + 4 * nb)
-        if self.bits in (2, 4, 8) and n:
-            return self._decode_table(buf, s, n, what)
-        codes = _unpack_codes(buf, n, self.bits)
-        if n and int(codes.max()) > 2 * self.L:
-            raise FrameError(f"{what}: quant code {int(codes.max())} out of range 0..{2 * self.L}")
-        step = (s / np.float32(self.L)).astype(np.float32)
-        codes -= self.L
-        vals = codes.astype(np.float32)
-        if n % B:
-            vp = np.zeros(nb * B, np.float32)
-            vp[:n] = vals
-            vp = vp.reshape(nb, B)
-            vp *= step[:, None]
-            return vp.reshape(-1)[:n].copy()
-        vals = vals.reshape(nb, B)
-        vals *= step[:, None]
-        return vals.reshape(-1)
-
-    def _decode_table(self, buf, s, n, what):
-        """b in (2, 4, 8): each byte -> its 8/b values (code - L) by a 256-entry table, then * step."""
-        b, B, L = self.bits, self.block, self.L
-        per = 8 // b
-        byte = np.arange(256, dtype=np.int32)[:, None]
-        codes_tab = (byte >> (b * np.arange(per, dtype=np.int32))) & ((1 << b) - 1)  # (256, per)
-        top = int(np.take(codes_tab.max(axis=1).astype(np.uint8), buf, mode="wrap").max()) if per > 1 else int(buf.max())
-        if top > 2 * L:
-            # the trailing padding bits are 0, so the maximum over whole bytes is the codes' maximum
-            raise FrameError(f"{what}: quant code {top} out of range 0..{2 * L}")
-        tab = (codes_tab - L).astype(np.float32)
-        step = (s / np.float32(L)).astype(np.float32)
-        out = np.empty(buf.size * per, np.float32)
-        full = n // B
-        # rows of whole blocks, chunked so the gathered values are scaled while in cache
-        R = max(1, _CHUNK // B)
-        for r0 in range(0, full, R) if B % per == 0 else ():
-            r1 = min(full, r0 + R)
-            o = out[r0 * B:r1 * B]
-            np.take(tab, buf[r0 * B // per:r1 * B // per], axis=0, out=o.reshape(-1, per), mode="wrap")
-            o.reshape(r1 - r0, B)[...] *= step[r0:r1, None]
-        if B % per == 0:
-            if n % B:
-                t0 = full * B
-                nbt = _ceil_div(n - t0, per)
-                o = out[t0:t0 + nbt * per]
-                np.take(tab, buf[t0 // per:t0 // per + nbt], axis=0, out=o.reshape(-1, per), mode="wrap")
-                o *= step[full]
-            return out[:n]
-        np.take(tab, buf, axis=0, out=out.reshape(-1, per), mode="wrap")
-        nb = step.size
-        if n % B:
-            vp = np.zeros(nb * B, np.float32)
-            vp[:n] = out[:n]
-            vp = vp.reshape(nb, B)
-            vp *= step[:, None]
-            return vp.reshape(-1)[:n].copy()
-        vals = out[:n].reshape(nb, B)
-        vals *= step[:, None]
-        return vals.reshape(-1)
-
-
-class SignCodec(_Codec):
-    """Scaled sign: value s_j * sign(x) with s_j = mean|x| over block j (BLOCK 0 = whole vector).
-
-    Layout: nb fp32 scales (nb = 1 for a whole non-empty vector, ceil(n/BLOCK) with blocks), then n
-    sign bits (bit set = negative, little-endian bit order): size(n) = 4*nb + ceil(n/8).
-    ||C(x)-x||^2 = ||x||^2 - sum_j ||x_j||_1^2/B_j, so alpha = ||x||_1^2/(B||x||^2) >= 1/B with
-    B = block length (n for the whole vector); ``alpha`` reports the worst case 1/B.
-    """
-
-    cid, name = 5, "sign"
-
-    def __init__(self, block: int = 0):
-        self.block = block
-
-    def spec(self):
-        return "sign" + (f":{self.block}" if self.block else "")
-
-    def _nb(self, n):
-        if n == 0:
-            return 0
-        return 1 if self.block == 0 else _ceil_div(n, self.block)
-
-    def size(self, n):
-        return 4 * self._nb(n) + _ceil_div(n, 8)
-
-    def alpha(self, n):
-        B = n if self.block == 0 else min(self.block, n)
-        return 1.0 / max(1, B)
-
-    def encode(self, v, seed):
-        n = v.numel()
-        nb = self._nb(n)
-        if v.device.type == "cpu" and n:
-            return self._encode_cpu(v, n, nb)
-        if self.block == 0 or nb <= 1:
-            s = v.abs().mean().reshape(1) if n else torch.zeros(0, device=v.device)
-        else:
-            B = self.block
-            vp = torch.zeros(nb * B, dtype=torch.float32, device=v.device)
-            vp[:n] = v.abs()
-            cnt = torch.full((nb,), float(B), device=v.device)
-            cnt[-1] = n - (nb - 1) * B
-            s = vp.view(nb, B).sum(dim=1) / cnt
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("sign codec: input holds NaN or Inf")
-        signs = np.packbits(_np_cpu(v < 0), bitorder="little")
-        return [_np_cpu(s.float()).view(np.uint8), signs]
-
-    def _encode_cpu(self, v, n, nb):
-        # |x| and the sign bits in one chunked pass; the scales are then the very same torch
-        # reductions as on other devices, over a numpy (huge-page) buffer instead of a fresh tensor.
-        xn = v.numpy()
-        B = self.block
-        whole = self.block == 0 or nb <= 1
-        ab = np.empty(n if whole else nb * B, np.float32)
-        signs = np.empty(_ceil_div(n, 8), np.uint8)
-        C = _CHUNK
-        for i in range(0, n, C):
-            ch = xn[i:i + C]
-            np.abs(ch, out=ab[i:i + ch.size])
-            signs[i // 8:i // 8 + _ceil_div(ch.size, 8)] = np.packbits(ch < 0, bitorder="little")
-        at = torch.from_numpy(ab)
-        if whole:
-            s = at.mean().reshape(1)
-        else:
-            ab[n:] = 0
-            cnt = torch.full((nb,), float(B))
-            cnt[-1] = n - (nb - 1) * B
-            s = at.view(nb, B).sum(dim=1) / cnt
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("sign codec: input holds NaN or Inf")
-        return [s.numpy().view(np.uint8), signs]
-
-    def decode(self, mv, off, n, what):
-        nb = self._nb(n)
-        s = np.frombuffer(mv, dtype="<f4", count=nb, offset=off)
-        if nb and not (np.isfinite(s).all() and (s >= 0).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(s) & (s >= 0)))[0])
-            raise FrameError(f"{what}: sign scale {float(s[bad])!r} of block {bad} is not finite and >= 0")
-        bits = np.frombuffer(mv, dtype=np.uint8, count=_ceil_div(n, 8), offset=off + 4 * nb)
-        if nb == 1 or (nb > 1 and self.block % 8 == 0):
-            # byte -> its 8 values by table: +-s (s | sign bit, as below); blocks: +-1 then * s_j
-            tab = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
-            tab = tab.astype(np.uint32) << np.uint32(31)
-            if nb == 1:
-                tab |= s.view(np.uint32)[0]
-                out = np.empty((bits.size, 8), np.float32)
-                C = _CHUNK // 8
-                for i in range(0, bits.size, C):
-                    np.take(tab.view(np.float32), bits[i:i + C], axis=0, out=out[i:i + C], mode="wrap")
-                return out.reshape(-1)[:n]
-            tab |= np.float32(1).view(np.uint32)
-            out = np.take(tab.view(np.float32), bits, axis=0, mode="wrap").reshape(-1)
-            B = self.block
-            full = n // B
-            if full:
-                o = out[: full * B].reshape(full, B)
-                o *= s[:full, None]
-            if n % B:
-                out[full * B:n] *= s[full]
-            return out[:n]
-        neg = np.unpackbits(bits, count=n, bitorder="little").astype(np.uint32)
-        neg <<= np.uint32(31)
-        if nb <= 1:
-            neg |= s.view(np.uint32)[0] if nb else np.uint32(0)
-        else:
-            neg |= np.repeat(s.view(np.uint32), self.block)[:n]
-        return neg.view(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

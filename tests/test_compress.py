@@ -1,5 +1,6 @@
-"""Tests of efmuon.common.compress: round trips, exact frame sizes, contraction, determinism, and
-malformed frames / specs raising FrameError / ConfigError with helpful messages."""
+"""Tests of efmuon.common.compress and its value codecs (efmuon.common.codecs): round trips, exact
+frame sizes, contraction, determinism, the natural / quant rounding contracts, and malformed frames /
+specs raising FrameError / ConfigError with helpful messages."""
 
 import struct
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from efmuon.common import codecs
 from efmuon.common.compress import HEADER_SIZE, encode_decode, parse_spec
 from efmuon.common.errors import ConfigError, FrameError
 
@@ -121,6 +123,104 @@ def test_unbiased_scaling_claims():
     e = np.mean([float(((r.decode(r.encode(x, s), x.shape) - x) ** 2).sum()) for s in range(100)])
     assert abs(e / float((x * x).sum()) - 0.75) < 0.03
     assert not parse_spec("topk:0.1").unbiased and not parse_spec("quant:8").unbiased
+
+
+class _EveryWord:
+    """Stand-in for natural's bit generator: its 16-bit words run 0, 1, .., 2**16 - 1, 0, .., so each
+    run of 2**16 consecutive entries sees every rounding word exactly once."""
+
+    def __init__(self, seed):
+        self.pos = 0
+
+    def random_raw(self, k):
+        w = (np.arange(self.pos, self.pos + 4 * k) % (1 << 16)).astype(np.uint16)
+        self.pos += 4 * k
+        return w.view(np.uint64)
+
+
+def test_natural_bias_and_variance_exact(monkeypatch):
+    """E[C(x)] and E|C(x) - x|^2 of the raw natural rounding, exactly (all 2**16 words), against the
+    documented bounds: |bias| <= 2**-17 * 2**a and variance <= (1/8 + 2**-16) x^2 (normal x)."""
+    monkeypatch.setattr(codecs, "_natural_words", _EveryWord)
+    rng = np.random.default_rng(0)
+    mant = np.concatenate([rng.integers(0, 1 << 23, 40), [0, 1, 63, 64, 65, 127, 128, 191, 256 * 999,
+                                                          (1 << 23) - 1, (1 << 23) // 3, 5592405]])
+    expo = np.concatenate([rng.integers(1, 254, mant.size - 8), [0, 0, 1, 127, 200, 253, 254, 254]])
+    sign = rng.integers(0, 2, mant.size)
+    bits = (sign.astype(np.uint32) << 31) | (expo.astype(np.uint32) << 23) | mant.astype(np.uint32)
+    v = bits.view(np.float32)
+    x = torch.from_numpy(np.repeat(v, 1 << 16))
+    signs, code = parse_spec("natural").codec.encode(x, 0)
+    code = np.asarray(code).reshape(v.size, 1 << 16)
+    neg = np.unpackbits(np.asarray(signs), bitorder="little").reshape(v.size, 1 << 16)
+    assert (neg == sign[:, None]).all()
+    raw = np.where(code > 0, np.ldexp(1.0, code.astype(np.int64) - 127), 0.0)  # |C(x)| before the 8/9
+    av = np.abs(v.astype(np.float64))
+    grid = np.ldexp(1.0, np.maximum(expo, 1) - 127)  # 2**a; subnormals round between 0 and 2**-126
+    lo, hi = np.where(expo > 0, grid, 0.0), np.where(expo > 0, np.minimum(2 * grid, 2.0**127), grid)
+    assert ((raw == lo[:, None]) | (raw == hi[:, None])).all()
+    bias = raw.mean(axis=1) - av
+    top = expo == 254  # 2**128 is clamped to 2**127: rounding there is down-biased by design
+    assert (np.abs(bias[~top]) <= 2.0**-17 * grid[~top]).all()
+    assert (bias[(mant % 128 == 0) & ~top] == 0).all()  # 128 | m: the 16 words resolve P(up) exactly
+    var = ((raw - av[:, None]) ** 2).mean(axis=1)
+    normal = (expo > 0) & ~top
+    assert (var[normal] <= (1 / 8 + 2.0**-16) * av[normal] ** 2).all()
+    assert (raw[mant == 0] == av[mant == 0, None]).all()  # powers of two (and zero) are exact
+
+
+def test_natural_stream_contract():
+    """The codec follows its documented rounding rule with the documented SFC64 word stream."""
+    n = 5003
+    x = _x((n,), 9) * torch.logspace(-30, 30, n)
+    x[::97] = 0.0
+    signs, code = parse_spec("natural").codec.encode(x, 42)
+    u = np.random.SFC64(42).random_raw(-(-n // 4)).view(np.uint16)[:n].astype(np.uint64)
+    bits = x.numpy().view(np.uint32).astype(np.uint64)
+    up = (bits & 0x7FFFFF) + 128 * u + 64 >= 1 << 23
+    assert np.array_equal(np.asarray(code), np.minimum(((bits >> 23) & 0xFF) + up, 254))
+    assert np.array_equal(np.unpackbits(np.asarray(signs), bitorder="little")[:n], bits >> 31)
+    c = parse_spec("natural")
+    assert c.encode(x, 42) == c.encode(x, 42) != c.encode(x, 43)
+
+
+QUANTS = ["quant:2", "quant:3", "quant:4", "quant:4:7", "quant:4:64", "quant:8", "quant:8:1", "quant:16",
+          "quant:5:100", "quant:2:6"]
+
+
+def _quant_input(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+    x[3:400] = 0.0  # whole zero blocks
+    return x
+
+
+@pytest.mark.parametrize("spec", QUANTS)
+@pytest.mark.parametrize("n", [1, 5, 128, 1000, 70_001, 300_000])
+def test_quant_nearest_and_torch_path(spec, n):
+    """Codes are round-to-nearest of x * L / s (|err| <= s/(2L) up to fp32 rounding, s * 2**-22), decoding is
+    exactly (c - L) * fp32(s / L), and the torch encoder (used for GPU tensors) gives the same frame
+    as the numpy one."""
+    c = parse_spec(spec)
+    q = c.codec
+    x = _quant_input(n, n)
+    frame = c.encode(x, 0)
+    y = c.decode(frame, x.shape).numpy()
+    nb = -(-n // q.block)
+    s = np.frombuffer(frame, "<f4", nb, HEADER_SIZE)
+    blk_max = np.zeros(nb * q.block, np.float32)
+    blk_max[:n] = x.abs().numpy()
+    assert np.array_equal(s, blk_max.reshape(nb, q.block).max(axis=1))
+    codes = codecs._unpack_codes(np.frombuffer(frame, np.uint8, offset=HEADER_SIZE + 4 * nb), n, q.bits)
+    step = np.repeat((s / np.float32(q.L)).astype(np.float32), q.block)[:n]
+    assert codes.max() <= 2 * q.L
+    assert np.array_equal(y, ((codes - q.L).astype(np.float32) * step).astype(np.float32))
+    err = np.abs(y.astype(np.float64) - x.numpy())
+    fp32 = np.repeat(s.astype(np.float64), q.block)[:n] * 2.0**-21  # x * inv and (c - L) * step round
+    assert (err <= 0.5 * step + fp32).all()
+    assert (err <= np.abs(x.numpy()) + fp32).all()
+    v = x.reshape(-1)
+    assert b"".join(bytes(p) for p in q._encode_torch(v, n, nb)) == b"".join(bytes(p) for p in q.encode(v, 0))
 
 
 def test_randk_seed_and_indices():
@@ -309,6 +409,12 @@ def test_bad_natural_and_quant_codes():
     bad[-1] = 255  # 2L = 254 is the largest valid 8-bit code
     with pytest.raises(FrameError, match="quant code 255 out of range"):
         c.decode(bytes(bad), shape)
+    for spec in ("quant:4", "quant:4:7", "quant:2"):  # the nibble / 2-bit decoders check their codes too
+        c, f, shape = _frame(spec)
+        bad = bytearray(f)
+        bad[-7] |= 0xF0 if spec.startswith("quant:4") else 0x03
+        with pytest.raises(FrameError, match="quant code (15|3) out of range"):
+            c.decode(bytes(bad), shape)
 
 
 def test_rankk_bad_rank():

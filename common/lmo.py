@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -53,12 +54,17 @@ __all__ = [
     "NS_COEFFICIENTS",
     "SCION_SIGN_LR_MULT",
     "LayerSpec",
+    "SpectralGroup",
+    "available_cores",
     "matrix_dims",
     "newton_schulz",
     "ns_scalar_map",
     "ns_singular_value_band",
     "lmo_direction",
     "lmo_all",
+    "lmo_threads",
+    "ns_step_flops",
+    "spectral_groups",
     "dual_norm",
     "spectral_scale",
     "assign_norms",
@@ -216,10 +222,12 @@ def newton_schulz(
         X_{k+1} = a_k X_k + (b_k A_k + c_k A_k^2) X_k  =  U diag(p_k(s)) V^T
 
     with (a, b, c) = (3.4445, -4.7750, 2.0315) on every step ('jordan', KellerJordan/Muon) or the
-    5-step Polar Express schedule (steps > 5 repeat its last triple).  When m > n the iteration runs
-    on G^T so the Gram matrix A is min(m, n)^2.  The result is U S' V^T, not exactly U V^T: for
-    normalised singular values in [1e-2, 1], 5 jordan steps give S' in [0.682, 1.134] and 5 Polar
-    Express steps give [0.859, 1.141] (see `ns_singular_value_band`).  A zero G maps to zero.
+    5-step Polar Express schedule (steps > 5 repeat its last triple).  When m > n the iteration uses
+    A_k = X_k^T X_k and X_{k+1} = a_k X_k + X_k (b_k A_k + c_k A_k^2) (the same polynomial, no
+    transpose materialised), so the Gram matrix is always min(m, n)^2.  The result is U S' V^T, not
+    exactly U V^T: for normalised singular values in [1e-2, 1], 5 jordan steps give S' in
+    [0.682, 1.134] and 5 Polar Express steps give [0.859, 1.141] (see `ns_singular_value_band`).
+    A zero G maps to zero.
 
     dtype: compute dtype; default bfloat16 on CUDA (as every reference does), float32 elsewhere.
     The result has G's dtype.
@@ -227,24 +235,146 @@ def newton_schulz(
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     schedule = _schedule(coeffs, steps)
-    factor, eps = _NS_NORMALISATION[coeffs]
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    X = G.to(dtype)
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * factor + eps)
-    lead = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:])  # (batch, m', n') with m' <= n'
+    lead, (m, n) = G.shape[:-2], G.shape[-2:]
+    X = G.reshape(-1, m, n).to(dtype, copy=True)  # our own buffer: normalised in place below
+    _normalise_(X, coeffs)
+    X = _ns_iterate(X, schedule, tall=m > n)
+    return X.reshape(*lead, m, n).to(G.dtype)
+
+
+def _normalise_(X: Tensor, coeffs: str) -> None:
+    """X[i] /= ||X[i]||_F * factor + eps, in place, for a (batch, m, n) X (zero padding changes no norm)."""
+    factor, eps = _NS_NORMALISATION[coeffs]
+    d = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X.div_(d.mul_(factor).add_(eps))
+
+
+def _ns_iterate(X: Tensor, schedule, tall: bool) -> Tensor:
+    """The quintic steps on a normalised (batch, m, n) X that the caller owns (it is overwritten).
+
+    Per step: A = X X^T (bmm), B = b A + c A A (one baddbmm: beta/alpha do the scaling), then
+    X' = a X + B X.  In fp32/fp64 that is B += a I (the diagonal only) and X' = B X, one bmm that
+    never copies X (baddbmm(X, B, X, beta=a) copies X into its output first: a full pass over the
+    largest operand each step).  In 16-bit formats a ~3.4 + B_ii would lose B's diagonal to rounding,
+    so there X' = baddbmm(X, B, X, beta=a) as in the references.  Buffers are allocated once per
+    call; X / X' swap.  Tall X (m > n) multiplies on the right (X^T X, X B): no transpose."""
+    r = X.size(-1) if tall else X.size(-2)
+    A = X.new_empty(X.size(0), r, r)
+    B = torch.empty_like(A)
+    fold = X.dtype in (torch.float32, torch.float64)
+    diag = B.diagonal(dim1=-2, dim2=-1)
+    Y = torch.empty_like(X)
     for a, b, c in schedule:
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, one fused call
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-    X = X.reshape(*lead, *X.shape[-2:])
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+        if tall:
+            torch.bmm(X.mT, X, out=A)
+        else:
+            torch.bmm(X, X.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        if fold:
+            diag.add_(a)
+        left, right = (X, B) if tall else (B, X)
+        if fold:
+            torch.bmm(left, right, out=Y)
+        else:
+            torch.baddbmm(X, left, right, beta=a, out=Y)
+        X, Y = Y, X
+    return X
+
+
+# The fixed cost of one more Newton-Schulz batch, in FLOPs of one step: each batch makes ~4 calls
+# per step (Gram, b A + c A^2, diagonal, product) of ~5-10 us each, i.e. ~2 MFLOP at ~60 GFLOP/s
+# (one core here).  `spectral_groups` zero-pads matrices into a common batch only while the FLOPs
+# spent on zeros stay below the calls it saves, so only tiny matrices are ever padded.
+PAD_CALL_FLOPS = 2_000_000
+
+
+def ns_step_flops(m: int, n: int) -> int:
+    """FLOPs of one Newton-Schulz step on an m x n matrix (the iteration runs on min x max):
+    Gram 2 r^2 s;  b A + c A A: 2 r^3;  a X + B X: 2 r^2 s  (r = min(m, n), s = max(m, n))."""
+    r, s = min(m, n), max(m, n)
+    return 4 * r * r * s + 2 * r * r * r
+
+
+@dataclass(frozen=True)
+class SpectralGroup:
+    """One Newton-Schulz call of `lmo_all`: layers `idx` (positions in the shape list) run as one
+    (len(idx), rows, cols) batch (rows <= cols when padded).  padded: the members' shapes differ (the long
+    side shorter than cols, or tall ones among wide ones), so each is copied into a zeroed (rows, cols)
+    slot, tall ones transposed; otherwise all are exactly (rows, cols) or all exactly (cols, rows)."""
+
+    idx: tuple[int, ...]
+    rows: int
+    cols: int
+    padded: bool
+
+    @property
+    def step_flops(self) -> int:
+        """FLOPs of one step as executed (padded shape x batch)."""
+        return len(self.idx) * ns_step_flops(self.rows, self.cols)
+
+
+def spectral_groups(shapes: Sequence[tuple[int, int]]) -> list[SpectralGroup]:
+    """How `lmo_all` batches spectral matrices of these (rows, cols) shapes (one dtype and device).
+
+    Matrices with the same short side r are sorted by their long side and cut into consecutive
+    batches so that FLOPs executed (each batch at its longest member's size) + PAD_CALL_FLOPS per batch
+    is smallest (an exact dynamic programme).  Same-size matrices thus share a batch whatever their
+    orientation, and tiny ones (gpt-char's <= 64x256) share one even with different long sides.
+    Zero padding along the long side is exact: [X 0] has X's Frobenius norm and Gram matrix, and
+    every step maps it to [X' 0].  The short side is never padded (that changed fp32 rounding by
+    ~1e-6 in the tests; padding the long side changed nothing)."""
+    by_short: dict[int, list[int]] = {}
+    for i, (m, n) in enumerate(shapes):
+        by_short.setdefault(min(m, n), []).append(i)
+    groups: list[SpectralGroup] = []
+    for r, idx in by_short.items():
+        idx = sorted(idx, key=lambda i: max(shapes[i]))
+        longs = [max(shapes[i]) for i in idx]
+        best = [0.0] + [math.inf] * len(idx)  # best[j]: cheapest cut of the first j matrices
+        cut = [0] * (len(idx) + 1)
+        for j in range(1, len(idx) + 1):
+            for i in range(j):
+                cost = best[i] + (j - i) * ns_step_flops(r, longs[j - 1]) + PAD_CALL_FLOPS
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        j = len(idx)
+        batches = []
+        while j > 0:
+            batches.append(idx[cut[j]:j])
+            j = cut[j]
+        for members in reversed(batches):
+            kinds = {tuple(shapes[i]) for i in members}
+            rows, cols = next(iter(kinds)) if len(kinds) == 1 else (r, max(shapes[members[-1]]))
+            groups.append(SpectralGroup(tuple(members), rows, cols, len(kinds) > 1))
+    return groups
+
+
+def _ns_group(Gs: Sequence[Tensor], group: SpectralGroup, steps: int, coeffs: str) -> list[Tensor]:
+    """Newton-Schulz of every matrix (2-D views) of one group: per matrix a view of the batch's
+    result (compute dtype) in the matrix's own shape, the padding cut off; the caller copies it out."""
+    G0 = Gs[0]
+    dtype = torch.bfloat16 if G0.is_cuda else torch.float32
+    schedule = _schedule(coeffs, steps)
+    k, rows, cols = len(Gs), group.rows, group.cols
+    if group.padded:
+        full = all(max(G.shape) == cols for G in Gs)  # only orientations differ: nothing to zero
+        X = (torch.empty if full else torch.zeros)(k, rows, cols, dtype=dtype, device=G0.device)
+        for j, G in enumerate(Gs):
+            m, n = G.shape
+            X[j, :, : max(m, n)].copy_(G.mT if m > n else G)  # the stacking copy, transposed if tall
+        _normalise_(X, coeffs)
+        X = _ns_iterate(X, schedule, tall=False)
+        outs = []
+        for j, G in enumerate(Gs):
+            m, n = G.shape
+            outs.append(X[j, :, :m].mT if m > n else X[j, :, :n])
+        return outs
+    X = torch.stack(Gs) if G0.dtype == dtype else torch.stack([G.to(dtype) for G in Gs])
+    _normalise_(X, coeffs)
+    X = _ns_iterate(X, schedule, tall=rows > cols)
+    return list(X.unbind(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,33 +455,79 @@ def lmo_direction(G: Tensor, spec: LayerSpec, ns_steps: int = 5, coeffs: str = "
 
 
 def lmo_all(
-    Gs: Sequence[Tensor], specs: Sequence[LayerSpec], ns_steps: int = 5, coeffs: str = "jordan"
+    Gs: Sequence[Tensor],
+    specs: Sequence[LayerSpec],
+    ns_steps: int = 5,
+    coeffs: str = "jordan",
+    threads: int | None = None,
 ) -> list[Tensor]:
-    """[lmo_direction(G, s) for G, s in zip(Gs, specs)], with same-shape spectral layers batched.
+    """[lmo_direction(G, s) for G, s in zip(Gs, specs)], with spectral layers batched.
 
-    Spectral layers whose matrix views share (rows, cols, dtype, device) are stacked into one
-    (k, rows, cols) Newton-Schulz call; the result equals the per-layer one to float rounding.
+    Spectral layers (per dtype and device) are batched as `spectral_groups` says: same-size matrices
+    of either orientation in one Newton-Schulz call, tiny ones of different long sides zero-padded
+    into one when that saves more than it costs.  The result equals the per-layer one to float
+    rounding; every direction is a fresh contiguous tensor.
+
+    threads: torch intra-op threads for the Newton-Schulz products; None = `lmo_threads(flops)`
+    (every core this process may use once the work is large enough).  The thread count is restored
+    afterwards.  The simulator and the networked server both step through this function, so they
+    use the same count on the same machine.
     """
     if len(Gs) != len(specs):
         raise ValueError(f"lmo_all: {len(Gs)} tensors but {len(specs)} layer specs")
     out: list[Tensor | None] = [None] * len(Gs)
-    groups: dict[tuple, list[int]] = {}
+    by_kind: dict[tuple, list[int]] = {}
     for i, (G, spec) in enumerate(zip(Gs, specs)):
         _check(G, spec)
         if spec.norm == "spectral" and G.numel() > 0:
-            key = (*matrix_dims(spec.shape), G.dtype, G.device)
-            groups.setdefault(key, []).append(i)
+            by_kind.setdefault((G.dtype, G.device), []).append(i)
         else:
             out[i] = lmo_direction(G, spec, ns_steps, coeffs)
-    for (rows, cols, _, _), idx in groups.items():
-        if len(idx) == 1:
-            i = idx[0]
-            out[i] = lmo_direction(Gs[i], specs[i], ns_steps, coeffs)
-            continue
-        O = newton_schulz(torch.stack([Gs[i].reshape(rows, cols) for i in idx]), ns_steps, coeffs)
-        for j, i in enumerate(idx):
-            out[i] = O[j].reshape(specs[i].shape) * (-specs[i].scale)  # = (-O) * scale exactly
+    plan = [(idx, g) for idx in by_kind.values()
+            for g in spectral_groups([matrix_dims(specs[i].shape) for i in idx])]
+    if threads is None:
+        threads = lmo_threads(ns_steps * sum(g.step_flops for _, g in plan))
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        for idx, group in plan:
+            members = [idx[j] for j in group.idx]
+            mats = [_as_matrix(Gs[i]) for i in members]
+            for i, O in zip(members, _ns_group(mats, group, ns_steps, coeffs)):
+                D = torch.empty(O.shape, dtype=Gs[i].dtype, device=O.device)
+                torch.mul(O, -specs[i].scale, out=D)  # = (-O) * scale exactly, cast and made contiguous
+                out[i] = D.view(specs[i].shape)
+    finally:
+        if threads != previous:
+            torch.set_num_threads(previous)
     return out  # type: ignore[return-value]
+
+
+# Newton-Schulz work (FLOPs per lmo_all call) from which `lmo_threads` uses every available core:
+# below it (e.g. gpt-char's ~150 MFLOP) waking and joining threads costs more than it saves.
+LMO_PARALLEL_MIN_FLOPS = 1 << 30
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def lmo_threads(flops: float) -> int:
+    """Intra-op threads for `flops` of Newton-Schulz: every available core for large work, else the
+    process's current setting (configure_torch's --threads).  In a synchronous round nothing else
+    of the run computes while the server takes its step, so the cores are otherwise idle.  On the
+    CPUs tested, MKL's sgemm and the norm give bit-identical results for 1 and 2 threads on these
+    shapes (tests/test_lmo.py checks it); where they might not, simulator and server still agree,
+    since both decide here from the same work and the same machine.  On a machine whose cores are
+    busy with other processes the extra threads wait on each other and can be slower than one."""
+    if flops >= LMO_PARALLEL_MIN_FLOPS:
+        return max(available_cores(), torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 def dual_norm(

@@ -15,14 +15,19 @@ from efmuon.common.lmo import (
     SCALE_RULES,
     SCION_SIGN_LR_MULT,
     LayerSpec,
+    SpectralGroup,
     assign_norms,
     assign_norms_for_model,
+    available_cores,
     dual_norm,
     lmo_all,
     lmo_direction,
+    lmo_threads,
     newton_schulz,
     ns_scalar_map,
     ns_singular_value_band,
+    ns_step_flops,
+    spectral_groups,
     spectral_scale,
 )
 
@@ -452,3 +457,71 @@ def test_one_muon_step_matches_reference(shape):
 
 def lmo_direction_bf16(G, spec):
     return -spec.scale * newton_schulz(G, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------- batching and padding
+
+
+def test_spectral_groups_plan():
+    # gpt-char's spectral matrices: same short side 64; 64x256 and 256x64 share a batch (transposed in),
+    # while padding 64x64 to 64x256 would triple its FLOPs: it keeps its own batch
+    shapes = [(192, 64), (64, 64), (256, 64), (64, 256)] * 2
+    groups = spectral_groups(shapes)
+    assert sorted(i for g in groups for i in g.idx) == list(range(len(shapes)))
+    by_members = {tuple(sorted(g.idx)): g for g in groups}
+    assert by_members[(1, 5)] == SpectralGroup((1, 5), 64, 64, False)
+    assert by_members[(0, 4)] == SpectralGroup((0, 4), 192, 64, False)
+    assert by_members[(2, 3, 6, 7)].padded and (by_members[(2, 3, 6, 7)].rows, by_members[(2, 3, 6, 7)].cols) == (64, 256)
+    # tiny matrices of different long sides are zero-padded into one batch when that saves calls ...
+    tiny = spectral_groups([(8, 16), (8, 20), (24, 8)])
+    assert tiny == [SpectralGroup((0, 1, 2), 8, 24, True)]
+    # ... large ones never (the padding would cost more than a call)
+    big = spectral_groups([(256, 1024), (256, 1000), (768, 768)])
+    assert all(not g.padded for g in big) and len(big) == 3
+    # the executed FLOPs of a plan count the padding
+    assert tiny[0].step_flops == 3 * ns_step_flops(8, 24)
+    assert ns_step_flops(64, 256) == ns_step_flops(256, 64) == 4 * 64 * 64 * 256 + 2 * 64 ** 3
+
+
+@pytest.mark.parametrize("coeffs", ["jordan", "polar_express"])
+def test_padded_batch_matches_unpadded_and_svd(coeffs):
+    """Zero padding commutes with the normalisation and the quintic steps: the padded batch equals
+    each matrix's own Newton-Schulz to fp32 rounding, and is as close to the SVD polar factor."""
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(16, 40), (40, 16), (16, 16), (16, 28), (28, 16)]
+    Gs = [_controlled(m, n, gen) for m, n in shapes]
+    specs = [LayerSpec(f"w{i}", s, "spectral", 1.0) for i, s in enumerate(shapes)]
+    groups = spectral_groups(shapes)
+    assert any(g.padded and len(g.idx) >= 3 for g in groups), groups  # the case under test really pads
+    batched = lmo_all(Gs, specs, coeffs=coeffs)
+    s_band = ns_singular_value_band(BAND_LO, coeffs=coeffs)
+    for G, d in zip(Gs, batched):
+        own = -newton_schulz(G, coeffs=coeffs)
+        assert d.shape == G.shape and d.is_contiguous()
+        assert torch.allclose(d, own, atol=1e-5, rtol=0)
+        s_out = torch.linalg.svdvals(d.double())
+        assert float(s_out.min()) >= s_band[0] - SV_ATOL and float(s_out.max()) <= s_band[1] + SV_ATOL
+        P = _polar(G)
+        rel_padded = float((-d.double() - P).norm() / P.norm())
+        rel_own = float((own.double() + P).norm() / P.norm())
+        assert rel_padded < POLAR_RTOL[coeffs] and abs(rel_padded - rel_own) < 1e-5
+
+
+def test_lmo_all_thread_count_restored_and_invariant():
+    """lmo_all runs Newton-Schulz on the thread count it is given (or lmo_threads') and restores the
+    caller's; on this CPU the result does not depend on it (sgemm and the norms are thread-invariant
+    for these shapes), which is what lets the server use every core for its step."""
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(64, 256), (256, 64), (96, 96)]
+    Gs = [torch.randn(*s, generator=gen) for s in shapes]
+    specs = [LayerSpec(f"w{i}", s, "spectral", 1.0) for i, s in enumerate(shapes)]
+    before = torch.get_num_threads()
+    one = lmo_all(Gs, specs, threads=1)
+    assert torch.get_num_threads() == before
+    two = lmo_all(Gs, specs, threads=2)
+    assert torch.get_num_threads() == before
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    # small work keeps the process's setting; large work uses every available core
+    assert lmo_threads(1e6) == torch.get_num_threads()
+    assert lmo_threads(1e12) >= available_cores()

@@ -450,7 +450,8 @@ class GptCharTask(Task):
     # lr 0.05 / beta 0.15 (was 0.03 / 0.3, see BENCHMARKS.md "bytes"): compressed uplinks need the
     # smoother momentum (each worker's EF21 estimator G_j then tracks M_j with less error; quant:4 up:
     # 200 -> 160 rounds to the bench target), and identity gains from both too.
-    # `efmuon simulate`, 4 workers, seed 0, identity both ways: val loss 4.58 -> 2.28 (50 rounds) -> 1.91 (100) -> 1.66 (150) -> 1.44 (300; old defaults 1.50);
+    # `efmuon simulate`, 4 workers, seed 0, identity both ways: val loss 4.58 -> 2.28 (50 rounds)
+    # -> 1.91 (100) -> 1.66 (150) -> 1.44 (300; old defaults 1.50);
     # unigram entropy of the validation text is 3.13. With the default quant:3:256 / sign:256:
     # 1.55 after 300 rounds. (No 1-D parameters: bias_rms unused.)
     defaults = {"lr": 0.05, "beta": 0.15, "rounds": 300, "schedule": "cosine", "warmup": 0,

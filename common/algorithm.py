@@ -41,7 +41,7 @@ import torch
 from efmuon.common.compress import Compressor, parse_spec
 from efmuon.common.config import RunConfig
 from efmuon.common.errors import FrameError, ProtocolError
-from efmuon.common.lmo import LayerSpec, dual_norm, lmo_all
+from efmuon.common.lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
 
 UP, DOWN, INIT = 1, 2, 3
 _MASK64 = (1 << 63) - 1
@@ -168,7 +168,12 @@ class ServerState:
         decoded = self.decode_uplinks(uplinks, init=init)
         self.apply_decoded(decoded)
 
-    def apply_decoded(self, decoded: Mapping[int, Sequence[torch.Tensor]]) -> None:
+    def apply_decoded(self, decoded: Mapping[int, Sequence[torch.Tensor]], consume: bool = False) -> None:
+        """G (and every G_j) from the decoded uplinks of one round (see `aggregate`).
+
+        `consume`: `decoded` is a dict of fresh tensors that belongs to this call (the networked
+        server's): it is emptied client by client, and a client's first estimator takes its tensors
+        over instead of copying them, so no R_j outlives its application (BENCHMARKS.md, memory)."""
         if not decoded:
             return
         order = sorted(decoded)
@@ -181,68 +186,151 @@ class ServerState:
                 self.G[i] = acc.div_(len(order))
             else:
                 self.G[i].add_(acc.div_(self.n))
-        if self.estimators is not None:
-            for j in order:
-                est = self.estimators.get(j)
-                if est is None or ef14:
-                    self.estimators[j] = [r.clone() for r in decoded[j]]
+        if self.estimators is None:
+            if consume:
+                decoded.clear()
+            return
+        for j in order:
+            est = self.estimators.get(j)
+            rj = decoded.pop(j) if consume else decoded[j]
+            if est is None or ef14:
+                if not consume:
+                    self.estimators[j] = [r.clone() for r in rj]
+                elif hasattr(self.estimators, "adopt"):
+                    self.estimators.adopt(j, rj)
                 else:
-                    for e, r in zip(est, decoded[j]):
-                        e.add_(r)
+                    self.estimators[j] = list(rj)
+            else:
+                for e, r in zip(est, rj):
+                    e.add_(r)
+            del rj
 
     # ------------------------------------------------------------------ LMO step + downlink
-    def step_sizes(self, directions: Sequence[torch.Tensor], G: Sequence[torch.Tensor], t: float) -> list[float]:
-        """Per-layer t_i for this step, from the preset (DESIGN.md §3)."""
+    def step_sizes(self, directions: Sequence[torch.Tensor], G: Sequence[torch.Tensor], t: float,
+                   layers: Sequence[int] | None = None, nuclear: float | None = None) -> list[float]:
+        """Per-layer t_i for this step, from the preset (DESIGN.md §3), for `layers` (default all;
+        `directions` and `G` are those layers'). MuonMax scales by the previous step's sum of nuclear
+        norms (`stale_nuclear`, which `step` updates), on the first step by this step's over all layers
+        (`nuclear` when the caller has summed it already)."""
         cfg = self.cfg
-        mult = [float(cfg.lr_mult.get(s.norm, s.lr_mult)) for s in self.specs]
+        specs = self.specs if layers is None else [self.specs[i] for i in layers]
+        mult = [float(cfg.lr_mult.get(s.norm, s.lr_mult)) for s in specs]
         if cfg.preset == "gluon":
             # Gluon's layer-wise adaptive step t_i = ||G_i||_* / (L0 + L1 ||G_i||_*), times the schedule.
             out = []
-            for g, d, s, m in zip(G, directions, self.specs, mult):
+            for g, d, s, m in zip(G, directions, specs, mult):
                 dn = dual_norm(g, s, direction=d)
                 out.append(t * m * dn / (cfg.gluon_l0 + cfg.gluon_l1 * dn))
             return out
         if cfg.preset == "muonmax":
             # MuonMax: every layer's step is scaled by the sum of nuclear norms (the dual of the max-norm
             # over layers). Stale trick: use the sum from the previous step, fresh only on the first.
-            fresh = sum(dual_norm(g, s, direction=d) for g, d, s in zip(G, directions, self.specs) if s.norm == "spectral")
-            scale = fresh if self.stale_nuclear is None else self.stale_nuclear
-            self.stale_nuclear = fresh
+            scale = self.stale_nuclear
+            if scale is None:
+                if layers is not None and len(layers) != len(self.specs):
+                    raise ValueError("the first MuonMax step needs every layer's direction at once")
+                scale = self._nuclear_sum(directions, G, specs) if nuclear is None else nuclear
             return [t * m * scale for m in mult]
         return [t * m for m in mult]
 
+    @staticmethod
+    def _nuclear_sum(directions, G, specs, start: float = 0.0) -> float:
+        """`start` + the nuclear norms of the spectral layers, added one by one in the order given."""
+        total = start
+        for g, d, s in zip(G, directions, specs):
+            if s.norm == "spectral":
+                total += dual_norm(g, s, direction=d)
+        return total
+
+    # Newton-Schulz batches all same-shape matrices of one lmo_all call: stacked input, two iterates
+    # and the directions, ~3.5 copies of what it is given. `step` therefore hands it the layers in
+    # blocks of at most this share of the model (BENCHMARKS.md, memory) ...
+    LMO_BLOCK_FRACTION = 1 / 8
+    # ... but never blocks below this size, where the per-call cost would start to show.
+    LMO_BLOCK_MIN_BYTES = 4 << 20
+
+    def lmo_blocks(self) -> list[list[int]]:
+        """The layer blocks `step` takes the LMO of, one `lmo_all` call each.
+
+        A model of at most max(LMO_BLOCK_MIN_BYTES, LMO_BLOCK_FRACTION x model) bytes is one block (one
+        call, as before blocks existed); larger ones are cut into consecutive blocks of about that size.
+        Matrices that `lmo_all` zero-pads into one batch (`spectral_groups`) stay in one block (split,
+        the padded shape and with it the rounding could change); same-shape matrices may be split, each
+        is its own product in a batch. The first MuonMax step needs every direction at once."""
+        n = len(self.specs)
+        nbytes = [4 * x.numel() for x in self.X]
+        budget = max(self.LMO_BLOCK_MIN_BYTES, self.LMO_BLOCK_FRACTION * sum(nbytes))
+        if sum(nbytes) <= budget or (self.cfg.preset == "muonmax" and self.stale_nuclear is None):
+            return [list(range(n))]
+        spectral = [i for i, s in enumerate(self.specs) if s.norm == "spectral" and nbytes[i]]
+        units = []  # layers that must share an lmo_all call
+        for g in spectral_groups([matrix_dims(self.specs[i].shape) for i in spectral]):
+            members = [spectral[j] for j in g.idx]
+            units.extend([members] if g.padded else ([i] for i in members))
+        batched = set(spectral)
+        units.extend([i] for i in range(n) if i not in batched)
+        units.sort(key=min)
+        blocks, cur, size = [], [], 0
+        for u in units:
+            b = sum(nbytes[i] for i in u)
+            if cur and size + b > budget:
+                blocks.append(sorted(cur))
+                cur, size = [], 0
+            cur += u
+            size += b
+        if cur:
+            blocks.append(sorted(cur))
+        return blocks
+
     def step(self) -> list[bytes]:
-        """One server step: X += t lmo(G); frames = C_down(X - W); W += decode(frames). Returns the frames."""
+        """One server step: X += t lmo(G); frames = C_down(X - W); W += decode(frames). Returns the frames.
+
+        Layer block by layer block (`lmo_blocks`): each block's directions are used and freed before
+        the next block's are computed, so the step holds only a block's LMO temporaries."""
         k = self.round + 1
         t = lr_at(self.cfg, k)
         G = self.G
         if self.ef14_buffer is not None:
             G = [g + b for g, b in zip(G, self.ef14_buffer)]
-        directions = lmo_all(G, self.specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs)
-        ts = self.step_sizes(directions, G, t)
         wd = self.cfg.weight_decay
-        frames = []
-        for i, (d, ti) in enumerate(zip(directions, ts)):
-            if self._airbench:
-                update = d.mul(ti)
-                if wd:
-                    update.sub_(self.X[i], alpha=t * wd)
-                frame = self.down[i].encode(update, frame_seed(self.cfg.seed, DOWN, k, i))
-                q = self.down[i].decode(frame, self.specs[i].shape, device=self.device)
-                self.X[i].add_(q)
-                self.W[i].add_(q)
-                if ti > 0:
-                    self.ef14_buffer[i].mul_(self.cfg.ef14_decay).add_((update - q) / ti, alpha=1 - self.cfg.ef14_decay)
-                frames.append(frame)
-                continue
-            if wd:
-                self.X[i].mul_(1.0 - t * wd)
-            self.X[i].add_(d, alpha=ti)
-            frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, i))
-            self.W[i].add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
-            frames.append(frame)
+        muonmax = self.cfg.preset == "muonmax"
+        frames: list = [None] * len(self.specs)
+        nuclear = 0.0
+        for block in self.lmo_blocks():
+            Gb, specs = [G[i] for i in block], [self.specs[i] for i in block]
+            directions = lmo_all(Gb, specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs)
+            if muonmax:
+                nuclear = self._nuclear_sum(directions, Gb, specs, nuclear)
+            ts = self.step_sizes(directions, Gb, t, block, nuclear if muonmax else None)
+            for j, i in enumerate(block):
+                d, directions[j] = directions[j], None
+                frames[i] = self._update_layer(i, k, t, d, ts[j], wd)
+                del d
+            del directions, Gb
+        if muonmax:
+            self.stale_nuclear = nuclear
         self.round = k
         return frames
+
+    def _update_layer(self, i: int, k: int, t: float, d: torch.Tensor, ti: float, wd: float) -> bytes:
+        """Layer i of step k: X_i += t_i d (+ decay), its downlink frame, W_i += decode(frame)."""
+        if self._airbench:
+            update = d.mul(ti)
+            if wd:
+                update.sub_(self.X[i], alpha=t * wd)
+            frame = self.down[i].encode(update, frame_seed(self.cfg.seed, DOWN, k, i))
+            q = self.down[i].decode(frame, self.specs[i].shape, device=self.device)
+            self.X[i].add_(q)
+            self.W[i].add_(q)
+            if ti > 0:
+                self.ef14_buffer[i].mul_(self.cfg.ef14_decay).add_((update - q) / ti, alpha=1 - self.cfg.ef14_decay)
+            return frame
+        if wd:
+            self.X[i].mul_(1.0 - t * wd)
+        self.X[i].add_(d, alpha=ti)
+        frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, i))
+        self.W[i].add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
+        return frame
 
 
 class WorkerState:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from efmuon.common.config import RunConfig
+from efmuon.common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
 
 BENCHES: dict[str, Callable[[bool], dict]] = {}
 
@@ -62,14 +62,15 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- bytes
+# gpt-char sweep (BENCHMARKS.md "bytes"): sparse estimators (topk, rankk) lose too many rounds under
+# EF21-Muon, dense low-bit values keep up; identity first (it sets the target), then the default.
 PAIRINGS = [
     ("ef21", "identity", "identity"),
-    ("ef21", "topk:0.1", "identity"),
+    ("ef21", DEFAULT_UPLINK, DEFAULT_DOWNLINK),
+    ("ef21", DEFAULT_UPLINK, "identity"),
+    ("ef21", "identity", DEFAULT_DOWNLINK),
+    ("ef21", "quant:4", "quant:2"),
     ("ef21", "topk:0.1", "topk:0.1"),
-    ("ef21", "topk:0.05+natural", "topk:0.05+natural"),
-    ("ef21", "rankk:8", "rankk:8"),
-    ("ef21", "sign", "topk:0.1"),
-    ("ef14", "topk:0.1", "topk:0.1"),
 ]
 
 
@@ -89,12 +90,15 @@ def _rounds_to(report: dict, target: float, key: str = "val_loss_w"):
 
 
 def bytes_to_target(task: str, rounds: int, pairings, workers: int = 4, target_frac: float = 0.5,
-                    eval_every: int = 10, longer: float = 2.0, **extra) -> dict:
+                    eval_every: int = 10, longer: float = 1.0, **extra) -> dict:
     """Run each (method, uplink, downlink) pairing and count the bytes until a fixed validation loss.
 
     The first pairing (identity both ways) runs `rounds` rounds and sets the target: its validation
-    loss at `target_frac` of its rounds. Compressed pairings run `longer` times as many rounds (a
-    compressed round is cheaper, so they may use more of them), each with its own full schedule.
+    loss at `target_frac` of its rounds. Compressed pairings run `longer` times as many rounds, each
+    with its own full schedule, and every run uses the task's hyperparameters. The default 1.0 (the
+    identity schedule) is the cheapest for the midpoint target: a longer cosine schedule keeps the
+    step large for longer and crosses the target later (gpt-char, quant:3 / sign: round 230 of 600
+    vs 200 of 300), so more rounds only pay for a target near identity's final loss.
     """
     from efmuon.common.simulate import simulate
 
@@ -316,12 +320,19 @@ CODEC_NOTES = """
 Notes (profiles on this 2-core machine, 16M entries, 1 thread):
 - Baseline: x.clone() pays torch's allocator page faults (4 KiB pages; THP is `madvise` here and only numpy
   asks for huge pages), so it costs ~5x a copy_ into a preallocated tensor (x_memcpy column).
-- The CPU codecs run as one chunked numpy pass (64Ki entries; temporaries stay in L2) writing into
-  numpy (huge-page) buffers; table/bit decoding; torch only for reductions whose exact rounding is
-  part of the frame (sign's mean, quant's block max) over the same data. Frames are byte-identical
-  to the previous implementation.
-- natural: bounded by PCG64 (numpy random_raw, ~2 ns per 32-bit uniform, 16M draws ~ one clone);
-  the stream is part of the frame's contract (same seed -> same rounding), so it cannot change.
+- The CPU codecs run as one chunked numpy pass writing into numpy buffers (topk, sign: 64Ki entries,
+  temporaries in L2; natural, quant: 256Ki entries, where ~10 numpy calls per chunk make the per-call
+  overhead outweigh L2 misses); table/bit decoding; torch only for sign's mean (its rounding is part of
+  the frame).
+- Every encode ends in b"".join into a fresh `bytes` frame: 4 KiB page faults, ~10 ms for natural's
+  19 MB here, the same in any implementation (the API returns bytes).
+- natural: encode ~20 ms of numpy work: SFC64 draws ~7.5 ms (16 random bits per entry, one 64-bit draw
+  per 4 entries; the former 32-bit PCG64 uniforms took ~19 ms), the stochastic rounding as one integer add of
+  128u+64 to the float bits (the carry rounds the exponent up), shift / narrow / clamp, sign bits ~2 ms;
+  decode: float(code << 23) times +-8/9 from a table by sign byte (~8 ms) + the 64 MB output's page faults.
+- quant: block max = integer max of the |x| bit patterns (np.maximum.reduceat), codes = the low mantissa
+  bits of the fp32 sum x*inv + 1.5*2**23 + L (no rint / float-to-int pass), 2-/4-bit codes packed chunk by
+  chunk by shifts and ORs on uint32/uint16 views; decode splits nibbles the same way, then (c - L) * step.
 - randk: PCG64 keys for all numel entries in both encode and decode (2 x 16M draws) plus an exact
   k-of-d selection; not a goal.
 - identity / identity:bf16: the frame is a fresh `bytes` of 4n / 2n bytes (b"".join: malloc with
@@ -335,8 +346,9 @@ Notes (profiles on this 2-core machine, 16M entries, 1 thread):
 def ns_step_flops(m: int, n: int) -> int:
     """FLOPs of one Newton-Schulz step on an m x n matrix (the iteration runs on min x max):
     A = X X^T: 2 m^2 n;  b A + c A A: 2 m^3;  a X + B X: 2 m^2 n  (m <= n). Elementwise terms ignored."""
-    m, n = min(m, n), max(m, n)
-    return 4 * m * m * n + 2 * m * m * m
+    from efmuon.common.lmo import ns_step_flops as flops
+
+    return flops(m, n)
 
 
 def _gpt124m_shapes(blocks: int) -> list[tuple[str, tuple[int, int]]]:
@@ -361,56 +373,64 @@ def _lmo_layer_sets(quick: bool) -> list[tuple[str, list]]:
 
 
 def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
-    """Time lmo_all over `specs` and plain bmm over the same shape groups; FLOP-weighted comparison."""
-    from efmuon.common.lmo import lmo_all, matrix_dims
+    """Time lmo_all over `specs` and plain bmm over the same (unpadded) shape groups, interleaved;
+    FLOP-weighted comparison on useful FLOPs only (zero padding that lmo_all adds is not counted)."""
+    from efmuon.common.lmo import lmo_all, matrix_dims, spectral_groups
 
     g = torch.Generator().manual_seed(0)
     Gs = [torch.randn(s.shape, generator=g).to(device) for s in specs]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [matrix_dims(s.shape) for s in specs]
     groups: dict[tuple[int, int], int] = {}
-    for s in specs:
-        mn = matrix_dims(s.shape)
+    for mn in shapes:
         groups[mn] = groups.get(mn, 0) + 1
     ns_flops = sum(cnt * steps * ns_step_flops(*mn) for mn, cnt in groups.items())
+    plan = spectral_groups(shapes)
+    executed = sum(steps * grp.step_flops for grp in plan)
+    threads = torch.get_num_threads()
 
     def run_ns():
-        lmo_all(Gs, specs, ns_steps=steps)
+        lmo_all(Gs, specs, ns_steps=steps, threads=threads)  # the row's thread count, not lmo_threads'
         sync()
 
-    mm_inputs = []
-    for (m, n), cnt in groups.items():
+    fns = {"ns": run_ns}
+    weights = []  # per shape group: (baseline key, FLOPs of one bmm, the group's NS FLOPs)
+    for gi, ((m, n), cnt) in enumerate(groups.items()):
         a, b = min(m, n), max(m, n)
         A = torch.randn(cnt, a, b, generator=g).to(device, dtype)
         B = torch.randn(cnt, b, a, generator=g).to(device, dtype)
-        mm_inputs.append((A, B, 2 * cnt * a * a * b, cnt * steps * ns_step_flops(m, n)))
-
-    def run_mm():
-        for A, B, _, _ in mm_inputs:
-            torch.bmm(A, B)
-        sync()
-
-    # warm up, then interleave; the baseline's rate per group, weighted by that group's NS FLOPs
-    tm = _time_interleaved({"ns": run_ns}, repeat)
-    mm_rate_time = own_time = 0.0
-    for A, B, f_mm, f_ns in mm_inputs:
         Q = torch.bmm(A, B)
 
-        def own():  # the step's own three products as plain bmm: X X^T, A A, A X
+        def mm(A=A, B=B):
+            torch.bmm(A, B)
+            sync()
+
+        def own(A=A, B=B, Q=Q):  # the step's own three products as plain bmm: X X^T, A A, A X
             torch.bmm(A, B)
             torch.bmm(Q, Q)
             torch.bmm(Q, A)
             sync()
-        t = _time_interleaved({"mm": lambda: (torch.bmm(A, B), sync()), "own": own}, max(3, repeat))
-        mm_rate_time += f_ns / (f_mm / t["mm"])  # time the NS FLOPs would take at plain bmm speed
-        own_time += steps * t["own"]
-    return {"ns_s": tm["ns"], "ns_flops": ns_flops, "mm_equiv_s": mm_rate_time, "own_mm_s": own_time,
-            "groups": ", ".join(f"{c}x{m}x{n}" for (m, n), c in groups.items())}
+        fns[f"mm{gi}"], fns[f"own{gi}"] = mm, own
+        weights.append((gi, 2 * cnt * a * a * b, cnt * steps * ns_step_flops(m, n)))
+    # tiny sets take ~ms per call: repeat until ~0.5 s of NS has been timed (all interleaved)
+    t0 = time.perf_counter()
+    run_ns()
+    reps = max(repeat, min(200, int(0.5 / max(time.perf_counter() - t0, 1e-6))))
+    t = _time_interleaved(fns, reps)
+    mm_rate_time = sum(f_ns / (f_mm / t[f"mm{gi}"]) for gi, f_mm, f_ns in weights)  # NS FLOPs at bmm speed
+    own_time = sum(steps * t[f"own{gi}"] for gi, _, _ in weights)
+    calls = ", ".join(f"{len(grp.idx)}x{grp.rows}x{grp.cols}" + (" padded" if grp.padded else "") for grp in plan)
+    return {"ns_s": t["ns"], "ns_flops": ns_flops, "mm_equiv_s": mm_rate_time, "own_mm_s": own_time,
+            "groups": ", ".join(f"{c}x{m}x{n}" for (m, n), c in groups.items()), "ns_calls": calls,
+            "padding_flops_pct": 100.0 * (executed - ns_flops) / ns_flops, "reps": reps}
 
 
 @bench("lmo")
 def bench_lmo(quick: bool) -> dict:
     """Newton-Schulz (lmo_all, batched by shape) achieved FLOP/s vs a plain batched matmul, same run."""
+    from efmuon.common.lmo import PAD_CALL_FLOPS
+
     steps = 5
     repeat = 1 if quick else 2
     rows = []
@@ -423,7 +443,8 @@ def bench_lmo(quick: bool) -> dict:
                 for set_name, specs in _lmo_layer_sets(quick):
                     r = _lmo_measure(specs, device, steps, repeat)
                     row = {"device": device.type, "threads": threads, "layers": set_name, "matrices": r["groups"],
-                           "ms_per_step": r["ns_s"] / steps * 1e3,
+                           "ns_batches": r["ns_calls"], "padding_pct": r["padding_flops_pct"],
+                           "reps": r["reps"], "ms_per_step": r["ns_s"] / steps * 1e3,
                            "ns_GFLOPs": r["ns_flops"] / r["ns_s"] / 1e9,
                            "matmul_GFLOPs": r["ns_flops"] / r["mm_equiv_s"] / 1e9,
                            "x_matmul": r["mm_equiv_s"] / r["ns_s"],
@@ -441,14 +462,19 @@ def bench_lmo(quick: bool) -> dict:
             worst = min(r["x_matmul"] for r in sel)
             goals.append(goal(f"{set_name} ({dev}) Newton-Schulz FLOP/s vs plain batched matmul (worst of threads)",
                               round(worst, 3), ">= 0.8x", worst >= 0.8))
-    notes = (f"{steps} jordan steps per call via lmo_all (same-shape matrices batched); FLOPs per step on m x n "
-             f"(m <= n) = 4 m^2 n + 2 m^3. Baseline: torch.bmm (a x b) @ (b x a) per shape group, its GFLOP/s "
-             f"weighted by each group's NS FLOPs. "
+    notes = (f"{steps} jordan steps per call via lmo_all; ns_batches = its Newton-Schulz batches "
+             f"(lmo.spectral_groups: matrices with the same short side, sorted by long side, cut into batches "
+             f"minimising executed FLOPs + {PAD_CALL_FLOPS / 1e6:g} MFLOP per batch; 'padded' = members of "
+             f"different shapes zero-padded along the long side and/or transposed into one batch; padding_pct = "
+             f"FLOPs spent on zero padding, NOT counted in ns_GFLOPs). FLOPs per step on m x n (m <= n) = "
+             f"4 m^2 n + 2 m^3, unpadded shapes only. Baseline: torch.bmm (a x b) @ (b x a) per unpadded shape "
+             f"group, its GFLOP/s weighted by each group's NS FLOPs, timed interleaved with lmo_all (median of "
+             f"reps). "
              + ("cuda: bf16." if torch.cuda.is_available() else "cuda: not available on this machine (skipped)."))
-    notes += (" x_own_matmuls = time of the step's own three products (X X^T, A A, A X) as plain bmm calls x steps"
-              " / NS time: 1x means Newton-Schulz adds nothing beyond its matmuls. On the tiny gpt-char matrices"
-              " (<= 64x256, ~1 MFLOP per product) per-call overhead (norm, scaling, baddbmm's copy of its input,"
-              " stacking) is comparable to the products themselves, so both ratios stay below the goal.")
-    cols = ["device", "threads", "layers", "matrices", "ms_per_step", "ns_GFLOPs", "matmul_GFLOPs", "x_matmul",
-            "x_own_matmuls"]
+    notes += (" x_own_matmuls = time of the step's own three products (X X^T, A A, A X) as plain bmm calls per "
+              "unpadded shape group x steps / NS time: 1x means Newton-Schulz adds nothing beyond its matmuls. "
+              "Padding all of gpt-char into one 8x64x256 batch (+28.6% FLOPs) measured 13% slower than these "
+              "batches on one thread (and equal on two), so the cost model keeps 64x64 and 192x64 apart.")
+    cols = ["device", "threads", "layers", "matrices", "ns_batches", "padding_pct", "ms_per_step", "ns_GFLOPs",
+            "matmul_GFLOPs", "x_matmul", "x_own_matmuls"]
     return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols)}

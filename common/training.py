@@ -10,20 +10,26 @@ from efmuon.common.config import RunConfig
 from efmuon.common.lmo import LayerSpec, assign_norms_for_model
 
 
-MMAP_THRESHOLD = 256 * 1024  # bytes; glibc's default starts at 128 KiB and grows up to 32 MiB
+MMAP_THRESHOLD = 64 * 1024  # bytes; glibc's default starts at 128 KiB and grows up to 32 MiB
 
 
-LARGE_MODEL_BYTES = 64 << 20  # allocator tuning pays off from here (BENCHMARKS.md, memory)
+# Allocator tuning pays off from here (BENCHMARKS.md, memory): a 10M-parameter model (40 MB) is
+# above, the built-in tasks (gpt-char 0.44 MiB) far below, so the default `efmuon run` is unaffected.
+LARGE_MODEL_BYTES = 16 << 20
 
 
 def return_freed_memory(model_bytes: int | None = None) -> None:
-    """Make glibc serve allocations >= 256 KiB by mmap and give them back to the OS when freed.
+    """Make glibc serve allocations >= 64 KiB by mmap and give them back to the OS when freed.
 
     glibc's default mmap threshold is dynamic: after the first free of an mmapped block it rises to
     that block's size, so later 1 MiB chunk buffers and per-layer tensors come from the heap, whose
     freed memory mostly stays resident (BENCHMARKS.md, memory: ~3 model copies on the server, ~2.5
-    on a worker). Setting the threshold fixes it (and turns the dynamic adjustment off). Linux/glibc
-    only; `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own tunable) takes precedence.
+    on a worker). Setting the threshold fixes it (and turns the dynamic adjustment off). 64 KiB
+    rather than 256 KiB also sends gRPC's receive buffers to mmap: a large message arriving faster
+    than Python reads it is buffered in pieces of 64-256 KiB, which otherwise leave ~0.5-1 model
+    copy of freed but resident heap behind (10M parameters: server 7.9 -> 7.5, worker 4.7-5.0 -> 4.5
+    copies; the server's CPU time per run was the same within noise). Linux/glibc only;
+    `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own tunable) takes precedence.
     Only for models of at least LARGE_MODEL_BYTES (when `model_bytes` is given): every allocation
     above the threshold then costs page faults, which on the small built-in models cost more time
     (the default `efmuon run`: 81 s instead of 53 s wall) than the memory is worth."""
@@ -36,6 +42,25 @@ def return_freed_memory(model_bytes: int | None = None) -> None:
 
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def trim_heap(model_bytes: int | None = None) -> None:
+    """Give the heap's free pages back to the OS now (glibc `malloc_trim(0)`), for models of at least
+    LARGE_MODEL_BYTES (when `model_bytes` is given).
+
+    For after a model copy was dropped that was allocated before `return_freed_memory` took effect
+    (a model built by the caller, whose layer tensors and construction temporaries came from the
+    heap): with the fixed mmap threshold nothing large is served from the heap any more, so those
+    free pages would stay resident for the whole run (~1 model copy; BENCHMARKS.md, memory). One
+    walk over the heap, milliseconds; Linux/glibc only."""
+    if model_bytes is not None and model_bytes < LARGE_MODEL_BYTES:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -80,8 +105,13 @@ def parameters_of(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]
 
 
 def load_parameters(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
+    """Copy `params` into the model's parameters; a parameter that already is a view of the same
+    storage (the networked worker binds its model to W: `Worker._bind_model`) is left alone."""
     with torch.no_grad():
         for p, w in zip(model.parameters(), params):
+            if p.data_ptr() == w.data_ptr() and p.shape == w.shape and p.dtype == w.dtype \
+                    and p.stride() == w.stride() and p.device == w.device:
+                continue
             p.copy_(w)
 
 

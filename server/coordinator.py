@@ -56,7 +56,7 @@ from efmuon.common.config import RunConfig
 from efmuon.common.errors import ConfigError, EfmuonError, FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec
 from efmuon.common.report import Report
-from efmuon.common.training import return_freed_memory
+from efmuon.common.training import return_freed_memory, trim_heap
 from efmuon.server import protocol
 from efmuon.server.estimators import MODES as ESTIMATOR_MODES
 from efmuon.server.estimators import EstimatorStore
@@ -249,8 +249,9 @@ class Coordinator:
         if self.n > self.opts.max_clients:
             raise ConfigError(f"workers={self.n} is more than --max-clients {self.opts.max_clients}")
         self.model = model
+        # before X, W and G are allocated: they and everything after come from mmap, not the heap
+        return_freed_memory(sum(4 * p.numel() for p in model.params))
         self.state = ServerState(model.params, model.specs, cfg, self.n, device=device)
-        return_freed_memory(sum(4 * x.numel() for x in self.state.X))
         self.state.estimators = EstimatorStore([s.shape for s in model.specs], self.opts.estimators,
                                                self.opts.checkpoint_dir)
         self.fingerprint = protocol.fingerprint(model.names, model.params)
@@ -258,6 +259,7 @@ class Coordinator:
         self.numel = sum(p.numel() for p in model.params)
         self.frame_limit = 16 * self.numel + 4096 * len(model.params) + protocol.CHUNK_BYTES
         model.params = []  # ServerState copied them into X and W: do not keep a third copy alive
+        trim_heap(4 * self.numel)  # ... nor the heap pages they (and their construction) occupied
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="efmuon-state")
         self.report = Report(cfg.to_dict(), transport=True, metrics_path=cfg.metrics, log_every=cfg.log_every,
                              total_rounds=self.rounds, stream=stream, quiet=quiet)
@@ -274,6 +276,7 @@ class Coordinator:
         self.train_losses: dict[int, float] = {}
         self.results: dict[int, asyncio.Future] = {}
         self.last_plan: Plan | None = None
+        self._started: tuple[int, set[int]] = (-1, set())  # (round, clients that began submitting it)
         self.phase = "collecting"
         self.loss_w: float | None = None
         self.loss_x: float | None = None
@@ -528,7 +531,12 @@ class Coordinator:
         plan = self.last_plan
         if plan is None or plan.released or round_ != self.collecting or plan.round != round_:
             return
-        if len(self.submitted | {s.client_id}) == self.n:
+        # counted when a submission starts, not when it was accepted: the clients stream at the same
+        # time, so waiting for n-1 accepted ones would keep the chunks alive until the step (1 model copy)
+        if self._started[0] != round_:
+            self._started = (round_, set())
+        self._started[1].add(s.client_id)
+        if len(self._started[1] | self.submitted) == self.n:
             plan.release()
 
     async def accept(self, s: Session, round_: int, frames: Sequence, train_loss: float,
@@ -636,7 +644,7 @@ class Coordinator:
             try:
                 self.phase = "aggregating"
                 if decoded:
-                    await self._run(self.state.apply_decoded, decoded)
+                    await self._run(self.state.apply_decoded, decoded, True)  # consumes `decoded`
                 del decoded
                 for j in present:
                     self.last_applied[j] = k
@@ -666,7 +674,7 @@ class Coordinator:
                         # previous reply (a stray duplicate of round k-1 gets a resync). Free its chunks
                         # before the new ones are built rather than holding both.
                         self.last_plan.release()
-                    plan = await self._run(lambda: Plan.build(k + 1, self.state.step()))
+                    plan = await self._run(self._step_and_plan, k)
                 else:
                     plan = Plan.build(k + 1, None)
                 self.last_plan = plan
@@ -690,6 +698,14 @@ class Coordinator:
                 if not fut.done():
                     fut.set_exception(Rejected("INTERNAL", str(self.failed)))
                 self.finished.set()
+
+    def _step_and_plan(self, k: int) -> Plan:
+        """The step of round k and its reply (on the compute thread)."""
+        plan = Plan.build(k + 1, self.state.step())
+        # the round's uplinks arrived as many small gRPC buffers (heap); freed, their pages would stay
+        # resident under the next round's (mmapped) R_j: return them now (large models only)
+        trim_heap(4 * self.numel)
+        return plan
 
     def record_down(self, plan: Plan, j: int, message: int) -> None:
         """The reply `plan` (S_{plan.round}, or the final `done`) was streamed to client j."""

@@ -69,6 +69,17 @@ class EstimatorStore(MutableMapping):
         self._drop(j)
         self._data[j] = self._store(j, tensors)
 
+    def adopt(self, j: int, tensors: list[torch.Tensor]) -> None:
+        """Store client j's estimator from tensors nobody else uses (the round's decoded R_j): fp32
+        keeps contiguous float32 tensors as they are instead of copying them (one model copy less
+        while a round is applied); the other modes store them as `store[j] = tensors` does."""
+        if self.mode != "fp32":
+            self[j] = tensors
+            return
+        self._drop(j)
+        self._data[int(j)] = [t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).clone()
+                              for t in (x.detach() for x in tensors)]
+
     def __getitem__(self, j: int) -> list[torch.Tensor]:
         return self._data[j]
 

@@ -31,7 +31,8 @@ import torch
 from efmuon.common.algorithm import WorkerState, params_sha256
 from efmuon.common.config import RunConfig
 from efmuon.common.errors import EfmuonError, FrameError, ProtocolError
-from efmuon.common.training import configure_torch, gradients, model_specs, resolve_device, return_freed_memory
+from efmuon.common.training import (configure_torch, gradients, model_specs, resolve_device, return_freed_memory,
+                                    trim_heap)
 from efmuon.server import protocol
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
@@ -136,6 +137,9 @@ class Worker:
                  rejoin: bool | None = None, checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model = model.to(self.device)
+        # before the Join buffers and the WorkerState are allocated (their model copies then come from mmap)
+        self._model_bytes = sum(4 * p.numel() for p in self.model.parameters())
+        return_freed_memory(self._model_bytes)
         self.loss_fn = loss_fn
         self._batches = batches
         self._batch_iter = None
@@ -159,6 +163,7 @@ class Worker:
         self._wire = None
         self._empty_resend = False
         self._placeholder = False
+        self._acknowledged = False  # the server's reply to the pending submission began: its frames are freed
 
     # ------------------------------------------------------------------ batches and gradients
     def _batch(self, round_: int):
@@ -177,7 +182,20 @@ class Worker:
 
     def _gradients(self, round_: int) -> tuple[float, list[torch.Tensor]]:
         batch = self._batch(round_)
+        self._bind_model()
         return gradients(self.model, self.state.W, lambda m: self.loss_fn(m, batch))
+
+    def _bind_model(self) -> None:
+        """Make the model's parameters views of W (one model copy less per worker, BENCHMARKS.md memory).
+
+        `W += S` then updates the model in place and `training.gradients` skips its copy of W into the
+        model. Called whenever W may have been replaced (Join, re-sync, checkpoint restore) and before
+        every gradient, so a model shared by several Workers in one process (or replaced W tensors)
+        is always rebound, never written through. A parameter whose dtype, shape or device differs from
+        W's keeps its own storage and is loaded by copy as before."""
+        for p, w in zip(self.model.parameters(), self.state.W):
+            if p.data_ptr() != w.data_ptr() and p.dtype == w.dtype and p.shape == w.shape and p.device == w.device:
+                p.data = w
 
     # ------------------------------------------------------------------ protocol steps
     def join(self) -> None:
@@ -229,8 +247,9 @@ class Worker:
             # W (and G_j) alias the reassembled Join buffer (writable, owned by nobody else): no copy
             W = protocol.tensors_from_raw(frames[:p], shapes)
             self.state = WorkerState(W, specs, cfg, self.client_id, device=self.device, copy=False)
-            return_freed_memory(sum(4 * w.numel() for w in self.state.W))
             del W
+            self._bind_model()  # frees the model's own parameters now, before M_j and G_j fill up ...
+            trim_heap(self._model_bytes)  # ... and returns their heap pages
             if header.estimator_frame_lengths:  # re-sync: G_j from the server, M_j := G_j
                 G = protocol.tensors_from_raw(frames[p:], shapes)
                 self.state.Gj = [g.to(self.device) for g in G]
@@ -262,6 +281,13 @@ class Worker:
         if self.state is not None and self.pending is not None:
             if self._placeholder:  # an empty resend after a re-sync: the server may have lost the real one
                 return None
+            if self._acknowledged:
+                # The frames were freed when the reply began (`exchange`): only a server that applied
+                # round k can take this state back, and it does for k + 1 only (it is then collecting
+                # round k + 1 and our last applied round is k); the resend of round k, empty, is a
+                # duplicate of its last round and fetches the reply again. A server that restarted
+                # from an older checkpoint re-syncs us instead of asking for frames we no longer have.
+                return self.pending[0] + 1
             return self.pending[0]
         if self.state is None and self.checkpoint_dir and self._saved is None:
             from efmuon.common.checkpoint import latest_checkpoint, load_worker
@@ -296,7 +322,9 @@ class Worker:
             pos += n
         loss = extra.get("train_loss")
         self.state = state
+        self._bind_model()
         self.pending = (int(m["round"]), frames, math.nan if loss is None else float(loss))
+        self._acknowledged = False
         log.warning("client %d resumed from its checkpoint %s (round %d)", self.client_id, m.get("path"), m["round"])
 
     def _save_checkpoint(self) -> None:
@@ -312,7 +340,13 @@ class Worker:
                                    else torch.zeros(0, dtype=torch.uint8)}, keep=2)
 
     def exchange(self, round_: int, frames: list[bytes], train_loss: float) -> tuple[pb.DownlinkHeader, list]:
-        """Send this round's frames; return the reply's header and S's frames."""
+        """Send this round's frames; return the reply's header and S's frames.
+
+        The server replies only once it has applied the round, so when the reply's header arrives (and
+        it is not a re-sync) the frames can never be needed again: a list `frames` is emptied then
+        (the pending submission shares it), which frees one model copy before the downlink is
+        reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection."""
+        up_payload = sum(map(len, frames))
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
                                 frame_lengths=[len(f) for f in frames], train_loss=train_loss)
         if self._wire is not None:
@@ -326,6 +360,9 @@ class Worker:
                     if msg.WhichOneof("part") != "header":
                         raise ProtocolError("the server's Exchange reply did not start with a header")
                     header = msg.header
+                    if not header.resync and isinstance(frames, list):
+                        frames.clear()
+                        self._acknowledged = True
                     parts = protocol.Reassembler(header.frame_lengths, (0, len(self.state.W)))
                 elif msg.WhichOneof("part") == "chunk":
                     chunk = msg.chunk  # each access copies the bytes out of the message: once
@@ -340,7 +377,7 @@ class Worker:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
         self._wire = self.conn.since_mark(round_)
         self.history.append({
-            "round": round_, "up": {"payload": sum(map(len, frames)), "message": sum(sizes)},
+            "round": round_, "up": {"payload": up_payload, "message": sum(sizes)},
             "down": {"payload": parts.total, "message": down_message},
             "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
         return header, parts.frames()
@@ -391,7 +428,7 @@ class Worker:
     def _next_submission(self) -> None:
         """Compute the submission of round state.round (0: the initial one) and keep it as pending."""
         k = self.state.round
-        self._placeholder = False
+        self._placeholder = self._acknowledged = False
         if self._empty_resend:  # the server already has this round's submission (we re-synced after it)
             self.pending, self._empty_resend, self._placeholder = (k, [], math.nan), False, True
             return
@@ -441,6 +478,9 @@ class Worker:
                 self.state.apply_downlink(S, consume=True)  # state.round = k + 1
                 self.next_round = k + 1
                 del S
+                # gRPC buffers a large downlink in small (heap) pieces when it arrives faster than it is
+                # read; freed, they would stay resident under the gradient's (mmapped) model copy
+                trim_heap(self._model_bytes)
             try:
                 self.leave()
             except WorkerError as exc:  # the run is done; a lost goodbye only loses the last wire figures

@@ -228,8 +228,9 @@ def _sink_main(spec: dict) -> None:
 
 
 def _submission_messages(round_: int, frames: list) -> tuple[list, int]:
-    """The worker's request stream for one Exchange (header, then protocol.iter_chunks) and its
-    message bytes (sum of ByteSize) -- built lazily by the generator the caller iterates."""
+    """The worker's request stream for one Exchange (header, then the chunk messages of
+    protocol.iter_chunk_messages, sent by `protocol.client_stub`) and its message bytes (sum of
+    ByteSize) -- built lazily by the generator the caller iterates."""
     from efmuon.server import protocol
     from efmuon.v1 import service_pb2 as pb
 
@@ -248,7 +249,6 @@ def _transport_measure(sizes: list[int], reps_for) -> list[dict]:
 
     from efmuon.common.links import CountingRelay
     from efmuon.server import protocol
-    from efmuon.v1 import service_pb2_grpc as pb_grpc
 
     sink = subprocess.Popen([sys.executable, "-m", "efmuon.server.bench", "sink", "{}"], stdout=subprocess.PIPE,
                             stdin=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -259,7 +259,7 @@ def _transport_measure(sizes: list[int], reps_for) -> list[dict]:
         lhost, lport = relay.start()
         relay_ch = grpc.insecure_channel(f"{lhost}:{lport}", options=protocol.CHANNEL_OPTIONS)
         direct_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}", options=protocol.CHANNEL_OPTIONS)
-        stubs = {"relay": pb_grpc.ParameterServerStub(relay_ch), "direct": pb_grpc.ParameterServerStub(direct_ch)}
+        stubs = {"relay": protocol.client_stub(relay_ch), "direct": protocol.client_stub(direct_ch)}  # the worker's
         bare_unary = direct_ch.unary_unary(f"/{BARE_SERVICE}/Unary")
         bare_stream = direct_ch.stream_stream(f"/{BARE_SERVICE}/Stream")
         raw = socket.create_connection(("127.0.0.1", ports["raw"]))
@@ -389,7 +389,9 @@ def bench_transport(quick: bool) -> dict:
     cols = ["size", "payload", "message", "wire_up", "message/payload", "wire/payload", "+ip/tcp_eth1500",
             "+ip/tcp_lo", "raw_MBps", "grpc_relay_MBps", "x_raw_relay", "grpc_direct_MBps", "x_raw_direct",
             "x_raw_bare_unary", "x_raw_bare_stream", "reps"]
-    notes = (f"One Exchange per push: header + `protocol.iter_chunks` (1 MiB chunks) -> grpc -> a grpc.aio servicer "
+    notes = (f"One Exchange per push, sent as the worker sends it (`protocol.client_stub`): header + "
+             f"`protocol.iter_chunk_messages` (1 MiB chunk messages serialized by one join) -> grpc -> "
+             f"a grpc.aio servicer "
              f"registered by `service.add_servicer` and receiving exactly as `ParameterServer.Exchange` (chunk "
              f"messages as `protocol.ReceivedChunk` views, `protocol.received_chunk_size`, `Reassembler.add`, "
              f"`frames()`), reply = "
@@ -423,10 +425,15 @@ Profile and bounds (2 cores shared with other jobs, load 4-6 during these measur
   (the sender bounds it); 1 MB pushes: receiver page faults 809 -> 503 per call. Any other encoding (and
   every undecodable one) takes the protobuf path, so frames, byte counts and errors are unchanged.
 - Sender (the bottleneck now, direct): 0.94 ms/MiB of CPU at 64 MB (user 0.35, sys 0.59: loopback send incl.
-  the peer's TCP receive work); `iter_chunks`' bytes copy + `pb.Submission(chunk=)` (upb copies) +
-  `SerializeToString` (2 more copies) cost ~105 us/MiB of it. A request serializer that accepts a chunk message
-  already serialized by one join (tag + varint + memoryview of the frame) measured sender CPU 0.58 -> 0.40
-  ms/MiB; it needs the worker's stub to use that serializer (worker/client.py), so it is not in this figure.
+  the peer's TCP receive work) when each chunk went through `iter_chunks`' bytes copy + `pb.Submission(chunk=)`
+  (upb copies) + `SerializeToString` (2 more copies). The worker's stub (`protocol.client_stub`, used here too)
+  now sends chunk messages serialized by one join (`protocol.iter_chunk_messages`: tag + varint + memoryviews
+  of the frames, byte-identical to protobuf's). Old vs new request path in one process, interleaved, 12
+  pushes each: sender CPU 0.74 -> 0.62 ms/MiB at 8 MB and 0.49 -> 0.41 at 64 MB direct (1.01 -> 0.87 through
+  the relay); push time new/old 0.74 (1 MB), 0.89 (8 MB), 0.98 (64 MB) direct, 0.97 / 0.93 / 0.86 relay.
+  The worker also reads Join and Exchange reply chunks as `ReceivedChunk` views (downlink of 1/8/64 MiB into a
+  `Reassembler`, old vs new interleaved: receiver CPU 2.78 -> 2.17, 0.88 -> 0.71, 1.31 -> 1.06 ms/MiB; pull
+  time 0.81 / 0.87 / 0.78x).
 - Per call (<= 1 MB): the sync client's streaming machinery (py-spy of the sender at 1 MB pushes: channel spin
   thread 32%, request-consumer thread started per call and run ~13%, call creation 7%) plus heap trimming:
   each call's transient MiB buffers are given back to the OS (brk shrink) and faulted in again by the next

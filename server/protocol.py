@@ -1,8 +1,9 @@
 """What both ends of proto/efmuon/v1/service.proto agree on, as plain functions.
 
 Constants (protocol version, chunk size, message limits), the model fingerprint and its
-comparison, the run-config codec, and cutting frames into <= 1 MiB chunks and back. The
-server's servicer and the worker's client are the only other modules that touch `_pb2`.
+comparison, the run-config codec, cutting frames into <= 1 MiB chunk messages and back, and the
+client stub that sends and reads those messages without extra copies. The server's servicer and the
+worker's client are the only other modules that touch `_pb2`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from efmuon.common.config import RunConfig, from_mapping
 from efmuon.common.errors import FrameError, ProtocolError
 from efmuon.v1 import service_pb2 as pb
+from efmuon.v1 import service_pb2_grpc as pb_grpc
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT  # 1
 CHUNK_BYTES = 1 << 20  # payload bytes per chunk message (1 MiB)
@@ -134,9 +136,10 @@ class ReceivedChunk:
 
 
 def chunk_deserializer(cls, parse):
-    """A gRPC request deserializer for `cls` messages: a message that is exactly one `chunk` field
-    becomes a `ReceivedChunk` viewing the received bytes (protobuf would copy the MiB into its arena
-    and again on every `.chunk` read); anything else goes to `parse(data)`. Both readings agree: a
+    """A gRPC deserializer for `cls` messages (the server's Exchange requests, the worker's Join and
+    Exchange replies): a message that is exactly one `chunk` field becomes a `ReceivedChunk` viewing
+    the received bytes (protobuf would copy the MiB into its arena and again on every `.chunk` read);
+    anything else goes to `parse(data)`. Both readings agree: a
     message whose bytes are one chunk field parses to that chunk, and nothing else matches."""
     tag = cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
     if tag >= 0x80:
@@ -158,17 +161,72 @@ def chunk_deserializer(cls, parse):
     return deserialize
 
 
-def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission]:
-    """The Exchange request stream: the header message, then the frames in chunks.
+def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission | bytes]:
+    """The Exchange request stream: the header message (a pb.Submission), then the frames as chunk
+    messages already serialized (`iter_chunk_messages`; the stub of `client_stub` sends them as they are).
 
-    Appends each message's serialized size to `sizes` (the `message` byte level) without
-    serialising the chunk messages a second time."""
+    Appends each message's serialized size to `sizes` (the `message` byte level): for the chunk
+    messages that is their length, so nothing is serialized a second time."""
     first = pb.Submission(header=header)
     sizes.append(first.ByteSize())
     yield first
-    for chunk in iter_chunks(frames):
-        sizes.append(chunk_message_size(pb.Submission, len(chunk)))  # = ByteSize(), not serialised
-        yield pb.Submission(chunk=chunk)
+    for message in iter_chunk_messages(frames, pb.Submission):
+        sizes.append(len(message))
+        yield message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def iter_chunk_messages(frames: Iterable, cls=pb.Submission, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """`cls(chunk=c).SerializeToString()` for each chunk c of `iter_chunks(frames, size)`, built by one
+    join of the field's tag and length with memoryviews of the frames: one copy of the payload, where
+    `bytes(...)` + `cls(chunk=)` + `SerializeToString` make four (BENCHMARKS.md, transport)."""
+    tag = cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+    full_prefix = _varint(tag) + _varint(size)
+    pieces: list = [full_prefix]  # the prefix, then views of the frames that make up the chunk
+    have = 0
+    for f in frames:
+        mv = memoryview(f).cast("B")
+        pos, n = 0, len(mv)
+        while pos < n:
+            take = min(size - have, n - pos)
+            pieces.append(mv[pos:pos + take])
+            pos += take
+            have += take
+            if have == size:
+                yield b"".join(pieces)
+                pieces, have = [full_prefix], 0
+    if have:
+        pieces[0] = _varint(tag) + _varint(have)
+        yield b"".join(pieces)
+
+
+def submission_serializer(message: pb.Submission | bytes) -> bytes:
+    """Exchange's request serializer: a chunk message from `iter_chunk_messages` is already bytes."""
+    return message if type(message) is bytes else message.SerializeToString()
+
+
+def client_stub(channel) -> pb_grpc.ParameterServerStub:
+    """The generated stub, except that Exchange sends `submission_messages` as they are
+    (`submission_serializer`) and the replies of Join and Exchange are read by `chunk_deserializer`:
+    their chunks are read-only memoryviews of gRPC's bytes, not copies. Any other reply is parsed by
+    protobuf as before, so one it cannot parse fails the call the same way (gRPC's INTERNAL
+    "Exception deserializing response")."""
+    stub = pb_grpc.ParameterServerStub(channel)
+    stub.Join = channel.unary_stream(
+        "/efmuon.v1.ParameterServer/Join", request_serializer=pb.JoinRequest.SerializeToString,
+        response_deserializer=chunk_deserializer(pb.JoinReply, pb.JoinReply.FromString), _registered_method=True)
+    stub.Exchange = channel.stream_stream(
+        "/efmuon.v1.ParameterServer/Exchange", request_serializer=submission_serializer,
+        response_deserializer=chunk_deserializer(pb.Downlink, pb.Downlink.FromString), _registered_method=True)
+    return stub
 
 
 def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:

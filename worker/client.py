@@ -35,7 +35,6 @@ from efmuon.common.training import (configure_torch, gradients, model_specs, res
                                     trim_heap)
 from efmuon.server import protocol
 from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("efmuon.worker")
 
@@ -84,7 +83,7 @@ class Connection:
 
         self.channel = make_channel(target, host, security)
         self.metadata = security.metadata() if security is not None else ()
-        self.stub = pb_grpc.ParameterServerStub(self.channel)
+        self.stub = protocol.client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
         self._mark = self.counters()
 
     def counters(self) -> dict[str, int] | None:
@@ -365,7 +364,7 @@ class Worker:
                         self._acknowledged = True
                     parts = protocol.Reassembler(header.frame_lengths, (0, len(self.state.W)))
                 elif msg.WhichOneof("part") == "chunk":
-                    chunk = msg.chunk  # each access copies the bytes out of the message: once
+                    chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
                     down_message += protocol.received_chunk_size(msg, len(chunk))
                     parts.add(chunk)
                 else:

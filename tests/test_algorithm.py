@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from efmuon.common.algorithm import ServerState, WorkerState, frame_seed, lr_at
+from efmuon.common.algorithm import ServerState, WorkerState, all_finite, frame_seed, lr_at
 from efmuon.common.config import RunConfig, resolve
 from efmuon.common.errors import FrameError, ProtocolError
 from efmuon.common.lmo import LayerSpec, assign_norms
@@ -208,3 +208,91 @@ def test_non_finite_gradient_is_refused_before_any_state_changes():
     with pytest.raises(ValueError, match="NaN/Inf"):
         w.make_uplink(g)
     assert all(torch.equal(a, b) for a, b in zip(w.M, M_before))
+
+
+def _finite_cases(dtype):
+    """(name, tensor) pairs for `all_finite`: every kind of non-finite entry at every position of
+    sizes around the vector widths and the threads' chunk boundaries, views, and the degenerate shapes."""
+    nan, inf = float("nan"), float("inf")
+    gen = torch.Generator().manual_seed(0)
+    yield "scalar", torch.tensor(1.5, dtype=dtype)
+    yield "scalar nan", torch.tensor(nan, dtype=dtype)
+    yield "scalar -inf", torch.tensor(-inf, dtype=dtype)
+    for shape in [(0,), (0, 4), (4, 0), (2, 0, 3)]:
+        yield f"empty {shape}", torch.empty(shape, dtype=dtype)
+    top = torch.finfo(dtype).max  # finite, though their sum overflows: a check by sum would be wrong
+    yield "finite at the largest magnitudes", torch.full((5,), top, dtype=dtype)
+    yield "finite at the largest negative magnitudes", torch.full((5,), -top, dtype=dtype)
+    for n in [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 257]:
+        base = torch.randn(n, generator=gen).to(dtype)
+        yield f"finite {n}", base
+        yield f"all nan {n}", torch.full((n,), nan, dtype=dtype)
+        yield f"all +inf {n}", torch.full((n,), inf, dtype=dtype)
+        yield f"all -inf {n}", torch.full((n,), -inf, dtype=dtype)
+        for pos in range(n):
+            for v in (nan, -nan, inf, -inf):
+                t = base.clone()
+                t[pos] = v
+                yield f"{v} at {pos}/{n}", t
+            if n > 1:  # two kinds together: NaN beside an infinity, and both infinities
+                t = base.clone()
+                t[pos], t[(pos + 1) % n] = nan, inf
+                yield f"nan+inf at {pos}/{n}", t
+                t = base.clone()
+                t[pos], t[(pos + 1) % n] = -inf, inf
+                yield f"-inf+inf at {pos}/{n}", t
+    big = torch.randn(1 << 20 | 3, generator=gen).to(dtype)  # split across threads by the reduction
+    yield "finite 1M", big
+    for pos in (0, big.numel() // 2 - 1, big.numel() // 2, big.numel() - 1):
+        for v in (nan, inf, -inf):
+            t = big.clone()
+            t[pos] = v
+            yield f"{v} at {pos}/1M", t
+    m = torch.randn(65, 129, generator=gen).to(dtype)
+    views = {"transposed": lambda x: x.t(), "strided": lambda x: x[:, ::2], "sliced": lambda x: x[1:, 3:],
+             "expanded": lambda x: x[:1, :1].expand(40, 7)}
+    for name, view in views.items():
+        yield f"{name} finite", view(m)
+        for v in (nan, inf, -inf):
+            t = m.clone()
+            view(t)[0, 0] = v  # inside the view
+            yield f"{name} {v} inside", view(t)
+            t = m.clone()
+            view(t)[-1, -1] = v
+            yield f"{name} {v} last", view(t)
+    t = m.clone()
+    t[0, 1] = float("nan")  # only in the entries the strided view skips: that view is finite
+    yield "strided nan skipped", t[:, ::2]
+    t = m.clone()
+    t[0, :] = float("inf")  # only in the row the sliced view skips
+    yield "sliced inf skipped", t[1:, 3:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_is_exactly_isfinite_all(dtype):
+    cases = list(_finite_cases(dtype))
+    assert any(not t.is_contiguous() for _, t in cases) and any(t.numel() == 0 for _, t in cases)
+    wrong = [name for name, t in cases if all_finite(t) != bool(torch.isfinite(t).all())]
+    assert not wrong, wrong
+    expect = {"finite 1M": True, "finite at the largest magnitudes": True, "strided nan skipped": True, "sliced inf skipped": True, "scalar nan": False,
+              "nan at 0/1": False, "-inf at 16/17": False, "transposed inf last": False, "empty (4, 0)": True}
+    named = dict(cases)
+    assert {k: all_finite(named[k]) for k in expect} == expect
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_uplink_is_refused_with_the_layer_named(value):
+    from efmuon.common.compress import parse_spec
+
+    cfg = _cfg()
+    _, specs, _, targets, server, workers = _run(cfg, 3)
+    identity = parse_spec("identity")
+    rows = [[torch.ones(s) for _, s in SHAPES] for _ in range(3)]
+    rows[1][2][3, 5] = value
+    ups = {j: [identity.encode(t, 0) for t in r] for j, r in enumerate(rows)}
+    before = [g.clone() for g in server.G]
+    with pytest.raises(FrameError, match=r"client 1 uplink, layer h\.1\.weight: non-finite values"):
+        server.aggregate(ups)
+    assert all(torch.equal(g, b) for g, b in zip(server.G, before))
+    rows[1][2][3, 5] = 0.0
+    server.aggregate({j: [identity.encode(t, 0) for t in r] for j, r in enumerate(rows)})

@@ -250,3 +250,219 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
     assert reply.round == 1 and not reply.duplicate
     assert status.nonfinite_zeroed == 2
     assert G0[0, 0] == 0 and G0[0, 1] == 0 and G0[0, 2] == 1 and torch.isfinite(G0).all()
+
+
+class CuttableProxy:
+    """A TCP relay to 127.0.0.1:`port` whose open connections the test cuts at a moment of its choosing
+    (both sockets shut down and closed: the peers see the connection end mid-call); new connections
+    are relayed as before, so a client that reconnects reaches the server again."""
+
+    def __init__(self, port: int):
+        import threading
+
+        self.target = port
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.open += [client, upstream]
+                self.connections += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self.lock:
+            socks, self.open = self.open, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.lsock.close()
+        self.cut()
+
+
+class ReplyHeaderGate:
+    """Patches the in-process server's Exchange and Join (pytest monkeypatch) to record what client
+    `client` submits, is answered and announces, and to hold back the chunks of the reply to its
+    round `round_` after that reply's header went out, until `resume` is set."""
+
+    def __init__(self, monkeypatch, client: int, round_: int):
+        from efmuon.server import service
+
+        self.submissions: list[tuple[int, int]] = []  # (round, number of frames) per Exchange of `client`
+        self.replies: list[tuple[int, int, bool, bool]] = []  # (submitted round, header round, duplicate, resync)
+        self.joins: list[int | None] = []  # resume_round of each Join of `client`
+        self.header_sent, self.resume = asyncio.Event(), asyncio.Event()
+        exchange, join, gate = service.ParameterServer.Exchange, service.ParameterServer.Join, self
+
+        async def gated_exchange(servicer, request_iterator, context):
+            seen = {}
+
+            async def requests():
+                async for m in request_iterator:
+                    if not seen and m.WhichOneof("part") == "header":
+                        seen.update(client=m.header.client_id, round=m.header.round)
+                        if seen["client"] == client:
+                            gate.submissions.append((m.header.round, len(m.header.frame_lengths)))
+                    yield m
+            async for msg in exchange(servicer, requests(), context):
+                yield msg
+                if msg.WhichOneof("part") == "header" and seen.get("client") == client:
+                    h = msg.header
+                    gate.replies.append((seen["round"], h.round, h.duplicate, h.resync))
+                    if seen["round"] == round_ and not gate.header_sent.is_set():
+                        gate.header_sent.set()
+                        await gate.resume.wait()
+
+        async def recorded_join(servicer, request, context):
+            if request.client_id == client:
+                gate.joins.append(request.resume_round if request.HasField("resume_round") else None)
+            async for msg in join(servicer, request, context):
+                yield msg
+
+        monkeypatch.setattr(service.ParameterServer, "Exchange", gated_exchange)
+        monkeypatch.setattr(service.ParameterServer, "Join", recorded_join)
+
+    async def acknowledged(self, worker, round_: int) -> None:
+        """Wait until `worker` took the held reply's header: it freed its frames of `round_`."""
+        await asyncio.wait_for(self.header_sent.wait(), 30)
+        deadline = time.monotonic() + 10
+        while not (worker._acknowledged and worker.pending is not None and worker.pending[0] == round_):
+            assert time.monotonic() < deadline, "the worker did not take the reply header"
+            await asyncio.sleep(0.002)
+        assert worker.pending[1] == []  # its frames are gone: it cannot resend them
+
+
+async def test_connection_lost_after_the_reply_header_resumes_at_the_next_round_bit_identically(monkeypatch):
+    """In-process server, worker 1 behind a relay the test cuts. Worker 1 receives the header of the reply
+    to its round-2 submission (it then frees its frames, `_acknowledged`), and the connection is cut
+    before the downlink's chunks arrive. It re-joins announcing round 3 (`_resume_round`), the server
+    keeps its state (no re-sync, so M_j survives), it resends round 2 without frames, gets the same
+    reply again as a duplicate, and the run ends with the bits of an uninterrupted run."""
+    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, tiny_model
+    from efmuon.worker import Worker
+
+    cfg = make_cfg(workers=2, rounds=4)
+    K = 2  # the round whose reply header arrives before the cut
+    gate = ReplyHeaderGate(monkeypatch, client=1, round_=K)
+    async with Harness(cfg) as h:
+        proxy = CuttableProxy(h.port)
+        w1 = Worker(tiny_model(), loss_fn, batches_of(1), server=f"127.0.0.1:{proxy.port}", client_id=1,
+                    configure_threads=False, reconnect_timeout=30)
+
+        async def cut_after_the_header():
+            await gate.acknowledged(w1, K)
+            proxy.cut()
+            gate.resume.set()
+
+        try:
+            # Execute
+            stats, _ = await asyncio.gather(run_workers(h.worker(0), w1), cut_after_the_header())
+            await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+        finally:
+            gate.resume.set()
+            proxy.close()
+
+    # Assert
+    expected = reference_w(cfg)
+    assert h.coordinator.report.summary["w_sha256"] == expected
+    assert [s["w_sha256"] for s in stats] == [expected, expected]
+    assert w1.reconnects == 1 and w1.resyncs == 0 and proxy.connections == 2
+    assert gate.joins == [None, K + 1]  # the first Join, then the resume at round K + 1
+    p = len(w1.state.W)
+    assert gate.submissions == [(0, p), (1, p), (K, p), (K, 0), (3, p), (4, p)]  # round K again, without frames
+    assert gate.replies[2:4] == [(K, K + 1, False, False), (K, K + 1, True, False)]  # the same reply, a duplicate
+
+
+async def test_a_server_resumed_from_an_older_checkpoint_re_syncs_a_worker_that_freed_its_frames(monkeypatch, tmp_path):
+    """Why `_resume_round` announces K + 1 once the reply header arrived: worker 1 freed its round-K
+    frames, then the server is replaced by one resumed from the checkpoint taken before round K was
+    applied (it is collecting K). Announcing K would make that server keep the worker's state and take
+    the frameless resend of round K as its submission (R_j = 0 on the server, not on the worker: their
+    G_j diverge); announcing K + 1 gets it re-synced. Both workers go through the relay, which is
+    re-pointed at the resumed server before the cut; the run completes with every G_j and W agreeing."""
+    import torch
+
+    from efmuon.common.algorithm import params_sha256
+    from efmuon.common.checkpoint import list_checkpoints, load_server
+    from efmuon.server import service
+    from efmuon.server.coordinator import Coordinator, ServerOptions
+    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, run_workers, server_model, tiny_model
+    from efmuon.worker import Worker
+
+    cfg = make_cfg(workers=2, rounds=4)
+    K = 2
+    ckpt = tmp_path / "ckpt"
+    gate = ReplyHeaderGate(monkeypatch, client=1, round_=K)
+    async with Harness(cfg, options=ServerOptions(checkpoint_dir=str(ckpt), checkpoint_every=1,
+                                                  checkpoint_keep=10)) as first:
+        proxy = CuttableProxy(first.port)
+        workers = [Worker(tiny_model(), loss_fn, batches_of(j), server=f"127.0.0.1:{proxy.port}", client_id=j,
+                          configure_threads=False, reconnect_timeout=30) for j in range(2)]
+        second = {}
+
+        async def replace_the_server_after_the_header():
+            await gate.acknowledged(workers[1], K)
+            older = [c for _, c in list_checkpoints(ckpt) if load_server(c)[1]["extra"]["collecting"] == K]
+            assert older, list_checkpoints(ckpt)
+            coord = Coordinator(cfg, server_model(cfg), quiet=True, leave_timeout=5, resume=load_server(older[0]))
+            second["coordinator"] = coord
+            second["server"], proxy.target = await service.start(coord)
+            proxy.cut()  # both workers lose the first server; they reconnect to the second
+            gate.resume.set()
+
+        try:
+            # Execute
+            stats, _ = await asyncio.gather(run_workers(*workers), replace_the_server_after_the_header())
+            coord = second["coordinator"]
+            await asyncio.wait_for(coord.finished.wait(), 10)
+        finally:
+            gate.resume.set()
+            proxy.close()
+            if "server" in second:
+                await second["server"].stop(0)
+                second["coordinator"].executor.shutdown(wait=True)
+
+    # Assert
+    st = coord.state
+    names = workers[0].names
+    assert gate.joins == [None, K + 1]  # the second server is collecting K: it re-syncs, not resumes ...
+    assert workers[1].resyncs == 1 and workers[1].reconnects == 1
+    p = len(st.W)
+    assert gate.submissions[:3] == [(0, p), (1, p), (K, p)] and gate.submissions[3] == (K, p)  # ... K recomputed
+    assert coord.report.summary["rounds"] == 4
+    assert [s["w_sha256"] for s in stats] == [params_sha256(st.W, names)] * 2
+    for j, w in enumerate(workers):  # the server's copy of each G_j is the worker's, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(st.estimators[j], w.state.Gj))
+    for i, g in enumerate(st.G):
+        torch.testing.assert_close(g, (st.estimators[0][i] + st.estimators[1][i]) / 2, rtol=1e-5, atol=1e-6)

@@ -509,16 +509,23 @@ class Coordinator:
             if tuple(d.shape) != tuple(spec.shape) or d.dtype != torch.float32:
                 raise FrameError(f"layer {spec.name}: decoded to {tuple(d.shape)} {d.dtype}, expected "
                                  f"{tuple(spec.shape)} float32")
-            finite = torch.isfinite(d)
-            if not bool(finite.all()):
+            if not d.numel():
+                out.append(d)
+                continue
+            # one pass (aminmax; NaN propagates through it) answers both checks for a clean frame;
+            # the full isfinite pass runs only for a frame that has a NaN/Inf
+            lo, hi = (float(v) for v in d.aminmax())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                finite = torch.isfinite(d)
                 bad = int(finite.numel() - int(finite.sum()))
                 if self.opts.nan_policy == "reject":
                     raise FrameError(f"layer {spec.name}: {bad} non-finite value(s) (NaN/Inf); the server's "
                                      "--nan-policy is reject")
                 d = torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
                 zeroed += bad
-            if d.numel() and float(d.abs().max()) > MAX_ABS_VALUE:
-                raise FrameError(f"layer {spec.name}: a value of magnitude {float(d.abs().max()):.3g} is above "
+                lo, hi = (float(v) for v in d.aminmax())
+            if max(-lo, hi) > MAX_ABS_VALUE:
+                raise FrameError(f"layer {spec.name}: a value of magnitude {max(-lo, hi):.3g} is above "
                                  f"{MAX_ABS_VALUE:g}; G would overflow")
             out.append(d)
         return out, zeroed

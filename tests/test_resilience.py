@@ -252,6 +252,32 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
     assert G0[0, 0] == 0 and G0[0, 1] == 0 and G0[0, 2] == 1 and torch.isfinite(G0).all()
 
 
+@pytest.mark.parametrize("bad, message", [(float("nan"), "non-finite value"), (float("-inf"), "non-finite value"),
+                                          (-3e38, "is above")])
+async def test_reject_policy_refuses_non_finite_and_huge_values_and_keeps_state(bad, message):
+    import grpc
+    import torch
+
+    from efmuon.common.compress import parse_spec
+    from efmuon.common.training import parameters_of
+    from efmuon.server.coordinator import ServerOptions
+    from test_service_protocol import Harness, make_cfg, tiny_model
+
+    cfg = make_cfg(workers=1, rounds=2, uplink="identity", downlink="identity")
+    names, params = parameters_of(tiny_model())
+    async with Harness(cfg, options=ServerOptions(nan_policy="reject")) as h:
+        header = await h.raw_join(0)
+        before = [g.clone() for g in h.coordinator.state.G]
+        grads = [torch.ones_like(p) for p in params]
+        grads[-1].view(-1)[-1] = bad  # the last entry of the last layer: a one-pass check must still see it
+        identity = parse_spec("identity")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.raw_exchange(0, header.session, 0, [identity.encode(g, 0) for g in grads])
+        after = h.coordinator.state.G
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
 class CuttableProxy:
     """A TCP relay to 127.0.0.1:`port` whose open connections the test cuts at a moment of its choosing
     (both sockets shut down and closed: the peers see the connection end mid-call); new connections

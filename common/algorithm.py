@@ -313,7 +313,8 @@ class ServerState:
         nuclear = 0.0
         for block in self.lmo_blocks():
             Gb, specs = [G[i] for i in block], [self.specs[i] for i in block]
-            directions = lmo_all(Gb, specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs)
+            directions = lmo_all(Gb, specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs,
+                                 threads=self.cfg.lmo_threads or None)
             if muonmax:
                 nuclear = self._nuclear_sum(directions, Gb, specs, nuclear)
             ts = self.step_sizes(directions, Gb, t, block, nuclear if muonmax else None)

@@ -56,6 +56,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of data, init and compressor randomness (default 0)")
     g.add_argument("--device", choices=DEVICES, help="where tensors live: cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, help="torch threads per process (default 1: keeps runs bit-reproducible)")
+    g.add_argument("--lmo-threads", type=int, metavar="N",
+                   help="torch threads for the server's Newton-Schulz step (default 0 = automatic: every core the "
+                        "process may use once a step is >= 1 GFLOP, else --threads); set 1 on a machine shared "
+                        "with the workers")
     g.add_argument("--report", metavar="PATH.json", help="write the JSON report here")
     g.add_argument("--metrics", metavar="PATH.jsonl", help="stream one JSON line per round here")
     g.add_argument("--eval-every", type=int, help="evaluate loss at W and X every N rounds (default 1)")
@@ -96,7 +100,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 _FLAG_TO_KEY = {
     "task": "task", "workers": "workers", "rounds": "rounds", "seed": "seed", "device": "device",
-    "threads": "threads", "report": "report", "metrics": "metrics", "eval_every": "eval_every",
+    "threads": "threads", "lmo_threads": "lmo_threads", "report": "report", "metrics": "metrics", "eval_every": "eval_every",
     "log_every": "log_every", "method": "method", "preset": "preset", "lr": "lr", "beta": "beta",
     "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "init": "init",
     "ns_steps": "ns_steps", "ns_coeffs": "ns_coeffs", "ef14_variant": "ef14_variant", "ef14_bits": "ef14_bits",

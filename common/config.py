@@ -70,6 +70,7 @@ class RunConfig:
     # --- execution
     device: str = "cpu"
     threads: int = 1
+    lmo_threads: int = 0  # torch threads for the server's Newton-Schulz; 0 = lmo.lmo_threads (all cores for >= 1 GFLOP)
     eval_every: int | None = None  # rounds between loss evaluations (None: the task's, 1 for small tasks)
     log_every: int = 10
     report: str | None = None
@@ -167,6 +168,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("weight_decay", cfg.weight_decay, allow_zero=True)
     _positive("ns_steps", cfg.ns_steps, integer=True)
     _positive("threads", cfg.threads, integer=True)
+    _positive("lmo_threads", cfg.lmo_threads, allow_zero=True, integer=True)
     _positive("eval_every", cfg.eval_every, integer=True)
     _positive("log_every", cfg.log_every, integer=True)
     _positive("gluon_l0", cfg.gluon_l0, allow_zero=True)

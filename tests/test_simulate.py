@@ -90,3 +90,14 @@ def test_bad_flag_values_are_clear_errors(capsys):
     assert "topk" in err
     assert main(["simulate", "--task", "lsq", "--beta", "1.5"]) == 2
     assert "beta" in capsys.readouterr().err
+
+
+def test_lmo_threads_flag_is_checked_and_one_thread_gives_the_same_bits(capsys):
+    assert main(["simulate", "--task", "lsq", "--lmo-threads", "-1"]) == 2
+    assert "lmo_threads" in capsys.readouterr().err
+    # lsq's 512x1024-class matrix is above lmo.LMO_PARALLEL_MIN_FLOPS: automatic = every core
+    cfg = RunConfig(task="lsq", workers=4, rounds=3, uplink="topk:0.1", downlink="quant:4",
+                    task_options={"d_in": 1024, "d_out": 512})
+    auto = simulate(cfg, quiet=True)["summary"]["w_sha256"]
+    one = simulate(cfg.replace(lmo_threads=1), quiet=True)["summary"]["w_sha256"]
+    assert auto == one

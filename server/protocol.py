@@ -85,9 +85,23 @@ def varint_size(value: int) -> int:
     return n
 
 
+def _varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _chunk_tag(cls) -> int:
+    """The key of `cls`'s `chunk` field: field number, wire type 2 (length-delimited)."""
+    return cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+
+
 def _chunk_tag_size(cls) -> int:
-    number = cls.DESCRIPTOR.fields_by_name["chunk"].number
-    return varint_size(number << 3 | 2)  # wire type 2: length-delimited
+    return varint_size(_chunk_tag(cls))
 
 
 _CHUNK_TAG = {cls: _chunk_tag_size(cls) for cls in (pb.JoinReply, pb.Submission, pb.Downlink)}
@@ -141,7 +155,7 @@ def chunk_deserializer(cls, parse):
     the received bytes (protobuf would copy the MiB into its arena and again on every `.chunk` read);
     anything else goes to `parse(data)`. Both readings agree: a
     message whose bytes are one chunk field parses to that chunk, and nothing else matches."""
-    tag = cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+    tag = _chunk_tag(cls)
     if tag >= 0x80:
         raise ValueError("chunk_deserializer needs a one-byte chunk tag")
 
@@ -175,37 +189,13 @@ def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: li
         yield message
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def iter_chunk_messages(frames: Iterable, cls=pb.Submission, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """`cls(chunk=c).SerializeToString()` for each chunk c of `iter_chunks(frames, size)`, built by one
     join of the field's tag and length with memoryviews of the frames: one copy of the payload, where
     `bytes(...)` + `cls(chunk=)` + `SerializeToString` make four (BENCHMARKS.md, transport)."""
-    tag = cls.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
-    full_prefix = _varint(tag) + _varint(size)
-    pieces: list = [full_prefix]  # the prefix, then views of the frames that make up the chunk
-    have = 0
-    for f in frames:
-        mv = memoryview(f).cast("B")
-        pos, n = 0, len(mv)
-        while pos < n:
-            take = min(size - have, n - pos)
-            pieces.append(mv[pos:pos + take])
-            pos += take
-            have += take
-            if have == size:
-                yield b"".join(pieces)
-                pieces, have = [full_prefix], 0
-    if have:
-        pieces[0] = _varint(tag) + _varint(have)
-        yield b"".join(pieces)
+    tag = _varint(_chunk_tag(cls))
+    for pieces, n in _chunk_pieces(frames, size):
+        yield b"".join([tag, _varint(n), *pieces])
 
 
 def submission_serializer(message: pb.Submission | bytes) -> bytes:
@@ -229,25 +219,30 @@ def client_stub(channel) -> pb_grpc.ParameterServerStub:
     return stub
 
 
-def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The concatenation of `frames` cut into pieces of exactly `size` bytes (the last may be shorter)."""
-    buf = bytearray()
+def _chunk_pieces(frames: Iterable, size: int) -> Iterator[tuple[list[memoryview], int]]:
+    """The concatenation of `frames` cut into chunks of exactly `size` bytes (the last may be shorter),
+    each as (views of the frames that make it up, its length): nothing is copied here."""
+    pieces: list[memoryview] = []
+    have = 0
     for f in frames:
         mv = memoryview(f).cast("B")
         pos, n = 0, len(mv)
         while pos < n:
-            if not buf and n - pos >= size:  # a whole chunk straight out of a large frame
-                yield bytes(mv[pos:pos + size])
-                pos += size
-                continue
-            take = min(size - len(buf), n - pos)
-            buf += mv[pos:pos + take]
+            take = min(size - have, n - pos)
+            pieces.append(mv[pos:pos + take])
             pos += take
-            if len(buf) == size:
-                yield bytes(buf)
-                buf = bytearray()
-    if buf:
-        yield bytes(buf)
+            have += take
+            if have == size:
+                yield pieces, have
+                pieces, have = [], 0
+    if have:
+        yield pieces, have
+
+
+def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The concatenation of `frames` cut into pieces of exactly `size` bytes (the last may be shorter)."""
+    for pieces, _ in _chunk_pieces(frames, size):
+        yield b"".join(pieces)
 
 
 class Reassembler:

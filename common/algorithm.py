@@ -38,10 +38,10 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from efmuon.common.compress import Compressor, parse_spec
-from efmuon.common.config import RunConfig
-from efmuon.common.errors import FrameError, ProtocolError
-from efmuon.common.lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
+from .compress import Compressor, parse_spec
+from .config import RunConfig
+from .errors import FrameError, ProtocolError
+from .lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
 
 UP, DOWN, INIT = 1, 2, 3
 _MASK64 = (1 << 63) - 1

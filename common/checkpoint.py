@@ -47,8 +47,9 @@ import msgpack
 import numpy as np
 import torch
 
-from efmuon.common.config import RunConfig
-from efmuon.common.errors import ConfigError, FrameError
+from .algorithm import params_sha256
+from .config import RunConfig
+from .errors import ConfigError, FrameError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.msgpack"
@@ -476,7 +477,6 @@ def save_server(directory: str | os.PathLike, state, cfg: RunConfig | None = Non
     `cfg` defaults to `state.cfg`. `clients` is per-client metadata (e.g. ``{3: {"last_round": 7}}``),
     `extra` any other msgpack-able metadata, `extra_tensors` more tensors (read back as ``extra/NAME``).
     """
-    from efmuon.common.algorithm import params_sha256
 
     cfg = cfg if cfg is not None else state.cfg
     w = _Writer()
@@ -580,7 +580,6 @@ def restore_server(state, loaded: tuple[dict[str, torch.Tensor], dict], *, check
 def save_worker(directory: str | os.PathLike, state, client_id: int | None = None, extra: Mapping | None = None, *,
                 extra_tensors: Mapping[str, torch.Tensor] | None = None, keep: int = DEFAULT_KEEP) -> Path:
     """Checkpoint a `WorkerState` (W, M, Gj, error, round) into DIR/round-NNNNNN; returns that path."""
-    from efmuon.common.algorithm import params_sha256
 
     client_id = state.client if client_id is None else int(client_id)
     if client_id != state.client:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from efmuon.common.errors import ConfigError
-from efmuon.common.plots import compare_figure, compare_rows, format_table, run_label
+from .errors import ConfigError
+from .plots import compare_figure, compare_rows, format_table, run_label
 
 
 def load_report(path: str) -> dict:

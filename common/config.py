@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from efmuon.common.errors import ConfigError
+from .compress import parse_spec
+from .errors import ConfigError
+from .federation import parse_compute_scale
+from .links import parse_link, parse_link_mix
 
 TASKS = ("lsq", "digits", "gpt-char")
 PRESETS = ("muon", "scion", "gluon", "muonmax")
@@ -191,7 +194,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ConfigError(f"{name} must be a compressor spec string such as 'topk:0.1'")
     # Compressor specs are checked by parsing them (the parser names the valid forms).
-    from efmuon.common.compress import parse_spec
 
     for spec in [cfg.uplink, cfg.downlink, *cfg.uplink_layers.values(), *cfg.downlink_layers.values()]:
         parse_spec(spec)
@@ -214,12 +216,10 @@ def _validate_federated(cfg: RunConfig) -> None:
     if len(given) > 1:
         raise ConfigError(f"give at most one of link, link_mix, link_trace (got {', '.join(given)})")
     if cfg.link is not None:
-        from efmuon.common.links import parse_link
 
         parse_link(cfg.link)
     _choice("shaping", cfg.shaping, SHAPINGS)
     if isinstance(cfg.links, dict):
-        from efmuon.common.links import parse_link
 
         for key, spec in cfg.links.items():
             try:
@@ -232,11 +232,9 @@ def _validate_federated(cfg: RunConfig) -> None:
                 raise ConfigError(f"links.{key}={spec!r} must be a link spec string such as 'lte' or 'up=10mbit,delay=20ms'")
             parse_link(spec)
     if cfg.link_mix is not None:
-        from efmuon.common.federated import parse_link_mix
 
         parse_link_mix(cfg.link_mix)
     if cfg.compute_scale is not None:
-        from efmuon.common.federated import parse_compute_scale
 
         parse_compute_scale(cfg.compute_scale)
 

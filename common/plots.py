@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from efmuon.common.report import human_bytes
+from .report import human_bytes
 
 DPI = 110
 

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+
 LEVELS = ("payload", "message", "wire")
 
 

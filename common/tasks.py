@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from efmuon.common.errors import ConfigError
-from efmuon.common.gptchar import GPT
+from .errors import ConfigError
+from .gptchar import GPT
 
 __all__ = ["TASKS", "Task", "LsqTask", "DigitsTask", "GptCharTask", "make_task", "derive_seed",
            "load_corpus"]

@@ -5,7 +5,7 @@
     ledger       bytes per round, client, direction and level (payload / message / wire)
     service      the servicer (one Coordinator call per RPC) and serve() with graceful shutdown
     app          `efmuon server` and `efmuon run` (server here + worker processes)
-    cli          the subcommands, wired into efmuon.common.cli
+    cli          the subcommands, wired into efmuon.cli
 
 Kept import-light: `efmuon simulate` imports the CLI wiring without loading gRPC.
 """

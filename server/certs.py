@@ -1,23 +1,6 @@
-"""`efmuon certs DIR`: development certificates for TLS and mutual TLS, plus bearer tokens.
-
-    make_dev_certs("certs", hosts=("localhost", "127.0.0.1", "10.0.0.5"), clients=4)
-
-writes, into DIR:
-
-    ca.pem, ca.key                 a development CA (keep ca.key private; it signs everything below)
-    server.pem, server.key         the server's certificate, valid for `hosts` (DNS names and IPs)
-    client-J.pem, client-J.key     client J's certificate (mutual TLS), CN "efmuon-client-J"
-    tokens.txt                     the server's token file: one 'J TOKEN' line per client
-    client-J.token                 client J's own token file (one line 'J TOKEN')
-
-Private keys and token files are created with mode 0600. Keys are ECDSA P-256. These are for
-development and closed test networks; in production use your own PKI.
-
-Uses the `cryptography` package when it is importable, else the `openssl` command-line tool.
-"""
+"""TODO docstring"""
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import ipaddress
 import os
@@ -29,9 +12,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from efmuon.common.errors import ConfigError
+from ..common.errors import ConfigError
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
 VALID_DAYS = 365
 
 
@@ -51,11 +36,6 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-# --------------------------------------------------------------------------------------------
-# backend 1: the cryptography package
-# --------------------------------------------------------------------------------------------
 
 
 def _crypto_backend(hosts: Sequence[str], client_names: Sequence[str], days: int) -> dict[str, bytes]:
@@ -116,11 +96,6 @@ def _crypto_backend(hosts: Sequence[str], client_names: Sequence[str], days: int
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# backend 2: the openssl command-line tool
-# --------------------------------------------------------------------------------------------
-
-
 def _openssl_backend(hosts: Sequence[str], client_names: Sequence[str], days: int) -> dict[str, bytes]:
     exe = shutil.which("openssl")
     if exe is None:
@@ -163,11 +138,6 @@ def _openssl_backend(hosts: Sequence[str], client_names: Sequence[str], days: in
             leaf(base, f"efmuon-{base}", [f"DNS:efmuon-{base}"], "clientAuth")
         names = ["ca.pem", "ca.key", "server.pem", "server.key"] + [f"{b}.{e}" for b in client_names for e in ("pem", "key")]
         return {n: (t / n).read_bytes() for n in names}
-
-
-# --------------------------------------------------------------------------------------------
-# public API
-# --------------------------------------------------------------------------------------------
 
 
 def make_dev_certs(directory: str | os.PathLike, hosts: Sequence[str] = DEFAULT_HOSTS, clients: int = 1, *,
@@ -237,27 +207,4 @@ def _explain(d: Path, hosts: Sequence[str], clients: int, tokens: bool, stream) 
     p("  (omit --tls-ca on the server for TLS without client certificates; workers then need only --tls-ca)")
 
 
-def add_certs_parser(sub) -> argparse.ArgumentParser:
-    """Add `efmuon certs DIR` to an argparse subparsers object."""
-    p = sub.add_parser("certs", help="make development TLS certificates (CA, server, clients) and tokens",
-                       description="Write a development CA, a server certificate for --host names/IPs, client "
-                                   "certificates for mutual TLS and per-client bearer tokens into DIR, and print "
-                                   "the server and worker flags that use them.")
-    p.add_argument("dir", metavar="DIR", help="directory to write into (created if missing)")
-    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
-                   help="a DNS name or IP the server is reached by (repeatable; default: localhost and 127.0.0.1)")
-    p.add_argument("--clients", type=int, default=1, metavar="N", help="client certificates and tokens to make (default 1)")
-    p.add_argument("--days", type=int, default=VALID_DAYS, help=f"validity in days (default {VALID_DAYS})")
-    p.add_argument("--no-tokens", action="store_true", help="do not write tokens.txt / client-J.token")
-    p.add_argument("--force", action="store_true", help="replace existing files in DIR")
-    p.set_defaults(func=cmd_certs)
-    return p
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    make_dev_certs(args.dir, hosts=tuple(args.host or DEFAULT_HOSTS), clients=args.clients,
-                   tokens=not args.no_tokens, days=args.days, force=args.force)
-    return 0
-
-
-__all__ = ["make_dev_certs", "add_certs_parser", "cmd_certs", "DEFAULT_HOSTS"]
+__all__ = ["make_dev_certs", "DEFAULT_HOSTS"]

@@ -1,183 +1,37 @@
-"""The server's round logic: sessions, the synchronous barrier, and the report. No gRPC here.
-
-`Coordinator` owns a `ServerState` (X, W, G of DESIGN.md section 1) and turns the clients'
-calls into the core's round, exactly in the order `efmuon simulate` uses:
-
-    round 0   all n initial submissions in  ->  aggregate(init=True)            (init = 'grad')
-    round k   all n submissions of k in     ->  aggregate; evaluate loss at W and X; step()
-              step() returns the frames of S_{k+1} once; the same bytes go to every client
-    after R   a `done` reply; wait for every client's Leave (it carries the last wire figures),
-              then write the report.
-
-Everything that touches tensors (decoding, aggregate, evaluation, step, chunking) runs on one
-worker thread (`loop.run_in_executor`), so the event loop keeps answering Status and
-accepting submissions while a round is computed, and the state is only ever touched by one
-thread at a time. Uplinks are decoded as they arrive (one client at a time; a bad frame is
-refused with INVALID_ARGUMENT and nothing changes) and applied together, sorted by client id, so
-the sum is the same as `ServerState.aggregate` computes.
-
-Resilience (README "Resilience"):
-  - a client id can be re-joined (`rejoin`): a restarted worker takes over its id; the server
-    either keeps the worker's own state (it sent a consistent `resume_round`) or re-syncs it
-    (W and the server's copy of its G_j; the worker sets M_j := G_j);
-  - every round has a deadline (`ServerOptions.round_deadline`, counted from the moment the round
-    opened); a client that left or crashed is waited for until then, and then the run fails
-    (`on_deadline='fail'`, ABORTED for everyone with the missing clients named) or the round
-    proceeds with the clients present (`'proceed'`): G += (1/n) sum over those present, so G is
-    still the mean of all n estimators; a skipped client is told to re-sync when it comes back;
-  - the server checkpoints (X, W, G, every G_j, each client's last applied round, the last
-    downlink's frames, the report so far, RNG states, the config) every `checkpoint_every` rounds
-    and at the end / at shutdown, before the round's reply is released, so a worker never holds a
-    downlink that a restarted server does not know.
-
-Bytes are recorded per (round, client, direction, level) in a `ByteLedger`. The client's wire
-figures arrive one call late (`WireReport`), so round k enters the report when round k+1's
-submissions (or the Leaves, for the last round) are in.
-"""
+"""TODO docstring"""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import math
-import os
 import secrets
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from efmuon.common.algorithm import ServerState, params_sha256
-from efmuon.common.compress import parse_spec
-from efmuon.common.config import RunConfig
-from efmuon.common.errors import ConfigError, EfmuonError, FrameError, ProtocolError
-from efmuon.common.lmo import LayerSpec
-from efmuon.common.report import Report
-from efmuon.common.training import return_freed_memory, trim_heap
-from efmuon.server import protocol
-from efmuon.server.estimators import MODES as ESTIMATOR_MODES
-from efmuon.server.estimators import EstimatorStore
-from efmuon.server.ledger import ByteLedger
-from efmuon.v1 import service_pb2 as pb
+from ..common.algorithm import ServerState, params_sha256
+from ..common.checkpoint import restore_server, save_server
+from ..common.compress import parse_spec
+from ..common.config import RunConfig
+from ..common.errors import ConfigError, FrameError
+from ..common.outputs import write_outputs
+from ..common.report import Report
+from ..common.runtime import return_freed_memory, rss_bytes, trim_heap
+from ..common.wire import chunking, protocol
+from ..v1 import service_pb2 as pb
+from .errors import Rejected, RunAborted
+from .estimators import EstimatorStore
+from .ledger import ByteLedger
+from .model import ServerModel
+from .options import LEAVE_TIMEOUT, MAX_ABS_VALUE, MAX_NAME_BYTES, ServerOptions
+from .plan import Plan
 
 log = logging.getLogger("efmuon.server")
-
-LEAVE_TIMEOUT = 30.0  # seconds to wait for the clients' Leave after the last round
-MAX_ABS_VALUE = 1e30  # an uplink entry larger than this is refused: G would overflow float32
-MAX_NAME_BYTES = 256
-ON_DEADLINE = ("fail", "proceed")
-NAN_POLICIES = ("reject", "zero")
-
-
-@dataclass
-class ServerOptions:
-    """How the server behaves around the algorithm (not part of the run configuration)."""
-
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0  # rounds between checkpoints; 0: only at the end and at shutdown
-    checkpoint_keep: int = 3
-    round_deadline: float | None = 600.0  # seconds a round waits for every client; None: forever
-    on_deadline: str = "fail"  # fail | proceed
-    nan_policy: str = "reject"  # reject | zero
-    max_clients: int = 1024  # live sessions at most (and --workers at most)
-    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
-    estimators: str = "fp32"  # fp32 | bf16 | disk
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    token_file: str | None = None
-
-    def validate(self) -> "ServerOptions":
-        if self.on_deadline not in ON_DEADLINE:
-            raise ConfigError(f"--on-deadline {self.on_deadline!r}; choose one of: {', '.join(ON_DEADLINE)}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"--nan-policy {self.nan_policy!r}; choose one of: {', '.join(NAN_POLICIES)}")
-        if self.estimators not in ESTIMATOR_MODES:
-            raise ConfigError(f"--estimators {self.estimators!r}; choose one of: {', '.join(ESTIMATOR_MODES)}")
-        if self.estimators == "disk" and not self.checkpoint_dir:
-            raise ConfigError("--estimators disk spills to files under --checkpoint-dir DIR: give one")
-        if self.round_deadline is not None and not (self.round_deadline > 0 and math.isfinite(self.round_deadline)):
-            raise ConfigError(f"--round-deadline {self.round_deadline!r} must be > 0 seconds")
-        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
-            raise ConfigError("--checkpoint-every must be >= 0 and the number of checkpoints kept >= 1")
-        if self.checkpoint_every and not self.checkpoint_dir:
-            raise ConfigError("--checkpoint-every needs --checkpoint-dir DIR")
-        if self.max_clients < 1:
-            raise ConfigError(f"--max-clients {self.max_clients} must be >= 1")
-        if not (1 << 20) + 4096 <= self.max_message_bytes <= (1 << 31) - 1:
-            raise ConfigError(f"--max-message-bytes {self.max_message_bytes} must be in [1 MiB + 4 KiB, 2 GiB): "
-                              "a chunk message is up to 1 MiB plus a few bytes")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("give both --tls-cert and --tls-key (the server's certificate and key), or neither")
-        if self.tls_ca is not None and self.tls_cert is None:
-            raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
-        return self
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class RunAborted(EfmuonError):
-    """The run cannot go on (a client left early, or the server failed)."""
-
-
-class Rejected(Exception):
-    """A request refused at the edge; `code` is the name of a grpc.StatusCode."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class ServerModel:
-    """What the server knows about the model besides the config.
-
-    Optional hooks, all run on the server's compute thread:
-      `evaluate(W, X) -> dict`  after rounds the config asks to evaluate: "loss_w", "loss_x" and any
-                                extra round entries (e.g. "val_loss_w");
-      `initial(W) -> dict`      once before round 1: summary entries (e.g. "initial_loss");
-      `final(W, X) -> dict`     after the last round: summary entries (eval_loss_w, f_star, ...).
-    """
-
-    names: list[str]
-    params: list[torch.Tensor]
-    specs: list[LayerSpec]
-    evaluate: Callable[[list, list], dict] | None = None
-    initial: Callable[[list], dict] | None = None
-    final: Callable[[list, list], dict] | None = None
-
-    @classmethod
-    def from_setup(cls, setup) -> "ServerModel":
-        """A built-in task, evaluated exactly as `efmuon simulate` does."""
-        from efmuon.common.training import evaluate
-
-        eval_model = setup.task.build_model()
-        task = setup.task  # the hooks keep the task, not the Setup (its model and initial parameters)
-
-        def per_round(W, X) -> dict:
-            # = simulate.eval_losses(setup, eval_model, W, X)
-            lw, lx = evaluate(eval_model, W, task.train_eval_loss), evaluate(eval_model, X, task.train_eval_loss)
-            return {"loss_w": lw, "loss_x": lx, "val_loss_w": evaluate(eval_model, W, task.eval_loss)}
-
-        def initial(W) -> dict:
-            return {"initial_loss": evaluate(eval_model, W, task.train_eval_loss)}
-
-        def final(W, X) -> dict:
-            return {"eval_loss_w": evaluate(eval_model, W, task.eval_loss),
-                    "eval_loss_x": evaluate(eval_model, X, task.eval_loss),
-                    "f_star": getattr(task, "f_star", None)}
-
-        return cls(setup.names, setup.params, setup.specs, evaluate=per_round, initial=initial, final=final)
 
 
 @dataclass
@@ -188,53 +42,6 @@ class Session:
     confirmed: bool = False  # the Join reply was streamed completely
     left: bool = False
     reason: str = ""  # why it left (Leave's reason), for the deadline's error message
-
-
-@dataclass
-class Plan:
-    """The reply to round k's submissions: S_{k+1}'s frames, cut into chunk messages once."""
-
-    round: int
-    done: bool
-    frame_lengths: list[int]
-    chunks: list[pb.Downlink] = field(default_factory=list)
-    chunk_message_bytes: int = 0
-    released: bool = False  # the chunks were freed (release()): a duplicate gets a resync instead
-
-    @classmethod
-    def build(cls, round_: int, frames: list[bytes] | None) -> "Plan":
-        """Cut `frames` into chunk messages. A list given is consumed: each frame is dropped from it as
-        soon as it is cut, so the frames and the chunks are not both alive in full."""
-        if frames is None:
-            return cls(round_, True, [])
-        lengths = [len(f) for f in frames]
-
-        def consume():
-            if isinstance(frames, list):
-                for i in range(len(frames)):
-                    f, frames[i] = frames[i], None
-                    yield f
-            else:
-                yield from frames
-        chunks, size = [], 0
-        for c in protocol.iter_chunks(consume()):
-            size += protocol.chunk_message_size(pb.Downlink, len(c))
-            chunks.append(pb.Downlink(chunk=c))
-        return cls(round_, False, lengths, chunks, size)
-
-    def release(self) -> None:
-        """Free the chunks (handlers still streaming them keep their own reference to the old list)."""
-        if self.chunks:
-            self.chunks, self.released = [], True
-
-    @property
-    def payload(self) -> int:
-        return sum(self.frame_lengths)
-
-    def header(self, duplicate: bool = False, with_frames: bool = True) -> pb.Downlink:
-        return pb.Downlink(header=pb.DownlinkHeader(
-            round=self.round, done=self.done, duplicate=duplicate,
-            frame_lengths=self.frame_lengths if with_frames else []))
 
 
 class Coordinator:
@@ -394,7 +201,7 @@ class Coordinator:
             if self._init_w is None:
                 def build():
                     frames = protocol.raw_frames(self.state.W)
-                    return [len(f) for f in frames], list(protocol.iter_chunks(frames))
+                    return [len(f) for f in frames], list(chunking.iter_chunks(frames))
                 self._init_w = await self._run(build)
             return self._init_w
 
@@ -424,7 +231,7 @@ class Coordinator:
                         est = [t.clone() for t in p] if (est is None or ef14) else [e.add_(t) for e, t in zip(est, p)]
                 wf = protocol.raw_frames(self.state.W)
                 ef = protocol.raw_frames(est) if est is not None else []
-                return [len(f) for f in wf], [len(f) for f in ef], list(protocol.iter_chunks(wf + ef))
+                return [len(f) for f in wf], [len(f) for f in ef], list(chunking.iter_chunks(wf + ef))
 
             wl, el, chunks = await self._run(build)
             log.info("client %d re-synced at round %d (W%s)", j, c, " and its G_j" if el else "")
@@ -784,7 +591,6 @@ class Coordinator:
         """Write a checkpoint of the state now (between rounds); returns its path."""
         if not self.opts.checkpoint_dir:
             return None
-        from efmuon.common.checkpoint import save_server
 
         meta, clients, tensors = self._checkpoint_payload()
         st = self.state
@@ -808,7 +614,6 @@ class Coordinator:
 
     def _restore(self, loaded) -> None:
         """Resume from a loaded server checkpoint (`checkpoint.load_server(DIR)`)."""
-        from efmuon.common.checkpoint import restore_server
 
         tensors, m = loaded
         extra = m.get("extra") or {}
@@ -909,7 +714,6 @@ class Coordinator:
         if not self.quiet:
             self.report.print_summary()
         if self.cfg.report or self.cfg.plots:
-            from efmuon.common.simulate import write_outputs
 
             await self._run(write_outputs, self.report, self.cfg, self.quiet, self.report.stream)
         return summary

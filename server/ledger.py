@@ -8,8 +8,8 @@ complete only when the next round's submissions (or the Leaves, for the last) ar
 """
 from __future__ import annotations
 
-from efmuon.common.report import LEVELS, Report, add_bytes, zero_bytes
-from efmuon.v1 import service_pb2 as pb
+from ..common.report import LEVELS, Report, add_bytes, zero_bytes
+from ..v1 import service_pb2 as pb
 
 
 def empty() -> dict:

@@ -39,8 +39,8 @@ import shutil
 import subprocess
 import threading
 
-from efmuon.common.errors import EfmuonError
-from efmuon.common.links import LinkProfile
+from ..common.errors import EfmuonError
+from ..common.links import LinkProfile
 
 NEED_ROOT = "--shaping netns needs root (ip netns add): run as root or use --shaping inproc"
 SUBNET = "10.77"

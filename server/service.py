@@ -9,11 +9,18 @@ import logging
 
 import grpc
 
-from efmuon.common.errors import FrameError
-from efmuon.server import protocol
-from efmuon.server.coordinator import Coordinator, Rejected
-from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
+from ..common.errors import FrameError
+from ..common.wire import chunking, protocol
+from ..common.wire.credentials import load_tokens
+from ..v1 import service_pb2 as pb
+from ..v1 import service_pb2_grpc as pb_grpc
+from .auth import (
+    TokenAuthInterceptor,
+    authenticated_client,
+    is_authenticated,
+    server_credentials,
+)
+from .coordinator import Coordinator, Rejected
 
 log = logging.getLogger("efmuon.server")
 
@@ -26,7 +33,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Rejected, coordinator: 
 
 def _bound_client(context) -> tuple[bool, int | None]:
     """(token auth on for this call, the client id its token is bound to or None for '*')."""
-    from efmuon.server.auth import authenticated_client, is_authenticated
 
     return is_authenticated(context), authenticated_client(context)
 
@@ -94,13 +100,13 @@ async def _drain(it) -> None:
 def add_servicer(servicer: "ParameterServer", server) -> None:
     """Like pb_grpc.add_ParameterServerServicer_to_server, with deserializers that never raise: an
     undecodable message reaches the handler as `Undecodable` and is refused with INVALID_ARGUMENT.
-    Exchange's chunk messages arrive as `protocol.ReceivedChunk` views of gRPC's bytes (no copy)."""
+    Exchange's chunk messages arrive as `chunking.ReceivedChunk` views of gRPC's bytes (no copy)."""
     handlers = {
         "Join": grpc.unary_stream_rpc_method_handler(
             servicer.Join, request_deserializer=_safe(pb.JoinRequest),
             response_serializer=pb.JoinReply.SerializeToString),
         "Exchange": grpc.stream_stream_rpc_method_handler(
-            servicer.Exchange, request_deserializer=protocol.chunk_deserializer(pb.Submission, _safe(pb.Submission)),
+            servicer.Exchange, request_deserializer=chunking.chunk_deserializer(pb.Submission, _safe(pb.Submission)),
             response_serializer=pb.Downlink.SerializeToString),
         "Leave": grpc.unary_unary_rpc_method_handler(
             servicer.Leave, request_deserializer=_safe(pb.LeaveRequest),
@@ -140,7 +146,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             sent = header.ByteSize()
             yield header
             for chunk in chunks:
-                sent += protocol.chunk_message_size(pb.JoinReply, len(chunk))
+                sent += chunking.chunk_message_size(pb.JoinReply, len(chunk))
                 yield pb.JoinReply(chunk=chunk)
             del chunks
             c.confirm_join(s, request.ByteSize(), sent, payload)
@@ -172,7 +178,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 c.check_wire_report(h.round, previous)
                 c.release_last_reply(s, h.round)
                 try:
-                    parts = protocol.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
+                    parts = chunking.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
                     async for msg in it:
                         if isinstance(msg, Undecodable):
                             raise FrameError(str(msg.rejected()))
@@ -181,7 +187,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                         chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
                         if len(chunk) > protocol.CHUNK_BYTES:
                             raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
-                        message += protocol.received_chunk_size(msg, len(chunk))
+                        message += chunking.received_chunk_size(msg, len(chunk))
                         parts.add(chunk)
                     msg = chunk = None
                     frames, total = parts.frames(), parts.total
@@ -249,7 +255,6 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     opts = coordinator.opts
     interceptors = []
     if opts.token_file:
-        from efmuon.server.auth import TokenAuthInterceptor, load_tokens
 
         tokens = load_tokens(opts.token_file)
         bad = sorted({j for j in tokens.values() if j is not None and not 0 <= j < coordinator.n})
@@ -261,7 +266,6 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     add_servicer(ParameterServer(coordinator), server)
     address = f"{host}:{port}"
     if opts.tls_cert:
-        from efmuon.server.auth import server_credentials
 
         bound = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca))
     else:

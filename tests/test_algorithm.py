@@ -5,11 +5,16 @@ import math
 
 import pytest
 import torch
-
-from efmuon.common.algorithm import ServerState, WorkerState, all_finite, frame_seed, lr_at
+from efmuon.common.algorithm import (
+    ServerState,
+    WorkerState,
+    all_finite,
+    frame_seed,
+    lr_at,
+)
 from efmuon.common.config import RunConfig, resolve
 from efmuon.common.errors import FrameError, ProtocolError
-from efmuon.common.lmo import LayerSpec, assign_norms
+from efmuon.common.lmo import assign_norms
 
 SHAPES = [("embed.weight", (20, 8)), ("h.0.weight", (16, 8)), ("h.1.weight", (8, 16)), ("h.1.bias", (8,)),
           ("lm_head.weight", (20, 8))]

@@ -6,10 +6,11 @@ import stat
 
 import grpc
 import pytest
-
+from efmuon.cli.certs import add_certs_parser, cmd_certs
 from efmuon.common.errors import ConfigError
+from efmuon.common.wire import credentials
 from efmuon.server import auth
-from efmuon.server.certs import add_certs_parser, cmd_certs, make_dev_certs
+from efmuon.server.certs import make_dev_certs
 
 TOK0 = "tok-client-0-" + "a" * 20
 TOK1 = "tok-client-1-" + "b" * 20
@@ -25,7 +26,7 @@ def certs(tmp_path_factory):
     make_dev_certs(other, clients=1, quiet=True)
     tokens = good / "server-tokens.txt"
     tokens.write_text(f"# test tokens\n0 {TOK0}\n1 {TOK1}   # client one\n\n* {TOKANY}\n")
-    return good, other, auth.load_tokens(tokens)
+    return good, other, credentials.load_tokens(tokens)
 
 
 # ------------------------------------------------------------------ a tiny bytes-in/bytes-out service
@@ -126,14 +127,14 @@ async def test_tls_with_the_right_ca_and_token_succeeds_for_every_rpc_kind(certs
     server, port = await _serve(tokens, auth.server_credentials(good / "server.pem", good / "server.key"))
     try:
         for host in ("127.0.0.1", "localhost"):
-            creds = auth.secure_channel_credentials(good / "ca.pem", token=TOK1)
+            creds = credentials.secure_channel_credentials(good / "ca.pem", token=TOK1)
             async with grpc.aio.secure_channel(f"{host}:{port}", creds) as ch:
                 assert await _all_four(ch) == EXPECTED
                 assert await ch.unary_unary("/test.Echo/Who")(b"", timeout=TIMEOUT) == b"1"
         # per-call metadata works over TLS as well, and a '*' token is bound to no client
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", auth.channel_credentials(good / "ca.pem")) as ch:
-            assert await _all_four(ch, auth.auth_metadata(TOKANY)) == EXPECTED
-            assert await ch.unary_unary("/test.Echo/Who")(b"", metadata=auth.auth_metadata(TOKANY), timeout=TIMEOUT) == b"any"
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials.channel_credentials(good / "ca.pem")) as ch:
+            assert await _all_four(ch, credentials.auth_metadata(TOKANY)) == EXPECTED
+            assert await ch.unary_unary("/test.Echo/Who")(b"", metadata=credentials.auth_metadata(TOKANY), timeout=TIMEOUT) == b"any"
     finally:
         await server.stop(None)
 
@@ -142,13 +143,13 @@ async def test_missing_malformed_and_wrong_tokens_are_unauthenticated(certs):
     good, _, tokens = certs
     server, port = await _serve(tokens, auth.server_credentials(good / "server.pem", good / "server.key"))
     try:
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", auth.channel_credentials(good / "ca.pem")) as ch:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials.channel_credentials(good / "ca.pem")) as ch:
             await _each_kind_fails(ch, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: pass --token-file")
             await _each_kind_fails(ch, grpc.StatusCode.UNAUTHENTICATED, "invalid token",
-                                   metadata=auth.auth_metadata("not-a-token-" + "z" * 20))
+                                   metadata=credentials.auth_metadata("not-a-token-" + "z" * 20))
             await _each_kind_fails(ch, grpc.StatusCode.UNAUTHENTICATED, "malformed",
                                    metadata=(("authorization", "Basic " + TOK0),))
-        creds = auth.secure_channel_credentials(good / "ca.pem", token="wrong-token-" + "q" * 20)
+        creds = credentials.secure_channel_credentials(good / "ca.pem", token="wrong-token-" + "q" * 20)
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
             await _each_kind_fails(ch, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
     finally:
@@ -161,9 +162,9 @@ async def test_a_client_token_cannot_act_as_another_client(certs):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             submit = ch.unary_unary("/test.Echo/Submit")
-            assert await submit(b"0", metadata=auth.auth_metadata(TOK0), timeout=TIMEOUT) == b"accepted 0"
-            assert await submit(b"1", metadata=auth.auth_metadata(TOKANY), timeout=TIMEOUT) == b"accepted 1"
-            err = await _expect_code(lambda: submit(b"1", metadata=auth.auth_metadata(TOK0), timeout=TIMEOUT),
+            assert await submit(b"0", metadata=credentials.auth_metadata(TOK0), timeout=TIMEOUT) == b"accepted 0"
+            assert await submit(b"1", metadata=credentials.auth_metadata(TOKANY), timeout=TIMEOUT) == b"accepted 1"
+            err = await _expect_code(lambda: submit(b"1", metadata=credentials.auth_metadata(TOK0), timeout=TIMEOUT),
                                      grpc.StatusCode.PERMISSION_DENIED, "belongs to client 0")
             assert "client 1" in err.details()
     finally:
@@ -174,7 +175,7 @@ async def test_untrusted_ca_fails_the_handshake(certs):
     good, other, tokens = certs
     server, port = await _serve(tokens, auth.server_credentials(good / "server.pem", good / "server.key"))
     try:
-        creds = auth.secure_channel_credentials(other / "ca.pem", token=TOK0)
+        creds = credentials.secure_channel_credentials(other / "ca.pem", token=TOK0)
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
             await _expect_code(lambda: ch.unary_unary("/test.Echo/Unary")(b"hi", timeout=TIMEOUT),
                                grpc.StatusCode.UNAVAILABLE)
@@ -189,20 +190,20 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(certs):
     target = f"127.0.0.1:{port}"
     try:
         # no client certificate
-        async with grpc.aio.secure_channel(target, auth.secure_channel_credentials(good / "ca.pem", token=TOK0)) as ch:
+        async with grpc.aio.secure_channel(target, credentials.secure_channel_credentials(good / "ca.pem", token=TOK0)) as ch:
             await _expect_code(lambda: ch.unary_unary("/test.Echo/Unary")(b"hi", timeout=TIMEOUT),
                                grpc.StatusCode.UNAVAILABLE)
         # a client certificate signed by another CA
-        bad = auth.secure_channel_credentials(good / "ca.pem", other / "client-0.pem", other / "client-0.key", token=TOK0)
+        bad = credentials.secure_channel_credentials(good / "ca.pem", other / "client-0.pem", other / "client-0.key", token=TOK0)
         async with grpc.aio.secure_channel(target, bad) as ch:
             await _expect_code(lambda: ch.unary_unary("/test.Echo/Unary")(b"hi", timeout=TIMEOUT),
                                grpc.StatusCode.UNAVAILABLE)
         # the right certificate, but no token: TLS passes, the token check still applies
-        ok_tls = auth.channel_credentials(good / "ca.pem", good / "client-0.pem", good / "client-0.key")
+        ok_tls = credentials.channel_credentials(good / "ca.pem", good / "client-0.pem", good / "client-0.key")
         async with grpc.aio.secure_channel(target, ok_tls) as ch:
             await _each_kind_fails(ch, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         # the right certificate and token
-        ok = auth.secure_channel_credentials(good / "ca.pem", good / "client-0.pem", good / "client-0.key", token=TOK0)
+        ok = credentials.secure_channel_credentials(good / "ca.pem", good / "client-0.pem", good / "client-0.key", token=TOK0)
         async with grpc.aio.secure_channel(target, ok) as ch:
             assert await _all_four(ch) == EXPECTED
             assert await ch.unary_unary("/test.Echo/Who")(b"", timeout=TIMEOUT) == b"0"
@@ -226,17 +227,17 @@ def test_load_tokens_reports_bad_lines_with_their_number(tmp_path):
     for text, message in cases.items():
         p.write_text(text)
         with pytest.raises(ConfigError, match=message):
-            auth.load_tokens(p)
+            credentials.load_tokens(p)
     with pytest.raises(ConfigError, match="does not exist"):
-        auth.load_tokens(tmp_path / "missing.txt")
+        credentials.load_tokens(tmp_path / "missing.txt")
     p.write_text(f"0 {TOK0}\n* {TOKANY}\n")
-    assert auth.load_tokens(p) == {TOK0: 0, TOKANY: None}
-    assert auth.read_token(p, 0) == TOK0 and auth.read_token(p, 5) == TOKANY
+    assert credentials.load_tokens(p) == {TOK0: 0, TOKANY: None}
+    assert credentials.read_token(p, 0) == TOK0 and credentials.read_token(p, 5) == TOKANY
     p.write_text(TOK1 + "\n")
-    assert auth.read_token(p) == TOK1
+    assert credentials.read_token(p) == TOK1
     p.write_text(f"0 {TOK0}\n")
     with pytest.raises(ConfigError, match="no token for client 3"):
-        auth.read_token(p, 3)
+        credentials.read_token(p, 3)
 
 
 def test_make_dev_certs_files_modes_tokens_and_cli(tmp_path, capsys):
@@ -253,9 +254,9 @@ def test_make_dev_certs_files_modes_tokens_and_cli(tmp_path, capsys):
     for n in names:
         mode = stat.S_IMODE(os.stat(d / n).st_mode)
         assert mode == (0o600 if n.endswith((".key", ".token")) or n == "tokens.txt" else 0o644), n
-    toks = auth.load_tokens(d / "tokens.txt")
+    toks = credentials.load_tokens(d / "tokens.txt")
     assert sorted(toks.values()) == [0, 1]
-    assert toks[auth.read_token(d / "client-1.token", 1)] == 1
+    assert toks[credentials.read_token(d / "client-1.token", 1)] == 1
     printed = capsys.readouterr().err
     assert "--tls-cert" in printed and "--token-file" in printed and "10.1.2.3" in printed
     with pytest.raises(ConfigError, match="already has"):
@@ -263,18 +264,18 @@ def test_make_dev_certs_files_modes_tokens_and_cli(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not PEM"):
         auth.server_credentials(d / "tokens.txt", d / "server.key")
     with pytest.raises(ConfigError, match="both a client certificate and its key"):
-        auth.channel_credentials(d / "ca.pem", cert=d / "client-0.pem")
+        credentials.channel_credentials(d / "ca.pem", cert=d / "client-0.pem")
 
 
 @pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="no openssl command")
 async def test_openssl_backend_certificates_work_for_mutual_tls(tmp_path):
     make_dev_certs(tmp_path, clients=1, backend="openssl", quiet=True)
-    tokens = auth.load_tokens(tmp_path / "tokens.txt")
+    tokens = credentials.load_tokens(tmp_path / "tokens.txt")
     creds = auth.server_credentials(tmp_path / "server.pem", tmp_path / "server.key", ca=tmp_path / "ca.pem")
     server, port = await _serve(tokens, creds)
     try:
-        ok = auth.secure_channel_credentials(tmp_path / "ca.pem", tmp_path / "client-0.pem", tmp_path / "client-0.key",
-                                             token=auth.read_token(tmp_path / "client-0.token", 0))
+        ok = credentials.secure_channel_credentials(tmp_path / "ca.pem", tmp_path / "client-0.pem", tmp_path / "client-0.key",
+                                             token=credentials.read_token(tmp_path / "client-0.token", 0))
         async with grpc.aio.secure_channel(f"localhost:{port}", ok) as ch:
             assert await _all_four(ch) == EXPECTED
     finally:

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from efmuon.common.bench import run_bench
+from efmuon.benchmarks import run_bench
 
 
 @pytest.mark.parametrize("name", ["codecs", "lmo", "transport", "scaling", "memory"])

@@ -9,7 +9,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-
 from efmuon.common import checkpoint as ck
 from efmuon.common.algorithm import ServerState, WorkerState
 from efmuon.common.config import RunConfig, resolve

@@ -1,4 +1,4 @@
-"""`protocol.chunk_deserializer` (the server's zero-copy reading of Exchange chunk messages) must
+"""`chunking.chunk_deserializer` (the server's zero-copy reading of Exchange chunk messages) must
 read every byte string exactly as protobuf does: the same chunk bytes for a message that is one
 chunk field, the same (or an equally refused) message for anything else."""
 from __future__ import annotations
@@ -6,15 +6,14 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from efmuon.server import protocol
+from efmuon.common.wire import chunking
 from efmuon.server.service import Undecodable, _safe
 from efmuon.v1 import service_pb2 as pb
 
 
 def _parse(cls):
     safe = _safe(cls)
-    return protocol.chunk_deserializer(cls, safe), safe
+    return chunking.chunk_deserializer(cls, safe), safe
 
 
 def _same(a, b, data: bytes) -> None:
@@ -25,7 +24,7 @@ def _same(a, b, data: bytes) -> None:
         return
     assert not isinstance(a, Undecodable)
     assert a.WhichOneof("part") == b.WhichOneof("part")
-    assert a.ByteSize() == (len(data) if isinstance(a, protocol.ReceivedChunk) else b.ByteSize())
+    assert a.ByteSize() == (len(data) if isinstance(a, chunking.ReceivedChunk) else b.ByteSize())
     if b.WhichOneof("part") == "chunk":
         assert bytes(a.chunk) == b.chunk
 
@@ -46,9 +45,9 @@ def test_a_chunk_message_is_read_as_a_view_of_the_same_bytes(n):
     payload = bytes(random.Random(n).getrandbits(8) for _ in range(min(n, 4096))) * (n // 4096 + 1)
     data = pb.Submission(chunk=payload[:n]).SerializeToString()
     got = fast(data)
-    assert isinstance(got, protocol.ReceivedChunk)
+    assert isinstance(got, chunking.ReceivedChunk)
     assert isinstance(got.chunk, memoryview) and got.chunk.readonly
-    assert got.ByteSize() == len(data) == protocol.received_chunk_size(got, n)
+    assert got.ByteSize() == len(data) == chunking.received_chunk_size(got, n)
     _same(got, slow(data), data)
 
 

@@ -1,6 +1,6 @@
-"""The worker's side of the zero-copy chunk path: `protocol.iter_chunk_messages` /
+"""The worker's side of the zero-copy chunk path: `chunking.iter_chunk_messages` /
 `submission_messages` (chunk messages pre-serialized by one join) must send exactly the bytes
-protobuf would and count them exactly; `protocol.client_stub` must read reply chunks as views and
+protobuf would and count them exactly; `stub.client_stub` must read reply chunks as views and
 refuse a reply protobuf cannot parse just as the generated stub does."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from concurrent import futures
 
 import grpc
 import pytest
-
-from efmuon.server import protocol
+from efmuon.common.wire import chunking, protocol
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
+from efmuon.worker import stub as worker_stub
 
 LAYOUTS = [  # frame lengths, chunk size
     ([], 8), ([0], 8), ([0, 0, 5], 8), ([8], 8), ([16], 8), ([17], 8), ([3, 5, 7, 1, 0, 20], 8),
@@ -30,20 +30,20 @@ def _frames(lengths: list[int], seed: int) -> list:
 @pytest.mark.parametrize("lengths,size", LAYOUTS)
 def test_pre_serialized_chunk_messages_are_protobufs_own_bytes(lengths, size):
     frames = _frames(lengths, len(lengths) * 31 + size)
-    chunks = list(protocol.iter_chunks(frames, size))
-    messages = list(protocol.iter_chunk_messages(frames, pb.Submission, size))
+    chunks = list(chunking.iter_chunks(frames, size))
+    messages = list(chunking.iter_chunk_messages(frames, pb.Submission, size))
     assert len(messages) == len(chunks)
     for chunk, message in zip(chunks, messages):
         assert type(message) is bytes
         assert message == pb.Submission(chunk=chunk).SerializeToString()
-        assert len(message) == protocol.chunk_message_size(pb.Submission, len(chunk))
-        assert protocol.submission_serializer(message) is message  # sent as it is
+        assert len(message) == chunking.chunk_message_size(pb.Submission, len(chunk))
+        assert worker_stub.submission_serializer(message) is message  # sent as it is
 
 
 @pytest.mark.parametrize("cls", [pb.Submission, pb.Downlink, pb.JoinReply])
 def test_other_messages_with_a_chunk_field_serialize_alike(cls):
     frames = _frames([5, 300, 1], 3)
-    for chunk, message in zip(protocol.iter_chunks(frames, 128), protocol.iter_chunk_messages(frames, cls, 128)):
+    for chunk, message in zip(chunking.iter_chunks(frames, 128), chunking.iter_chunk_messages(frames, cls, 128)):
         assert message == cls(chunk=chunk).SerializeToString()
 
 
@@ -52,23 +52,23 @@ def test_submission_messages_count_exactly_what_is_sent():
     header = pb.SubmissionHeader(client_id=2, session="s", round=9, frame_lengths=[len(f) for f in frames],
                                  train_loss=1.5)
     sizes: list[int] = []
-    stream = list(protocol.submission_messages(header, frames, sizes))
+    stream = list(worker_stub.submission_messages(header, frames, sizes))
     assert isinstance(stream[0], pb.Submission) and stream[0].header == header
-    wire = [protocol.submission_serializer(m) for m in stream]
+    wire = [worker_stub.submission_serializer(m) for m in stream]
     assert sizes == [len(w) for w in wire]
     parsed = [pb.Submission.FromString(w) for w in wire]
     assert parsed[0] == stream[0]
     assert all(m.WhichOneof("part") == "chunk" for m in parsed[1:])
-    assert [m.chunk for m in parsed[1:]] == list(protocol.iter_chunks(frames))
+    assert [m.chunk for m in parsed[1:]] == list(chunking.iter_chunks(frames))
     assert b"".join(m.chunk for m in parsed[1:]) == b"".join(bytes(f) for f in frames)
 
 
 def test_reply_deserializers_view_chunks_and_parse_the_rest():
     for cls, header in ((pb.Downlink, pb.Downlink(header=pb.DownlinkHeader(round=4))),
                         (pb.JoinReply, pb.JoinReply(header=pb.JoinHeader(client_id=1)))):
-        read = protocol.chunk_deserializer(cls, cls.FromString)
+        read = chunking.chunk_deserializer(cls, cls.FromString)
         got = read(cls(chunk=b"x" * 1000).SerializeToString())
-        assert isinstance(got, protocol.ReceivedChunk) and bytes(got.chunk) == b"x" * 1000
+        assert isinstance(got, chunking.ReceivedChunk) and bytes(got.chunk) == b"x" * 1000
         assert read(header.SerializeToString()) == header
         with pytest.raises(Exception) as refused:
             read(b"\x12\x05ab")  # a chunk field cut short
@@ -97,7 +97,7 @@ def _reply_server(replies: list[bytes]):
 
 def _calls(stub, frames):
     header = pb.SubmissionHeader(round=1, frame_lengths=[len(f) for f in frames])
-    return {"Exchange": lambda: list(stub.Exchange(protocol.submission_messages(header, frames, []), timeout=10)),
+    return {"Exchange": lambda: list(stub.Exchange(worker_stub.submission_messages(header, frames, []), timeout=10)),
             "Join": lambda: list(stub.Join(pb.JoinRequest(client_name="t"), timeout=10))}
 
 
@@ -110,14 +110,14 @@ def test_client_stub_reads_views_and_refuses_malformed_replies_like_the_generate
     bad_server, bad_port = _reply_server(bad)
     channels = [grpc.insecure_channel(f"127.0.0.1:{p}", options=protocol.CHANNEL_OPTIONS) for p in (port, bad_port)]
     try:
-        replies = _calls(protocol.client_stub(channels[0]), frames)["Exchange"]()
+        replies = _calls(worker_stub.client_stub(channels[0]), frames)["Exchange"]()
         assert replies[0].header.round == 2
-        assert isinstance(replies[1], protocol.ReceivedChunk) and bytes(replies[1].chunk) == b"abc"
+        assert isinstance(replies[1], chunking.ReceivedChunk) and bytes(replies[1].chunk) == b"abc"
 
         for method in ("Exchange", "Join"):
             codes = []
             # the generated stub cannot send pre-serialized chunks: it sends the header alone
-            for stub, sent in ((protocol.client_stub(channels[1]), frames),
+            for stub, sent in ((worker_stub.client_stub(channels[1]), frames),
                                (pb_grpc.ParameterServerStub(channels[1]), [])):
                 call = _calls(stub, sent)[method]
                 with pytest.raises(grpc.RpcError) as err:

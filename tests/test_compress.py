@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from efmuon.common import codecs
 from efmuon.common.compress import HEADER_SIZE, encode_decode, parse_spec
 from efmuon.common.errors import ConfigError, FrameError

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-
-from efmuon.common.cli import main
+from efmuon.cli import main
 from efmuon.common.errors import ConfigError
-from efmuon.common.training import resolve_device
+from efmuon.common.runtime import resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

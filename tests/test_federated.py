@@ -5,21 +5,18 @@ import json
 
 import pytest
 import torch
-
-from efmuon.common.cli import main
+from efmuon.cli import main
 from efmuon.common.config import RunConfig, from_mapping
 from efmuon.common.errors import ConfigError
-from efmuon.common.federated import (
-    FederatedSim,
-    client_links,
+from efmuon.common.federation import (
     clients_per_round,
     compute_factors,
     parse_compute_scale,
-    parse_link_mix,
     sample_clients,
 )
-from efmuon.common.links import PRESETS
-from efmuon.common.simulate import simulate
+from efmuon.common.links import PRESETS, client_links, parse_link_mix
+from efmuon.simulate.federated import FederatedSim
+from efmuon.simulate.sync import simulate
 
 
 def _lsq(**kw) -> RunConfig:

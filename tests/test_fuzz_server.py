@@ -12,11 +12,11 @@ import time
 import grpc
 import pytest
 import torch
-
 from efmuon.common.algorithm import WorkerState
 from efmuon.common.errors import FrameError
-from efmuon.common.training import model_specs, parameters_of
-from efmuon.server import protocol, service
+from efmuon.common.model import model_specs, parameters_of
+from efmuon.common.wire import chunking, protocol
+from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ def submission(client: int, session: str, round_: int, frames: list[bytes], leng
     if previous is not None:
         h.previous.CopyFrom(previous)
     out = [pb.Submission(header=h).SerializeToString()]
-    out += [pb.Submission(chunk=c).SerializeToString() for c in protocol.iter_chunks(frames, chunk_size)]
+    out += [pb.Submission(chunk=c).SerializeToString() for c in chunking.iter_chunks(frames, chunk_size)]
     return out
 
 

@@ -9,9 +9,9 @@ import time
 
 import grpc
 import pytest
-
 from efmuon.common.errors import ConfigError
-from efmuon.common.links import PRESETS, CountingRelay, LinkProfile, parse_link
+from efmuon.common.links import PRESETS, LinkProfile, parse_link
+from efmuon.worker.relay import CountingRelay
 
 MB = 1_000_000
 

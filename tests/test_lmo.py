@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from efmuon.common.errors import ConfigError
 from efmuon.common.lmo import (
     NORMS,
@@ -30,6 +28,8 @@ from efmuon.common.lmo import (
     spectral_groups,
     spectral_scale,
 )
+from torch import nn
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -507,10 +507,11 @@ def test_padded_batch_matches_unpadded_and_svd(coeffs):
         assert rel_padded < POLAR_RTOL[coeffs] and abs(rel_padded - rel_own) < 1e-5
 
 
-def test_lmo_all_thread_count_restored_and_invariant():
+def test_lmo_all_thread_count_restored():
     """lmo_all runs Newton-Schulz on the thread count it is given (or lmo_threads') and restores the
-    caller's; on this CPU the result does not depend on it (sgemm and the norms are thread-invariant
-    for these shapes), which is what lets the server use every core for its step."""
+    caller's. The bits may depend on the thread count (MKL/AVX-512 sgemm splits its sums by thread), so
+    only closeness is asserted: what makes `simulate` and `run` agree bit for bit is that both take the
+    same thread count for the same call on the same machine, not thread invariance."""
     gen = torch.Generator().manual_seed(22)
     shapes = [(64, 256), (256, 64), (96, 96)]
     Gs = [torch.randn(*s, generator=gen) for s in shapes]
@@ -521,7 +522,7 @@ def test_lmo_all_thread_count_restored_and_invariant():
     two = lmo_all(Gs, specs, threads=2)
     assert torch.get_num_threads() == before
     for a, b in zip(one, two):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
     # small work keeps the process's setting; large work uses every available core
     assert lmo_threads(1e6) == torch.get_num_threads()
     assert lmo_threads(1e12) >= available_cores()

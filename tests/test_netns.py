@@ -16,7 +16,6 @@ import threading
 import time
 
 import pytest
-
 from efmuon.common.links import parse_link
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -110,7 +109,7 @@ def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
 
     # Act
     run = subprocess.run(
-        [sys.executable, "-m", "efmuon.common.cli", "run", "--task", "lsq", "--task-option", "d_in=1024",
+        [sys.executable, "-m", "efmuon.cli", "run", "--task", "lsq", "--task-option", "d_in=1024",
          "--task-option", "d_out=512", "--workers", "4", "--rounds", "1", "--uplink", "identity",
          "--downlink", "identity", "--link", "up=10mbit,down=10mbit,delay=20ms", "--shaping", "netns",
          "--report", str(report), "--plots", "none"], capture_output=True, text=True, timeout=120)
@@ -142,7 +141,7 @@ def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
 def test_run_netns_interrupted_tears_everything_down(tmp_path, how):
     import signal
 
-    cmd = [sys.executable, "-m", "efmuon.common.cli", "run", "--task", "lsq", "--workers", "2", "--rounds", "500",
+    cmd = [sys.executable, "-m", "efmuon.cli", "run", "--task", "lsq", "--workers", "2", "--rounds", "500",
            "--link", "up=1mbit,down=1mbit,delay=50ms", "--shaping", "netns", "--plots", "none",
            "--report", str(tmp_path / "r.json")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from efmuon.common.cli import main
+from efmuon.cli import main
 from efmuon.common.plots import per_client_bytes, series, write_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,13 +14,12 @@ import time
 
 import grpc
 import pytest
-
-from efmuon.server import protocol
+from efmuon.common.wire import protocol
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
 
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "30", "--uplink", "topk:0.2", "--downlink", "natural"]
-CLI = [sys.executable, "-m", "efmuon.common.cli"]
+CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def free_port() -> int:
@@ -157,10 +156,9 @@ def test_worker_killed_mid_round_rejoins_and_the_run_finishes(tmp_path, referenc
 @pytest.mark.parametrize("policy", ["fail", "proceed"])
 async def test_a_stalled_worker_meets_the_round_deadline(policy):
     """In-process: worker 1 stops submitting after round 2; the round fails loudly or proceeds without it."""
-    from efmuon.server import service
-    from efmuon.server.coordinator import Coordinator, ServerOptions
-    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, tiny_model  # noqa: F401
+    from efmuon.server.coordinator import ServerOptions
     from efmuon.worker import Worker, WorkerError
+    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, tiny_model  # noqa: F401
 
     cfg = make_cfg(workers=2, rounds=4)
 
@@ -200,7 +198,6 @@ async def test_a_stalled_worker_meets_the_round_deadline(policy):
 async def test_estimator_storage_modes_keep_the_run_exact_and_bound_memory(tmp_path, mode):
     """The server's copies of G_j only serve re-sync: bf16 halves them, disk spills them to files."""
     import torch
-
     from efmuon.server.coordinator import ServerOptions
     from test_service_protocol import Harness, make_cfg, reference_w, run_workers
 
@@ -228,9 +225,8 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
     import math
 
     import torch
-
     from efmuon.common.compress import parse_spec
-    from efmuon.common.training import parameters_of
+    from efmuon.common.model import parameters_of
     from efmuon.server.coordinator import ServerOptions
     from test_service_protocol import Harness, make_cfg, tiny_model
 
@@ -257,9 +253,8 @@ async def test_nan_policy_zero_replaces_and_counts_non_finite_values():
 async def test_reject_policy_refuses_non_finite_and_huge_values_and_keeps_state(bad, message):
     import grpc
     import torch
-
     from efmuon.common.compress import parse_spec
-    from efmuon.common.training import parameters_of
+    from efmuon.common.model import parameters_of
     from efmuon.server.coordinator import ServerOptions
     from test_service_protocol import Harness, make_cfg, tiny_model
 
@@ -395,8 +390,16 @@ async def test_connection_lost_after_the_reply_header_resumes_at_the_next_round_
     before the downlink's chunks arrive. It re-joins announcing round 3 (`_resume_round`), the server
     keeps its state (no re-sync, so M_j survives), it resends round 2 without frames, gets the same
     reply again as a duplicate, and the run ends with the bits of an uninterrupted run."""
-    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, tiny_model
     from efmuon.worker import Worker
+    from test_service_protocol import (
+        Harness,
+        batches_of,
+        loss_fn,
+        make_cfg,
+        reference_w,
+        run_workers,
+        tiny_model,
+    )
 
     cfg = make_cfg(workers=2, rounds=4)
     K = 2  # the round whose reply header arrives before the cut
@@ -438,13 +441,20 @@ async def test_a_server_resumed_from_an_older_checkpoint_re_syncs_a_worker_that_
     G_j diverge); announcing K + 1 gets it re-synced. Both workers go through the relay, which is
     re-pointed at the resumed server before the cut; the run completes with every G_j and W agreeing."""
     import torch
-
     from efmuon.common.algorithm import params_sha256
     from efmuon.common.checkpoint import list_checkpoints, load_server
     from efmuon.server import service
     from efmuon.server.coordinator import Coordinator, ServerOptions
-    from test_service_protocol import Harness, batches_of, loss_fn, make_cfg, run_workers, server_model, tiny_model
     from efmuon.worker import Worker
+    from test_service_protocol import (
+        Harness,
+        batches_of,
+        loss_fn,
+        make_cfg,
+        run_workers,
+        server_model,
+        tiny_model,
+    )
 
     cfg = make_cfg(workers=2, rounds=4)
     K = 2

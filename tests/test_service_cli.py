@@ -13,7 +13,7 @@ FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5", "--uplink", "topk:0
 
 
 def efmuon_popen(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "efmuon.common.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "efmuon.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                             text=True)
 
 
@@ -38,7 +38,7 @@ def test_server_and_worker_commands_match_simulate(tmp_path):
         port = wait_for_port(server_log, server)
 
         # Execute
-        workers = [subprocess.Popen([sys.executable, "-m", "efmuon.common.cli", "worker", "--server",
+        workers = [subprocess.Popen([sys.executable, "-m", "efmuon.cli", "worker", "--server",
                                      f"127.0.0.1:{port}", "--client-id", str(j)], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
                    for j in range(2)]
@@ -47,7 +47,7 @@ def test_server_and_worker_commands_match_simulate(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
-    sim = subprocess.run([sys.executable, "-m", "efmuon.common.cli", "simulate", *FLAGS, "--report",
+    subprocess.run([sys.executable, "-m", "efmuon.cli", "simulate", *FLAGS, "--report",
                           str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=120)
 
     # Assert

@@ -12,7 +12,7 @@ FLAGS = ["--task", "lsq", "--workers", "4", "--rounds", "20", "--uplink", "topk:
 
 
 def efmuon(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "efmuon.common.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -8,13 +8,12 @@ import gc
 
 import pytest
 import torch
-from torch import nn
-
 from efmuon.common.config import RunConfig, resolve
-from efmuon.common.training import model_specs, parameters_of
+from efmuon.common.model import model_specs, parameters_of
 from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel
 from efmuon.worker import Worker
+from torch import nn
 
 PARAMS = 75_000_000  # 300 MB of float32
 LAYERS = 3

@@ -9,16 +9,16 @@ import time
 import grpc
 import pytest
 import torch
-from torch import nn
-
 from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
 from efmuon.common.config import RunConfig, resolve
-from efmuon.common.training import gradients, model_specs, parameters_of
-from efmuon.server import protocol, service
+from efmuon.common.model import gradients, model_specs, parameters_of
+from efmuon.common.wire import chunking, protocol
+from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
+from torch import nn
 
 
 def tiny_model(hidden: int = 8) -> nn.Module:
@@ -83,7 +83,7 @@ class Harness:
         def requests():
             yield pb.Submission(header=pb.SubmissionHeader(client_id=j, session=session, round=round_,
                                                            frame_lengths=[len(f) for f in frames]))
-            for c in protocol.iter_chunks(frames):
+            for c in chunking.iter_chunks(frames):
                 yield pb.Submission(chunk=c)
         replies = [m async for m in self.stub.Exchange(requests())]
         return replies[0].header, b"".join(m.chunk for m in replies[1:])
@@ -339,13 +339,13 @@ def test_chunk_message_size_arithmetic_equals_bytesize():
         for n in sizes:
             msg = cls(chunk=b"\x5a" * n)
             # Act / Assert: sent (constructed) and received (parsed) messages
-            assert protocol.chunk_message_size(cls, n) == msg.ByteSize(), (cls, n)
+            assert chunking.chunk_message_size(cls, n) == msg.ByteSize(), (cls, n)
             parsed = cls.FromString(msg.SerializeToString())
-            assert protocol.received_chunk_size(parsed, len(parsed.chunk)) == parsed.ByteSize(), (cls, n)
+            assert chunking.received_chunk_size(parsed, len(parsed.chunk)) == parsed.ByteSize(), (cls, n)
     # a peer's unknown field (field 19, varint 5) is counted exactly as ByteSize counts it
     data = pb.Submission(chunk=b"x" * 1000).SerializeToString() + b"\x98\x01\x05"
     odd = pb.Submission.FromString(data)
-    assert protocol.received_chunk_size(odd, len(odd.chunk)) == odd.ByteSize() == len(data)
+    assert chunking.received_chunk_size(odd, len(odd.chunk)) == odd.ByteSize() == len(data)
     # a Plan's chunk_message_bytes is the sum of its messages' ByteSize
     from efmuon.server.coordinator import Plan
 

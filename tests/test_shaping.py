@@ -10,15 +10,15 @@ import threading
 import time
 
 import pytest
-
 from efmuon.common.config import RunConfig, from_mapping, load_toml
 from efmuon.common.errors import ConfigError
-from efmuon.common.federated import client_links, is_federated
-from efmuon.common.links import CountingRelay, parse_link
+from efmuon.common.federation import is_federated
+from efmuon.common.links import client_links, parse_link
+from efmuon.worker.relay import CountingRelay
 
 
 def efmuon(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "efmuon.common.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from efmuon.common.cli import main
+from efmuon.cli import main
 from efmuon.common.config import RunConfig
-from efmuon.common.simulate import simulate
+from efmuon.simulate.sync import simulate
 
 
 def _sim(tmp_path, *flags):
@@ -92,12 +91,15 @@ def test_bad_flag_values_are_clear_errors(capsys):
     assert "beta" in capsys.readouterr().err
 
 
-def test_lmo_threads_flag_is_checked_and_one_thread_gives_the_same_bits(capsys):
+def test_lmo_threads_flag_is_checked_and_honoured(capsys):
     assert main(["simulate", "--task", "lsq", "--lmo-threads", "-1"]) == 2
     assert "lmo_threads" in capsys.readouterr().err
     # lsq's 512x1024-class matrix is above lmo.LMO_PARALLEL_MIN_FLOPS: automatic = every core
     cfg = RunConfig(task="lsq", workers=4, rounds=3, uplink="topk:0.1", downlink="quant:4",
                     task_options={"d_in": 1024, "d_out": 512})
-    auto = simulate(cfg, quiet=True)["summary"]["w_sha256"]
-    one = simulate(cfg.replace(lmo_threads=1), quiet=True)["summary"]["w_sha256"]
-    assert auto == one
+    auto = simulate(cfg, quiet=True)["summary"]
+    one = simulate(cfg.replace(lmo_threads=1), quiet=True)["summary"]
+    # the same run on another thread count: the same losses up to float32 summation order (the bits may
+    # differ on CPUs whose sgemm splits sums by thread); the same count twice gives the same bits
+    assert one["final_loss_w"] == pytest.approx(auto["final_loss_w"], rel=1e-4)
+    assert simulate(cfg.replace(lmo_threads=1), quiet=True)["summary"]["w_sha256"] == one["w_sha256"]

@@ -16,7 +16,6 @@ import math
 
 import pytest
 import torch
-
 from efmuon.common.errors import ConfigError
 from efmuon.common.tasks import TASKS, derive_seed, load_corpus, make_task
 

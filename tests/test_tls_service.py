@@ -10,16 +10,23 @@ import sys
 
 import grpc
 import pytest
-
-from efmuon.server import protocol, service
-from efmuon.server.auth import auth_metadata, read_token
+from efmuon.common.wire import protocol
+from efmuon.common.wire.credentials import auth_metadata, read_token
+from efmuon.server import service
 from efmuon.server.certs import make_dev_certs
 from efmuon.server.coordinator import Coordinator, ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
 from efmuon.worker.security import Security
-from test_service_protocol import batches_of, loss_fn, make_cfg, reference_w, server_model, tiny_model
+from test_service_protocol import (
+    batches_of,
+    loss_fn,
+    make_cfg,
+    reference_w,
+    server_model,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def certs(tmp_path_factory):
 
 
 def secure_stub(certs, ca="good", client_cert: int | None = 0):
-    from efmuon.server.auth import channel_credentials
+    from efmuon.common.wire.credentials import channel_credentials
 
     good = certs / "good"
     cert = key = None
@@ -75,7 +82,7 @@ async def test_tls_and_tokens_refuse_strangers_and_train_the_right_clients(certs
         assert await status(plain, auth_metadata(tokens[0])) == grpc.StatusCode.UNAVAILABLE  # no TLS at all
         if mutual:  # a client certificate from another CA, or none, is refused by the handshake
             foreign = lambda p: grpc.aio.secure_channel(  # noqa: E731
-                f"localhost:{p}", __import__("efmuon.server.auth", fromlist=["x"]).channel_credentials(
+                f"localhost:{p}", __import__("efmuon.common.wire.credentials", fromlist=["x"]).channel_credentials(
                     good / "ca.pem", certs / "other" / "client-0.pem", certs / "other" / "client-0.key"))
             assert await status(foreign, auth_metadata(tokens[0])) == grpc.StatusCode.UNAVAILABLE
             nocert, _ = secure_stub(certs, "good", None)
@@ -113,7 +120,7 @@ async def test_tls_and_tokens_refuse_strangers_and_train_the_right_clients(certs
 @pytest.mark.slow
 def test_efmuon_run_with_tls_and_tokens(certs, tmp_path):
     good = certs / "good"
-    out = subprocess.run([sys.executable, "-m", "efmuon.common.cli", "run", "--task", "lsq", "--workers", "2",
+    out = subprocess.run([sys.executable, "-m", "efmuon.cli", "run", "--task", "lsq", "--workers", "2",
                           "--rounds", "4", "--tls-cert", str(good / "server.pem"), "--tls-key", str(good / "server.key"),
                           "--tls-ca", str(good / "ca.pem"), "--token-file", str(good / "tokens.txt"),
                           "--report", str(tmp_path / "r.json"), "--plots", "none"],

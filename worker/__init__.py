@@ -3,6 +3,6 @@
 `Worker(model, loss_fn, batches, server="host:port")` wraps any torch model; `for_task(server)`
 builds the server's built-in task (what `efmuon worker` runs).
 """
-from efmuon.worker.client import Connection, Worker, WorkerError, for_task
+from .client import Connection, Worker, WorkerError, for_task
 
 __all__ = ["Connection", "Worker", "WorkerError", "for_task"]

@@ -28,13 +28,27 @@ from typing import Any
 import grpc
 import torch
 
-from efmuon.common.algorithm import WorkerState, params_sha256
-from efmuon.common.config import RunConfig
-from efmuon.common.errors import EfmuonError, FrameError, ProtocolError
-from efmuon.common.training import (configure_torch, gradients, model_specs, resolve_device, return_freed_memory,
-                                    trim_heap)
-from efmuon.server import protocol
-from efmuon.v1 import service_pb2 as pb
+from ..common.algorithm import WorkerState, params_sha256
+from ..common.checkpoint import (
+    latest_checkpoint,
+    load_worker,
+    restore_worker,
+    save_worker,
+)
+from ..common.config import RunConfig
+from ..common.errors import EfmuonError, FrameError, ProtocolError
+from ..common.model import Setup, gradients, model_specs
+from ..common.runtime import (
+    configure_torch,
+    resolve_device,
+    return_freed_memory,
+    trim_heap,
+)
+from ..common.wire import chunking, protocol
+from ..v1 import service_pb2 as pb
+from . import stub
+from .relay import CountingRelay
+from .security import make_channel
 
 log = logging.getLogger("efmuon.worker")
 
@@ -74,16 +88,14 @@ class Connection:
         self.transfers: list[dict] = []  # per call: {"exchange", "up": [bytes, s] | None, "down": ...}
         target = server
         if measure_wire or link is not None:
-            from efmuon.common.links import CountingRelay
 
             self.relay = CountingRelay(host, port, link=link)
             lhost, lport = self.relay.start()
             target = f"{lhost}:{lport}"
-        from efmuon.worker.security import make_channel
 
         self.channel = make_channel(target, host, security)
         self.metadata = security.metadata() if security is not None else ()
-        self.stub = protocol.client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
+        self.stub = stub.client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
         self._mark = self.counters()
 
     def counters(self) -> dict[str, int] | None:
@@ -221,7 +233,7 @@ class Worker:
                                             f"the model {len(params)} layers")
                     if header.estimator_frame_lengths and len(header.estimator_frame_lengths) != len(params):
                         raise ProtocolError("the server's Join reply has a G_j of the wrong number of layers")
-                    parts = protocol.Reassembler(lengths, limit=8 * sum(p.numel() for p in params) + 1)
+                    parts = chunking.Reassembler(lengths, limit=8 * sum(p.numel() for p in params) + 1)
                 elif msg.WhichOneof("part") == "chunk":
                     parts.add(msg.chunk)
             msg = None
@@ -289,7 +301,6 @@ class Worker:
                 return self.pending[0] + 1
             return self.pending[0]
         if self.state is None and self.checkpoint_dir and self._saved is None:
-            from efmuon.common.checkpoint import latest_checkpoint, load_worker
 
             if latest_checkpoint(self.checkpoint_dir) is not None:
                 self._saved = load_worker(self.checkpoint_dir)
@@ -304,7 +315,6 @@ class Worker:
         return None
 
     def _restore_checkpoint(self, params, specs, cfg) -> None:
-        from efmuon.common.checkpoint import restore_worker
 
         tensors, m = self._saved
         state = WorkerState(list(params), specs, cfg, self.client_id, device=self.device)
@@ -329,7 +339,6 @@ class Worker:
     def _save_checkpoint(self) -> None:
         if not self.checkpoint_dir or self.pending is None:
             return
-        from efmuon.common.checkpoint import save_worker
 
         k, frames, loss = self.pending
         blob = b"".join(bytes(f) for f in frames)
@@ -353,7 +362,7 @@ class Worker:
         sizes: list[int] = []
         header, parts, down_message = None, None, 0
         try:
-            for msg in self.conn.stub.Exchange(protocol.submission_messages(h, frames, sizes), metadata=self.conn.metadata):
+            for msg in self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), metadata=self.conn.metadata):
                 if header is None:
                     down_message += msg.ByteSize()
                     if msg.WhichOneof("part") != "header":
@@ -362,10 +371,10 @@ class Worker:
                     if not header.resync and isinstance(frames, list):
                         frames.clear()
                         self._acknowledged = True
-                    parts = protocol.Reassembler(header.frame_lengths, (0, len(self.state.W)))
+                    parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
                 elif msg.WhichOneof("part") == "chunk":
                     chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
-                    down_message += protocol.received_chunk_size(msg, len(chunk))
+                    down_message += chunking.received_chunk_size(msg, len(chunk))
                     parts.add(chunk)
                 else:
                     down_message += msg.ByteSize()
@@ -520,7 +529,6 @@ def for_task(server: str, client_id: int | None = None, device: str | None = Non
     """A Worker for the server's built-in task: the config comes from the server (Status), the task,
     model and layer specs from `Setup(cfg)` exactly as `efmuon simulate` builds them, and the batch of
     round k is `task.batch(client_id, k)`."""
-    from efmuon.common.simulate import Setup
 
     conn = Connection(server, measure_wire, link=link, security=security)
     try:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from efmuon.server import protocol
+from ..common.wire import protocol
+from ..common.wire.credentials import auth_metadata, channel_credentials
 
 
 @dataclass
@@ -32,7 +33,6 @@ class Security:
     def metadata(self) -> tuple:
         if not self.token:
             return ()
-        from efmuon.server.auth import auth_metadata
 
         return auth_metadata(self.token)
 
@@ -41,7 +41,6 @@ def make_channel(target: str, server_host: str, security: Security | None) -> gr
     """A sync channel to `target` (the server, or the relay in front of it) with `security`."""
     if security is None or not security.tls:
         return grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
-    from efmuon.server.auth import channel_credentials
 
     creds = channel_credentials(security.tls_ca, security.tls_cert, security.tls_key)
     options = list(protocol.CHANNEL_OPTIONS)

@@ -41,14 +41,14 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
 
 def security_from_args(args: argparse.Namespace):
     """The worker's TLS/token settings, or None when none is given."""
-    from efmuon.common.errors import ConfigError
-    from efmuon.worker.security import Security
+    from ..common.errors import ConfigError
+    from ..worker.security import Security
 
     if args.token and args.token_file:
         raise ConfigError("give --token or --token-file, not both")
     token = args.token
     if args.token_file:
-        from efmuon.server.auth import read_token
+        from ..common.wire.credentials import read_token
 
         token = read_token(args.token_file, args.client_id)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -61,13 +61,13 @@ def security_from_args(args: argparse.Namespace):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from efmuon.worker.client import for_task
+    from ..worker.client import for_task
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     link = None
     if args.link:
-        from efmuon.common.links import parse_link
+        from ..common.links import parse_link
 
         link = parse_link(args.link)
     worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=not args.no_wire,
@@ -89,16 +89,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from efmuon.common.errors import EfmuonError
-
-    p = argparse.ArgumentParser(prog="python -m efmuon.worker", description="One efmuon worker of a built-in task.")
+def add_worker_parser(sub) -> None:
+    p = sub.add_parser(
+        "worker", help="one worker (the run configuration comes from the server)",
+        description="Join a running `efmuon server`, build its built-in task and train client J's shard.")
     add_worker_flags(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_worker(args)
-    except EfmuonError as exc:
-        print(f"efmuon worker: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    p.set_defaults(func=cmd_worker)

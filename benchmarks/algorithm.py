@@ -1,65 +1,28 @@
-"""`efmuon bench NAME`: benchmarks that print a table, write JSON with a `goals` list, and can
-update their section of BENCHMARKS.md. Every speed figure is a ratio to a baseline measured in
-the same run (these machines are noisy). Service benchmarks (transport, scaling, memory) live in
-efmuon.server.bench and register themselves here.
-"""
+"""Benchmarks of the algorithm alone (no transport): bytes to a target loss, methods, codecs, the LMO."""
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from efmuon.common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
-
-BENCHES: dict[str, Callable[[bool], dict]] = {}
-
-
-def bench(name: str):
-    def register(fn):
-        BENCHES[name] = fn
-        return fn
-    return register
-
-
-def machine() -> dict:
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(), "date": _dt.date.today().isoformat()}
-
-
-def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def goal(name: str, value, target: str, met: bool) -> dict:
-    return {"name": name, "value": value, "goal": target, "met": bool(met)}
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    """A GitHub markdown table (also readable in a terminal)."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
+from ..common.compress import parse_spec
+from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
+from ..common.lmo import (
+    PAD_CALL_FLOPS,
+    assign_norms,
+    assign_norms_for_model,
+    lmo_all,
+    matrix_dims,
+    newton_schulz,
+    spectral_groups,
+)
+from ..common.lmo import ns_step_flops as flops
+from ..common.tasks import make_task
+from ..simulate.sync import simulate
+from .harness import bench, goal, table, timeit
 
 # ---------------------------------------------------------------------------------------- bytes
 # gpt-char sweep (BENCHMARKS.md "bytes"): sparse estimators (topk, rankk) lose too many rounds under
@@ -100,7 +63,6 @@ def bytes_to_target(task: str, rounds: int, pairings, workers: int = 4, target_f
     step large for longer and crosses the target later (gpt-char, quant:3 / sign: round 230 of 600
     vs 200 of 300), so more rounds only pay for a target near identity's final loss.
     """
-    from efmuon.common.simulate import simulate
 
     runs = []
     for i, (method, up, down) in enumerate(pairings):
@@ -157,7 +119,6 @@ def bench_bytes(quick: bool) -> dict:
 def bench_methods(quick: bool) -> dict:
     """EF21 vs EF14 (classic, airbench) side by side on lsq and digits."""
     rows = []
-    from efmuon.common.simulate import simulate
 
     tasks = [("lsq", 100 if quick else 300), ("digits", 50 if quick else 200)]
     for task, rounds in tasks:
@@ -182,51 +143,11 @@ def bench_methods(quick: bool) -> dict:
     return {"result": rows, "goals": [], "table": table(rows, cols)}
 
 
-def update_markdown(path: str, name: str, command: str, body: str) -> None:
-    """Replace (or append) the section of BENCHMARKS.md between <!-- bench:NAME --> markers."""
-    m = machine()
-    section = (f"<!-- bench:{name} -->\n### `{name}`\n\n`{command}` — {m['date']}, {m['cores']} cores, "
-               f"torch {m['torch']}, python {m['python']}{', cuda' if m['cuda'] else ', no GPU'}\n\n{body}\n"
-               f"<!-- /bench:{name} -->")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pat = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
-def run_bench(name: str, quick: bool, report: str | None, markdown: str | None, command: str) -> dict:
-    try:
-        import efmuon.server.bench  # noqa: F401  (registers transport, scaling, memory)
-    except ImportError:
-        pass
-    try:
-        import efmuon.server.bench_soak  # noqa: F401  (registers soak)
-    except ImportError:
-        pass
-    if name not in BENCHES:
-        from efmuon.common.errors import ConfigError
-
-        raise ConfigError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHES))}")
-    print(f"bench {name}{' (quick)' if quick else ''}: {BENCHES[name].__doc__.strip().splitlines()[0]}", flush=True)
-    out = BENCHES[name](quick)
-    out = {"bench": name, "quick": quick, "machine": machine(), "command": command, **out}
-    print(out["table"])
-    for g in out["goals"]:
-        print(f"goal: {g['name']}: {g['value']} (goal {g['goal']}) -> {'met' if g['met'] else 'NOT met'}")
-    if report:
-        with open(report, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
-    if markdown:
-        goals = "\n".join(f"- {g['name']}: **{g['value']}** (goal {g['goal']}: {'met' if g['met'] else 'not met'})"
-                          for g in out["goals"])
-        update_markdown(markdown, name, command, out["table"] + ("\n\n" + goals if goals else ""))
-    return out
-
-
 # ---------------------------------------------------------------------------------------- codecs
 CODEC_SPECS = ["identity", "identity:bf16", "topk:0.1", "topk:0.01", "randk:0.1", "rankk:4", "natural",
                "quant:8", "quant:4", "sign", "topk:0.05+natural"]
+
+
 # minimum throughput ratio copy_time / (encode + decode) time, by family (structure first)
 CODEC_GOALS = {"topk": 0.25, "sign": 0.5, "quant": 0.5, "natural": 0.5}
 
@@ -256,8 +177,6 @@ def _time_interleaved(fns: dict[str, Callable], repeat: int) -> dict[str, float]
 @bench("codecs")
 def bench_codecs(quick: bool) -> dict:
     """Encode + decode throughput per compressor, as a ratio to a plain x.clone() in the same run."""
-    from efmuon.common.compress import parse_spec
-    from efmuon.common.lmo import newton_schulz
 
     n = (1 << 20) if quick else (1 << 24)
     side = int(math.isqrt(n))  # rankk: side x side matrix with the same number of entries
@@ -346,7 +265,6 @@ Notes (profiles on this 2-core machine, 16M entries, 1 thread):
 def ns_step_flops(m: int, n: int) -> int:
     """FLOPs of one Newton-Schulz step on an m x n matrix (the iteration runs on min x max):
     A = X X^T: 2 m^2 n;  b A + c A A: 2 m^3;  a X + B X: 2 m^2 n  (m <= n). Elementwise terms ignored."""
-    from efmuon.common.lmo import ns_step_flops as flops
 
     return flops(m, n)
 
@@ -362,8 +280,6 @@ def _gpt124m_shapes(blocks: int) -> list[tuple[str, tuple[int, int]]]:
 
 
 def _lmo_layer_sets(quick: bool) -> list[tuple[str, list]]:
-    from efmuon.common.lmo import assign_norms, assign_norms_for_model
-    from efmuon.common.tasks import make_task
 
     model = make_task("gpt-char", 4).build_model()
     sets = [("gpt-char", [s for s in assign_norms_for_model(model) if s.norm == "spectral"])]
@@ -375,7 +291,6 @@ def _lmo_layer_sets(quick: bool) -> list[tuple[str, list]]:
 def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
     """Time lmo_all over `specs` and plain bmm over the same (unpadded) shape groups, interleaved;
     FLOP-weighted comparison on useful FLOPs only (zero padding that lmo_all adds is not counted)."""
-    from efmuon.common.lmo import lmo_all, matrix_dims, spectral_groups
 
     g = torch.Generator().manual_seed(0)
     Gs = [torch.randn(s.shape, generator=g).to(device) for s in specs]
@@ -429,7 +344,6 @@ def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
 @bench("lmo")
 def bench_lmo(quick: bool) -> dict:
     """Newton-Schulz (lmo_all, batched by shape) achieved FLOP/s vs a plain batched matmul, same run."""
-    from efmuon.common.lmo import PAD_CALL_FLOPS
 
     steps = 5
     repeat = 1 if quick else 2

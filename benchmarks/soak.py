@@ -15,17 +15,16 @@ import sys
 import tempfile
 import time
 
-from efmuon.common.bench import bench, goal, table
+from ..common.wire import protocol
+from ..v1 import service_pb2 as pb
+from ..v1 import service_pb2_grpc as pb_grpc
+from .harness import bench, goal, table
 
-CLI = [sys.executable, "-m", "efmuon.common.cli"]
+CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def _status(port: int):
     import grpc
-
-    from efmuon.server import protocol
-    from efmuon.v1 import service_pb2 as pb
-    from efmuon.v1 import service_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
     stub = pb_grpc.ParameterServerStub(channel)

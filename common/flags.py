@@ -1,16 +1,9 @@
-"""`efmuon`: one command, with subcommands; the same flags mean the same thing everywhere.
-
-    efmuon run       [flags]                      server + N local worker processes (the embedded default)
-    efmuon server    --port P [flags]             the server alone (multi-machine)
-    efmuon worker    --server HOST:PORT [flags]   one worker (multi-machine)
-    efmuon simulate  [flags]                      one process, virtual workers, no gRPC
-"""
+"""TODO docstring"""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from efmuon.common.config import (
+from .config import (
     DEFAULT_DOWNLINK,
     DEFAULT_UPLINK,
     DEVICES,
@@ -24,7 +17,6 @@ from efmuon.common.config import (
     from_mapping,
     load_toml,
 )
-from efmuon.common.errors import EfmuonError
 
 SPEC_HELP = ("compressor SPEC: identity, identity:bf16, identity:fp16, topk:0.1 (fraction) or topk:1000 (k), "
              "randk:0.1, rankk:4, natural, quant:8, sign; composed with '+', e.g. topk:0.05+natural, rankk:4+bf16")
@@ -120,99 +112,3 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     if getattr(args, "task_option", None):
         overrides["task_options"] = {**cfg.task_options, **dict(args.task_option)}
     return from_mapping(overrides, cfg, where="flags")
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from efmuon.common.simulate import simulate
-
-    cfg = config_from_args(args)
-    simulate(cfg)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="efmuon",
-        description="EF21-Muon parameter server: workers send compressed estimator differences up, "
-                    "the server takes the Muon LMO step and sends compressed model differences down.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'efmuon COMMAND --help' for a command's flags. With no arguments, 'efmuon run' trains "
-               "the built-in gpt-char model with 4 local workers and compression both ways.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("simulate", help="one process, n virtual workers, no gRPC (exact payload bytes)",
-                       description="Drive the EF21-Muon state objects for n virtual workers in one process.")
-    add_common_flags(p)
-    p.set_defaults(func=cmd_simulate)
-
-    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, transport, scaling, memory, soak",
-                       description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
-                                   "--markdown updates its section of BENCHMARKS.md.")
-    b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
-    b.add_argument("--quick", action="store_true", help="a few seconds: a smoke version")
-    b.add_argument("--report", metavar="PATH.json", help="write the JSON result here")
-    b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")
-    b.set_defaults(func=cmd_bench)
-
-    c = sub.add_parser("compare", help="overlay run reports in one figure and print a table",
-                       description="Overlay JSON reports of simulate/run/server: loss vs rounds and loss vs bytes "
-                                   "(log scale) in one PNG, and a table of rounds, final loss at W and X, bytes "
-                                   "up/down and the saving against uncompressed fp32.")
-    c.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports to compare")
-    c.add_argument("--out", default="compare.png", metavar="PATH.png", help="figure to write (default compare.png)")
-    c.add_argument("--label", action="append", default=None, help="legend label per report, in order (repeatable; "
-                   "default: the file names)")
-    c.set_defaults(func=cmd_compare)
-
-    _add_service_commands(sub)
-    return parser
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from efmuon.common.compare import compare
-
-    compare(args.reports, out=args.out, labels=args.label)
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from efmuon.common.bench import run_bench
-
-    command = "efmuon bench " + args.name + (" --quick" if args.quick else "")
-    run_bench(args.name, args.quick, args.report, args.markdown, command)
-    return 0
-
-
-def _add_service_commands(sub) -> None:
-    """run / server / worker live in efmuon.server and efmuon.worker; import lazily (no grpc for simulate)."""
-    try:
-        from efmuon.server.cli import add_commands
-    except ImportError as exc:  # the service is optional for a pure-algorithm install
-        if "efmuon" not in str(exc):
-            raise
-        return
-    add_commands(sub, add_common_flags, config_from_args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        argv = ["run"] + list(argv or [])
-        if "run" not in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
-            parser.print_help()
-            return 2
-        args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EfmuonError as exc:
-        print(f"efmuon {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"efmuon {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

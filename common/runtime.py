@@ -1,14 +1,11 @@
-"""Glue between a torch model and the algorithm's parameter lists (shared by simulator and worker)."""
+"""TODO docstring"""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 
-from efmuon.common.config import RunConfig
-from efmuon.common.lmo import LayerSpec, assign_norms_for_model
-
+from .errors import ConfigError
 
 MMAP_THRESHOLD = 64 * 1024  # bytes; glibc's default starts at 128 KiB and grows up to 32 MiB
 
@@ -70,8 +67,6 @@ def configure_torch(threads: int) -> None:
     The server and the worker call `return_freed_memory(model_bytes)` once they know the model's size."""
     torch.set_num_threads(max(1, int(threads)))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # torch.use_deterministic_algorithms is not needed on CPU (our kernels are deterministic for a
-    # fixed thread count) and importing it pulls in torch._inductor (~2 s).
 
 
 def resolve_device(device: str) -> torch.device:
@@ -79,60 +74,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from efmuon.common.errors import ConfigError
 
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(device)
 
 
-def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head_names=()) -> list[LayerSpec]:
-    """Layer norms for every parameter of `model`, from the preset and the config's overrides."""
-    from efmuon.common.lmo import assign_norms
-
-    names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    emb = set(embedding_names) | {
-        f"{mn}.weight" if mn else "weight"
-        for mn, m in model.named_modules()
-        if isinstance(m, torch.nn.Embedding)
-    }
-    return assign_norms(names, preset=cfg.preset, overrides=cfg.norms or None,
-                        embedding_names=emb, head_names=set(head_names))
-
-
-def parameters_of(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
-    names, params = zip(*[(n, p.detach().clone()) for n, p in model.named_parameters()])
-    return list(names), list(params)
-
-
-def load_parameters(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
-    """Copy `params` into the model's parameters; a parameter that already is a view of the same
-    storage (the networked worker binds its model to W: `Worker._bind_model`) is left alone."""
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), params):
-            if p.data_ptr() == w.data_ptr() and p.shape == w.shape and p.dtype == w.dtype \
-                    and p.stride() == w.stride() and p.device == w.device:
-                continue
-            p.copy_(w)
-
-
-def gradients(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn) -> tuple[float, list[torch.Tensor]]:
-    """Load `params` into `model`, evaluate `loss_fn(model)` and return (loss, gradients at params)."""
-    load_parameters(model, params)
-    model.zero_grad(set_to_none=True)
-    model.train()
-    loss = loss_fn(model)
-    loss.backward()
-    # Hand the gradient tensors over instead of cloning them (one model copy less per worker):
-    # the parameters drop their reference, so the next backward allocates fresh ones.
-    grads = []
-    for p in model.parameters():
-        grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
-        p.grad = None
-    return float(loss.detach()), grads
-
-
-def evaluate(model: torch.nn.Module, params: Sequence[torch.Tensor], fn) -> float:
-    load_parameters(model, params)
-    model.eval()
-    with torch.no_grad():
-        return float(fn(model))
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,77 +1,21 @@
-"""`efmuon simulate`: n virtual workers in one process, driving the same state objects as the service.
-
-No transport: the report's payload bytes are the exact frame lengths, `message`/`wire` are null.
-Any federated setting (clients, participation, link, link_mix, link_trace, deadline, compute_scale,
-compute_seconds) switches to `efmuon.common.federated`; without them this synchronous path is
-unchanged. PNG plots go next to the report (or to `plots`), see `efmuon.common.plots`.
-"""
+"""TODO docstring"""
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-import torch
-
-from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
-from efmuon.common.config import RunConfig, resolve
-from efmuon.common.report import Report
-from efmuon.common.tasks import make_task
-from efmuon.common.training import configure_torch, evaluate, gradients, model_specs, parameters_of, resolve_device
-
-
-class Setup:
-    """Everything both sides derive from the config: the task, model, names, initial params, layer specs."""
-
-    def __init__(self, cfg: RunConfig, task=None):
-        self.task = task if task is not None else make_task(cfg.task, cfg.workers, seed=cfg.seed, **cfg.task_options)
-        self.cfg = resolve(cfg, getattr(self.task, "defaults", {}) or {})
-        self.model = self.task.build_model()
-        self.names, self.params = parameters_of(self.model)
-        self.specs = model_specs(self.model, self.cfg, getattr(self.task, "embedding_names", ()),
-                                 getattr(self.task, "head_names", ()))
-        self.numel = sum(p.numel() for p in self.params)
-
-    def uncompressed_round_bytes(self) -> int:
-        """What one identity fp32 message of the whole model costs."""
-        return 4 * self.numel
-
-
-def eval_losses(setup: Setup, model, W, X) -> tuple[float, float]:
-    t = setup.task
-    return evaluate(model, W, t.train_eval_loss), evaluate(model, X, t.train_eval_loss)
-
-
-def plots_dir(cfg: RunConfig) -> str | None:
-    """Where PNG plots go: `plots`, else the report's directory; None when disabled or nowhere to put them."""
-    if cfg.plots is not None:
-        return None if cfg.plots.strip().lower() in ("none", "off", "no", "false", "") else cfg.plots
-    if cfg.report:
-        return os.path.dirname(os.path.abspath(cfg.report))
-    return None
-
-
-def write_outputs(report: Report, cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
-    """Write the JSON report and the PNG plots (if asked for); return the report as a dict."""
-    if cfg.report:
-        report.write(cfg.report)
-    data = report.to_dict()
-    where = plots_dir(cfg)
-    if where:
-        from efmuon.common.plots import write_plots
-
-        stem = os.path.splitext(os.path.basename(cfg.report))[0] if cfg.report else "efmuon"
-        paths = write_plots(data, where, stem)
-        if not quiet:
-            print(f"plots: {', '.join(paths)}", file=stream or sys.stdout, flush=True)
-    return data
+from ..common.algorithm import ServerState, WorkerState, params_sha256
+from ..common.config import RunConfig
+from ..common.federation import is_federated
+from ..common.model import Setup, eval_losses, evaluate, gradients
+from ..common.outputs import write_outputs
+from ..common.report import Report
+from ..common.runtime import configure_torch, resolve_device
+from .federated import simulate_federated
 
 
 def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
-    from efmuon.common.federated import is_federated
 
     if is_federated(cfg):
-        from efmuon.common.federated import simulate_federated
 
         return simulate_federated(cfg, quiet=quiet, stream=stream)
     configure_torch(cfg.threads)
@@ -137,7 +81,7 @@ def simulate(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
     eval_w = evaluate(eval_model, server.W, task.eval_loss)
     eval_x = evaluate(eval_model, server.X, task.eval_loss)
     rounds_total = cfg.rounds
-    summary = report.finish(
+    report.finish(
         initial_loss=initial_w,
         eval_loss_w=eval_w,
         eval_loss_x=eval_x,

@@ -1,81 +1,21 @@
-"""What both ends of proto/efmuon/v1/service.proto agree on, as plain functions.
-
-Constants (protocol version, chunk size, message limits), the model fingerprint and its
-comparison, the run-config codec, cutting frames into <= 1 MiB chunk messages and back, and the
-client stub that sends and reads those messages without extra copies. The server's servicer and the
-worker's client are the only other modules that touch `_pb2`.
-"""
+"""TODO docstring"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-import msgpack
 import numpy as np
-import torch
 
-from efmuon.common.config import RunConfig, from_mapping
-from efmuon.common.errors import FrameError, ProtocolError
-from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
-
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT  # 1
-CHUNK_BYTES = 1 << 20  # payload bytes per chunk message (1 MiB)
-# Explicit limits on both ends: a chunk message is ~1 MiB, so 64 MiB only stops runaway peers
-# (and leaves room for the Join header of a model with very many parameters).
-MAX_MESSAGE_BYTES = 64 << 20
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
-# Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s).
-CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
-                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-# ---------------------------------------------------------------------------- fingerprint
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def fingerprint(names: Sequence[str], params: Sequence[torch.Tensor]) -> list[pb.ParameterInfo]:
-    """The model's parameters as the wire describes them: name, shape, dtype, in order."""
-    return [pb.ParameterInfo(name=n, shape=list(p.shape), dtype=dtype_name(p.dtype)) for n, p in zip(names, params)]
-
-
-def fingerprint_mismatch(here: Sequence[pb.ParameterInfo], server: Sequence[pb.ParameterInfo]) -> str | None:
-    """Why the client's model (`here`) is not the server's, or None when they match."""
-    for i, (a, b) in enumerate(zip(here, server)):
-        if a.name != b.name:
-            return f"parameter #{i} is {a.name!r} here but {b.name!r} on the server"
-        if tuple(a.shape) != tuple(b.shape):
-            return f"parameter {a.name!r} has shape {tuple(a.shape)} here but {tuple(b.shape)} on the server"
-        if a.dtype != b.dtype:
-            return f"parameter {a.name!r} has dtype {a.dtype} here but {b.dtype} on the server"
-    if len(here) != len(server):
-        longer, where = (here, "here") if len(here) > len(server) else (server, "on the server")
-        extra = longer[min(len(here), len(server))].name
-        return (f"the model has {len(here)} parameters here but {len(server)} on the server "
-                f"(first extra one {where}: {extra!r})")
-    return None
-
-
-# ---------------------------------------------------------------------------- run config
-def encode_config(cfg: RunConfig) -> bytes:
-    return msgpack.packb(cfg.to_dict(), use_bin_type=True)
-
-
-def decode_config(data: bytes) -> RunConfig:
-    """The server's RunConfig; validated like a config file (unknown keys are an error)."""
-    try:
-        mapping = msgpack.unpackb(data, raw=False)
-    except Exception as exc:  # msgpack raises several types
-        raise ProtocolError(f"the run configuration from the server is not valid msgpack: {exc}") from None
-    if not isinstance(mapping, dict):
-        raise ProtocolError("the run configuration from the server is not a map")
-    return from_mapping(mapping, RunConfig(), where="server config")
-
+from ...v1 import service_pb2 as pb
+from ..errors import FrameError
+from .protocol import CHUNK_BYTES
 
 # ---------------------------------------------------------------------------- chunks
+try:
+    from google.protobuf.unknown_fields import UnknownFieldSet as _UnknownFieldSet
+except ImportError:  # an older protobuf: always measure by serialising
+    _UnknownFieldSet = None
+
+
 def varint_size(value: int) -> int:
     """Bytes of `value` (>= 0) as a protobuf varint."""
     n = 1
@@ -114,12 +54,6 @@ def chunk_message_size(cls, n: int) -> int:
     if tag is None:
         tag = _CHUNK_TAG[cls] = _chunk_tag_size(cls)
     return tag + varint_size(n) + n
-
-
-try:
-    from google.protobuf.unknown_fields import UnknownFieldSet as _UnknownFieldSet
-except ImportError:  # an older protobuf: always measure by serialising
-    _UnknownFieldSet = None
 
 
 def received_chunk_size(msg, n: int) -> int:
@@ -175,20 +109,6 @@ def chunk_deserializer(cls, parse):
     return deserialize
 
 
-def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission | bytes]:
-    """The Exchange request stream: the header message (a pb.Submission), then the frames as chunk
-    messages already serialized (`iter_chunk_messages`; the stub of `client_stub` sends them as they are).
-
-    Appends each message's serialized size to `sizes` (the `message` byte level): for the chunk
-    messages that is their length, so nothing is serialized a second time."""
-    first = pb.Submission(header=header)
-    sizes.append(first.ByteSize())
-    yield first
-    for message in iter_chunk_messages(frames, pb.Submission):
-        sizes.append(len(message))
-        yield message
-
-
 def iter_chunk_messages(frames: Iterable, cls=pb.Submission, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """`cls(chunk=c).SerializeToString()` for each chunk c of `iter_chunks(frames, size)`, built by one
     join of the field's tag and length with memoryviews of the frames: one copy of the payload, where
@@ -196,27 +116,6 @@ def iter_chunk_messages(frames: Iterable, cls=pb.Submission, size: int = CHUNK_B
     tag = _varint(_chunk_tag(cls))
     for pieces, n in _chunk_pieces(frames, size):
         yield b"".join([tag, _varint(n), *pieces])
-
-
-def submission_serializer(message: pb.Submission | bytes) -> bytes:
-    """Exchange's request serializer: a chunk message from `iter_chunk_messages` is already bytes."""
-    return message if type(message) is bytes else message.SerializeToString()
-
-
-def client_stub(channel) -> pb_grpc.ParameterServerStub:
-    """The generated stub, except that Exchange sends `submission_messages` as they are
-    (`submission_serializer`) and the replies of Join and Exchange are read by `chunk_deserializer`:
-    their chunks are read-only memoryviews of gRPC's bytes, not copies. Any other reply is parsed by
-    protobuf as before, so one it cannot parse fails the call the same way (gRPC's INTERNAL
-    "Exception deserializing response")."""
-    stub = pb_grpc.ParameterServerStub(channel)
-    stub.Join = channel.unary_stream(
-        "/efmuon.v1.ParameterServer/Join", request_serializer=pb.JoinRequest.SerializeToString,
-        response_deserializer=chunk_deserializer(pb.JoinReply, pb.JoinReply.FromString), _registered_method=True)
-    stub.Exchange = channel.stream_stream(
-        "/efmuon.v1.ParameterServer/Exchange", request_serializer=submission_serializer,
-        response_deserializer=chunk_deserializer(pb.Downlink, pb.Downlink.FromString), _registered_method=True)
-    return stub
 
 
 def _chunk_pieces(frames: Iterable, size: int) -> Iterator[tuple[list[memoryview], int]]:
@@ -302,22 +201,3 @@ class Reassembler:
         if self.received != self.total:
             raise FrameError(f"received {self.received} frame bytes, the header announced {self.total}")
         return [memoryview(b if b is not None else bytearray()) for b in self._bufs]
-
-
-def raw_frames(params: Sequence[torch.Tensor]) -> list[bytes]:
-    """Raw float32 little-endian bytes of each tensor (the initial W at Join)."""
-    return [p.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes() for p in params]
-
-
-def tensors_from_raw(frames: Sequence, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    out = []
-    for f, shape in zip(frames, shapes):
-        n = 1
-        for s in shape:
-            n *= int(s)
-        if len(f) != 4 * n:
-            raise FrameError(f"initial W frame of shape {tuple(shape)} has {len(f)} bytes, expected {4 * n}")
-        buf = f if isinstance(f, memoryview) and not f.readonly else bytearray(f)
-        t = torch.frombuffer(buf, dtype=torch.float32) if n else torch.zeros(0)
-        out.append(t.reshape(tuple(int(s) for s in shape)))
-    return out

@@ -1,9 +1,13 @@
-"""`efmuon run`, `efmuon server` and `efmuon worker`, wired into common.cli's parser."""
+"""`efmuon run` and `efmuon server`: their flags, and the commands that hand them to efmuon.server."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from ..common.config import RunConfig, from_mapping
+from ..common.flags import add_common_flags, config_from_args
+from ..common.wire.protocol import MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = 50051
 
@@ -48,24 +52,26 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from efmuon.server import protocol
-    from efmuon.server.coordinator import ServerOptions
+    from ..server.options import (
+        ServerOptions,  # lazy: the server package only when the command runs
+    )
 
     deadline = 600.0 if args.round_deadline is None else (None if args.round_deadline == 0 else args.round_deadline)
     ckpt = args.checkpoint_dir or args.resume
     return ServerOptions(
         checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every or 0, round_deadline=deadline,
         on_deadline=args.on_deadline, nan_policy=args.nan_policy, max_clients=args.max_clients,
-        max_message_bytes=args.max_message_bytes or protocol.MAX_MESSAGE_BYTES, estimators=args.estimators,
+        max_message_bytes=args.max_message_bytes or MAX_MESSAGE_BYTES, estimators=args.estimators,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, token_file=args.token_file).validate()
 
 
-def config_and_resume(args: argparse.Namespace, config_from_args):
+def config_and_resume(args: argparse.Namespace):
     """The run configuration (with --resume DIR: the checkpoint's, overlaid by the flags) and the loaded checkpoint."""
     if not args.resume:
         return config_from_args(args), None
-    from efmuon.common.checkpoint import load_server
-    from efmuon.common.config import RunConfig, from_mapping
+    from ..common.checkpoint import (
+        load_server,  # lazy: torch only when the command runs
+    )
 
     loaded = load_server(args.resume)
     saved = loaded[1].get("config") or {}
@@ -73,29 +79,31 @@ def config_and_resume(args: argparse.Namespace, config_from_args):
     return config_from_args(args, base=base), loaded
 
 
-def add_commands(sub, add_common_flags, config_from_args) -> None:
-    """Add run / server / worker to the `efmuon` subcommands (called by common.cli)."""
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..server.local import (
+        run_local,  # lazy: torch and grpc only when the command runs
+    )
 
-    def cmd_run(args: argparse.Namespace) -> int:
-        from efmuon.server.app import run_local
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg, resume = config_and_resume(args)
+    if getattr(args, "shaping", None):
+        cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
+    report = run_local(cfg, options=options_from_args(args), resume=resume)
+    return 130 if report["summary"].get("partial") else 0
 
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        cfg, resume = config_and_resume(args, config_from_args)
-        if getattr(args, "shaping", None):
-            from efmuon.common.config import from_mapping
 
-            cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
-        report = run_local(cfg, options=options_from_args(args), resume=resume)
-        return 130 if report["summary"].get("partial") else 0
+def cmd_server(args: argparse.Namespace) -> int:
+    from ..server.app import (
+        run_server,  # lazy: torch and grpc only when the command runs
+    )
 
-    def cmd_server(args: argparse.Namespace) -> int:
-        from efmuon.server.app import run_server
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg, resume = config_and_resume(args)
+    report = run_server(cfg, args.host, args.port, options=options_from_args(args), resume=resume)
+    return 130 if report["summary"].get("partial") else 0
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        cfg, resume = config_and_resume(args, config_from_args)
-        report = run_server(cfg, args.host, args.port, options=options_from_args(args), resume=resume)
-        return 130 if report["summary"].get("partial") else 0
 
+def add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run", help="server + N local worker processes over gRPC (the embedded default)",
         description="Start the parameter server on 127.0.0.1 (a free port) and N worker processes, train, "
@@ -109,6 +117,8 @@ def add_commands(sub, add_common_flags, config_from_args) -> None:
     add_server_flags(p)
     p.set_defaults(func=cmd_run)
 
+
+def add_server_parser(sub) -> None:
     p = sub.add_parser(
         "server", help="the parameter server alone (workers on other machines)",
         description="Serve one run: waits for --workers clients to Join, runs --rounds synchronous rounds, "
@@ -120,15 +130,3 @@ def add_commands(sub, add_common_flags, config_from_args) -> None:
     n.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free)")
     add_server_flags(p)
     p.set_defaults(func=cmd_server)
-
-    from efmuon.server.certs import add_certs_parser
-
-    add_certs_parser(sub)
-
-    from efmuon.worker.cli import add_worker_flags, cmd_worker
-
-    p = sub.add_parser(
-        "worker", help="one worker (the run configuration comes from the server)",
-        description="Join a running `efmuon server`, build its built-in task and train client J's shard.")
-    add_worker_flags(p)
-    p.set_defaults(func=cmd_worker)

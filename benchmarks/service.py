@@ -2,11 +2,11 @@
 
 Every speed figure is a ratio to a baseline measured in the same run (these machines are noisy).
 The server side of `transport`, `scaling` and `memory` runs in a subprocess started from this
-module (`python -m efmuon.server.bench sink|serve|worker|idle JSON`), so it has its own
+module (`python -m efmuon.benchmarks.service sink|serve|worker|idle JSON`), so it has its own
 interpreter and its own CPU and memory figures, as in a real deployment.
 
 transport   one client pushes 1 KB .. 512 MB as one Exchange (the worker's chunk path:
-            `protocol.iter_chunks` -> Submission chunks -> grpc -> `protocol.Reassembler`) to a
+            `chunking.iter_chunks` -> Submission chunks -> grpc -> `chunking.Reassembler`) to a
             minimal grpc.aio servicer that receives exactly as `service.ParameterServer.Exchange`
             does, through the worker's `CountingRelay` (wire bytes), vs a raw TCP `sendall` of the
             same bytes into a preallocated buffer on the same loopback, same run, interleaved.
@@ -30,7 +30,27 @@ import sys
 import threading
 import time
 
-from efmuon.common.bench import bench, goal, table
+from ..common import algorithm
+from ..common.algorithm import WorkerState, frame_seed, layer_compressors
+from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
+from ..common.errors import FrameError
+from ..common.lmo import assign_norms, available_cores, lmo_threads, ns_step_flops
+from ..common.runtime import configure_torch
+from ..common.tasks import make_task
+from ..common.wire import chunking, protocol
+from ..server import service  # noqa: F401
+from ..server.local import run_local
+from ..server.coordinator import Coordinator, Plan, ServerModel
+from ..server.service import Undecodable, add_servicer, grpc_options, serve
+from ..v1 import service_pb2 as pb
+from ..v1 import service_pb2_grpc as pb_grpc
+from ..worker import (
+    client,  # noqa: F401
+    stub,
+)
+from ..worker.client import Worker
+from ..worker.relay import CountingRelay
+from .harness import bench, goal, table
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -56,7 +76,7 @@ def _cpu_seconds(pid: int | str = "self") -> float:
 def _spawn(mode: str, spec: dict) -> subprocess.Popen:
     """A helper subprocess of this module; it prints one JSON line when ready (and one when done)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "efmuon.server.bench", mode, json.dumps(spec)],
+    return subprocess.Popen([sys.executable, "-m", "efmuon.benchmarks.service", mode, json.dumps(spec)],
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
 
 
@@ -103,7 +123,6 @@ def synthetic_layers(params: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def synthetic_config(workers: int, rounds: int, uplink: str, downlink: str, init: str):
-    from efmuon.common.config import RunConfig
 
     return RunConfig(task="lsq", workers=workers, rounds=rounds, uplink=uplink, downlink=downlink, init=init,
                      lr=0.01, beta=0.1, schedule="constant", warmup=0, preset="muon", eval_every=10 ** 9,
@@ -146,12 +165,6 @@ def _sink_main(spec: dict) -> None:
 
     import grpc
 
-    from efmuon.common.errors import FrameError
-    from efmuon.server import protocol
-    from efmuon.server.service import Undecodable, add_servicer, grpc_options
-    from efmuon.v1 import service_pb2 as pb
-    from efmuon.v1 import service_pb2_grpc as pb_grpc
-
     def raw_server(lsock: socket.socket) -> None:
         while True:
             conn, _ = lsock.accept()
@@ -185,7 +198,7 @@ def _sink_main(spec: dict) -> None:
             first = await it.__anext__()
             h = first.header
             message = first.ByteSize()
-            parts = protocol.Reassembler(h.frame_lengths)
+            parts = chunking.Reassembler(h.frame_lengths)
             async for msg in it:  # as service.ParameterServer.Exchange receives a new submission
                 if isinstance(msg, Undecodable):
                     raise FrameError(str(msg.rejected()))
@@ -194,7 +207,7 @@ def _sink_main(spec: dict) -> None:
                 chunk = msg.chunk
                 if len(chunk) > protocol.CHUNK_BYTES:
                     raise FrameError("a chunk over 1 MiB")
-                message += protocol.received_chunk_size(msg, len(chunk))
+                message += chunking.received_chunk_size(msg, len(chunk))
                 parts.add(chunk)
             frames = parts.frames()
             del frames, parts
@@ -229,17 +242,15 @@ def _sink_main(spec: dict) -> None:
 
 def _submission_messages(round_: int, frames: list) -> tuple[list, int]:
     """The worker's request stream for one Exchange (header, then the chunk messages of
-    protocol.iter_chunk_messages, sent by `protocol.client_stub`) and its message bytes (sum of
+    chunking.iter_chunk_messages, sent by `stub.client_stub`) and its message bytes (sum of
     ByteSize) -- built lazily by the generator the caller iterates."""
-    from efmuon.server import protocol
-    from efmuon.v1 import service_pb2 as pb
 
     h = pb.SubmissionHeader(client_id=0, session="bench", round=round_, frame_lengths=[len(f) for f in frames],
                             train_loss=float("nan"))
     sizes: list[int] = []
 
     def gen():
-        return protocol.submission_messages(h, frames, sizes)  # the worker's own request stream
+        return stub.submission_messages(h, frames, sizes)  # the worker's own request stream
     return gen, sizes
 
 
@@ -247,10 +258,7 @@ def _transport_measure(sizes: list[int], reps_for) -> list[dict]:
     import grpc
     import numpy as np
 
-    from efmuon.common.links import CountingRelay
-    from efmuon.server import protocol
-
-    sink = subprocess.Popen([sys.executable, "-m", "efmuon.server.bench", "sink", "{}"], stdout=subprocess.PIPE,
+    sink = subprocess.Popen([sys.executable, "-m", "efmuon.benchmarks.service", "sink", "{}"], stdout=subprocess.PIPE,
                             stdin=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = []
     try:
@@ -259,7 +267,7 @@ def _transport_measure(sizes: list[int], reps_for) -> list[dict]:
         lhost, lport = relay.start()
         relay_ch = grpc.insecure_channel(f"{lhost}:{lport}", options=protocol.CHANNEL_OPTIONS)
         direct_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}", options=protocol.CHANNEL_OPTIONS)
-        stubs = {"relay": protocol.client_stub(relay_ch), "direct": protocol.client_stub(direct_ch)}  # the worker's
+        stubs = {"relay": stub.client_stub(relay_ch), "direct": stub.client_stub(direct_ch)}  # the worker's
         bare_unary = direct_ch.unary_unary(f"/{BARE_SERVICE}/Unary")
         bare_stream = direct_ch.stream_stream(f"/{BARE_SERVICE}/Stream")
         raw = socket.create_connection(("127.0.0.1", ports["raw"]))
@@ -389,11 +397,11 @@ def bench_transport(quick: bool) -> dict:
     cols = ["size", "payload", "message", "wire_up", "message/payload", "wire/payload", "+ip/tcp_eth1500",
             "+ip/tcp_lo", "raw_MBps", "grpc_relay_MBps", "x_raw_relay", "grpc_direct_MBps", "x_raw_direct",
             "x_raw_bare_unary", "x_raw_bare_stream", "reps"]
-    notes = (f"One Exchange per push, sent as the worker sends it (`protocol.client_stub`): header + "
-             f"`protocol.iter_chunk_messages` (1 MiB chunk messages serialized by one join) -> grpc -> "
+    notes = (f"One Exchange per push, sent as the worker sends it (`stub.client_stub`): header + "
+             f"`chunking.iter_chunk_messages` (1 MiB chunk messages serialized by one join) -> grpc -> "
              f"a grpc.aio servicer "
              f"registered by `service.add_servicer` and receiving exactly as `ParameterServer.Exchange` (chunk "
-             f"messages as `protocol.ReceivedChunk` views, `protocol.received_chunk_size`, `Reassembler.add`, "
+             f"messages as `chunking.ReceivedChunk` views, `chunking.received_chunk_size`, `Reassembler.add`, "
              f"`frames()`), reply = "
              f"one Downlink header. Timed from the call to the reply (median of `reps`, interleaved with the "
              f"baseline). Baseline: raw TCP `sendall` of the same bytes to a receiver that `recv_into`s a "
@@ -417,7 +425,7 @@ def bench_transport(quick: bool) -> dict:
 TRANSPORT_NOTES = """
 
 Profile and bounds (2 cores shared with other jobs, load 4-6 during these measurements):
-- Receiver: Exchange's chunk messages are now parsed by `protocol.chunk_deserializer`: a message that is exactly
+- Receiver: Exchange's chunk messages are now parsed by `chunking.chunk_deserializer`: a message that is exactly
   one `chunk` field becomes a `ReceivedChunk`, a memoryview into the bytes gRPC handed over (before: upb parsed
   the MiB into its arena and `msg.chunk` copied it out again, 2 copies + ~2 MiB of heap per chunk that glibc
   trimmed and re-faulted). Old and new receivers in the same run, 64 MB pushes: receiver CPU 1.80 -> 0.82
@@ -426,8 +434,8 @@ Profile and bounds (2 cores shared with other jobs, load 4-6 during these measur
   every undecodable one) takes the protobuf path, so frames, byte counts and errors are unchanged.
 - Sender (the bottleneck now, direct): 0.94 ms/MiB of CPU at 64 MB (user 0.35, sys 0.59: loopback send incl.
   the peer's TCP receive work) when each chunk went through `iter_chunks`' bytes copy + `pb.Submission(chunk=)`
-  (upb copies) + `SerializeToString` (2 more copies). The worker's stub (`protocol.client_stub`, used here too)
-  now sends chunk messages serialized by one join (`protocol.iter_chunk_messages`: tag + varint + memoryviews
+  (upb copies) + `SerializeToString` (2 more copies). The worker's stub (`stub.client_stub`, used here too)
+  now sends chunk messages serialized by one join (`chunking.iter_chunk_messages`: tag + varint + memoryviews
   of the frames, byte-identical to protobuf's). Old vs new request path in one process, interleaved, 12
   pushes each: sender CPU 0.74 -> 0.62 ms/MiB at 8 MB and 0.49 -> 0.41 at 64 MB direct (1.01 -> 0.87 through
   the relay); push time new/old 0.74 (1 MB), 0.89 (8 MB), 0.98 (64 MB) direct, 0.97 / 0.93 / 0.86 relay.
@@ -456,13 +464,6 @@ Profile and bounds (2 cores shared with other jobs, load 4-6 during these measur
 def _serve_main(spec: dict) -> None:
     """A real Coordinator + servicer for a synthetic model; instrumented when spec['instrument']."""
     import asyncio
-
-    from efmuon.common import algorithm
-    from efmuon.common.lmo import assign_norms
-    from efmuon.common.training import configure_torch
-    from efmuon.server import protocol
-    from efmuon.server.coordinator import Coordinator, Plan, ServerModel
-    from efmuon.server.service import serve
 
     configure_torch(spec.get("threads", 1))
     layers = synthetic_layers(spec["params"])
@@ -512,7 +513,7 @@ def _serve_main(spec: dict) -> None:
         algorithm.lmo_all = timed("lmo", algorithm.lmo_all)
         Plan.build = classmethod(timed("plan", Plan.build.__func__, "plan_build"))
 
-        class TimedReassembler(protocol.Reassembler):
+        class TimedReassembler(chunking.Reassembler):
             def __init__(self, *a, **kw):
                 self._t0 = time.perf_counter()
                 super().__init__(*a, **kw)
@@ -521,7 +522,7 @@ def _serve_main(spec: dict) -> None:
                 out = super().frames()
                 timings["recv"].append((cur["round"], self._t0, time.perf_counter()))
                 return out
-        protocol.Reassembler = TimedReassembler
+        chunking.Reassembler = TimedReassembler
 
         orig_process = Coordinator._process
 
@@ -560,13 +561,11 @@ def _serve_main(spec: dict) -> None:
 
 def _worker_main(spec: dict) -> None:
     """A real efmuon Worker for the synthetic model (memory bench)."""
-    from efmuon.worker.client import Worker
 
     layers = synthetic_layers(spec["params"])
     model = SyntheticModule.build(layers, seed=1)
     trace = []
     if spec.get("rss_trace"):  # RSS after each step of the worker's loop (attribution only)
-        from efmuon.common.algorithm import WorkerState
 
         def traced(owner, name):
             fn = getattr(owner, name)
@@ -592,9 +591,6 @@ def _idle_main(spec: dict) -> None:
     """Framework baseline: the imports of a server and a worker, a torch op, nothing else."""
     import torch
 
-    import efmuon.server.service  # noqa: F401
-    import efmuon.worker.client  # noqa: F401
-
     torch.randn(16, 16) @ torch.randn(16, 16)
     print(json.dumps(_proc_status()), flush=True)
 
@@ -610,9 +606,6 @@ class _SynthClient:
                  compute_s: float = 0.0):
         import grpc
 
-        from efmuon.server import protocol
-        from efmuon.v1 import service_pb2_grpc as pb_grpc
-
         self.channel = grpc.insecure_channel(address, options=protocol.CHANNEL_OPTIONS)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.j, self.fp, self.messages_for, self.rounds = client_id, fingerprint, messages_for, rounds
@@ -621,8 +614,6 @@ class _SynthClient:
         self.round_times: list[float] = []
 
     def run(self) -> None:
-        from efmuon.server import protocol
-        from efmuon.v1 import service_pb2 as pb
 
         try:
             req = pb.JoinRequest(protocol_version=protocol.PROTOCOL_VERSION, client_id=self.j,
@@ -659,18 +650,13 @@ def _uplink_messages(params: int, uplink: str, init: str):
     decodes each client's copy separately)."""
     import torch
 
-    from efmuon.common.algorithm import frame_seed, layer_compressors
-    from efmuon.common.lmo import assign_norms
-    from efmuon.server import protocol
-    from efmuon.v1 import service_pb2 as pb
-
     layers = synthetic_layers(params)
     specs = assign_norms(layers)
     comps = layer_compressors(specs, uplink, {})
     g = torch.Generator().manual_seed(3)
     frames = [c.encode(torch.randn(s, generator=g) * 1e-3, frame_seed(0, 0, 1, i))
               for i, (c, (_, s)) in enumerate(zip(comps, layers))]
-    chunks = [pb.Submission(chunk=c) for c in protocol.iter_chunks(frames)]
+    chunks = [pb.Submission(chunk=c) for c in chunking.iter_chunks(frames)]
     lengths = [len(f) for f in frames]
     payload = sum(lengths)
 
@@ -767,9 +753,6 @@ def _measure_worker_step(params: int) -> dict:
     machine like this one, computing alone: fastest of 4 runs): t(tokens) = fixed_s + tokens * per_token_s."""
     import torch
 
-    from efmuon.common.lmo import available_cores
-    from efmuon.common.tasks import make_task
-
     opts = _worker_step_model(params)
     before = torch.get_num_threads()
     threads = available_cores()
@@ -805,7 +788,6 @@ def bench_scaling(quick: bool) -> dict:
     """Round time and server CPU per round vs workers (synthetic clients), split into phases; once
     with zero-compute clients (upper bound) and once with clients that take as long per round as a
     real forward + backward of a model of the same size at EMULATED_TOKENS tokens, measured here."""
-    from efmuon.common.lmo import lmo_threads, ns_step_flops
 
     params = (1 << 20) if quick else 10_485_760
     workers = [1, 2, 4] if quick else [1, 2, 4, 8, 16, 32]
@@ -1016,7 +998,6 @@ Where the copies come from (RSS over idle, in model copies):
 # --------------------------------------------------------------------------------- bytes-wire
 def _best_pairing() -> tuple[str, str]:
     """The project's default pairing, which `efmuon bench bytes` names as the best (BENCHMARKS.md)."""
-    from efmuon.common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK
 
     return DEFAULT_UPLINK, DEFAULT_DOWNLINK
 
@@ -1024,8 +1005,6 @@ def _best_pairing() -> tuple[str, str]:
 @bench("bytes-wire")
 def bench_bytes_wire(quick: bool) -> dict:
     """Payload vs wire bytes both ways through run_local (real server + worker processes)."""
-    from efmuon.common.config import RunConfig
-    from efmuon.server.app import run_local
 
     up, down = _best_pairing()
     task, rounds = ("lsq", 20) if quick else ("gpt-char", 30)

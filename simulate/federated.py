@@ -48,8 +48,6 @@ simulated transfer seconds, latency included), `bytes` and `seconds`.
 """
 from __future__ import annotations
 
-import csv
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -57,239 +55,25 @@ from dataclasses import dataclass
 
 import torch
 
-from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
-from efmuon.common.compress import parse_spec
-from efmuon.common.config import RunConfig
-from efmuon.common.errors import ConfigError
-from efmuon.common.links import PRESETS, LinkProfile, parse_link
-from efmuon.common.report import Report, human_bytes
-from efmuon.common.tasks import derive_seed, make_task
+from ..common.algorithm import ServerState, WorkerState, params_sha256
+from ..common.compress import parse_spec
+from ..common.config import RunConfig
+from ..common.federation import (
+    clients_per_round,
+    compute_factors,
+    sample_clients,
+    task_for_clients,
+    transfer_seconds,
+)
+from ..common.links import client_links
+from ..common.model import Setup, eval_losses, evaluate, gradients
+from ..common.outputs import write_outputs
+from ..common.report import Report, human_bytes
+from ..common.runtime import configure_torch, resolve_device
+from ..common.tasks import derive_seed
 
-FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
-                  "compute_seconds")
-LOSS_SEGMENT = 64 * 1024
-MIN_RTO = 0.200
 INIT_CHUNK = 256  # join: aggregate the initial g_j(X_0) in chunks of this many clients
 
-
-def is_federated(cfg: RunConfig) -> bool:
-    """True when any federated setting is given: `simulate` then runs this module's loop."""
-    return any(getattr(cfg, k) is not None for k in FEDERATED_KEYS) or bool(getattr(cfg, "links", None))
-
-
-# ---------------------------------------------------------------------------- parsing
-
-def parse_link_mix(spec) -> list[tuple[str, LinkProfile, float]]:
-    """'dsl=0.3,lte=0.5,wifi=0.2' or {'dsl': 0.3, ...} -> [(preset, profile, probability)], summing to 1.
-
-    Weights must be >= 0 with a positive sum; they are normalised.
-    """
-    if isinstance(spec, str):
-        items = []
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            name, eq, w = (s.strip() for s in part.partition("="))
-            if not eq:
-                raise ConfigError(f"link_mix {spec!r}: part {part!r} is not PRESET=WEIGHT "
-                                  f"(e.g. 'dsl=0.3,lte=0.5,wifi=0.2'; presets: {', '.join(PRESETS)})")
-            try:
-                items.append((name, float(w)))
-            except ValueError:
-                raise ConfigError(f"link_mix {spec!r}: weight {w!r} of {name!r} is not a number") from None
-    elif isinstance(spec, dict):
-        items = list(spec.items())
-    else:
-        raise ConfigError(f"link_mix must be a string like 'dsl=0.3,lte=0.5,wifi=0.2' or a table, got {spec!r}")
-    if not items:
-        raise ConfigError(f"link_mix {spec!r} is empty; e.g. 'dsl=0.3,lte=0.5,wifi=0.2'")
-    out, seen = [], set()
-    for name, w in items:
-        name = str(name).strip().lower()
-        if name not in PRESETS:
-            raise ConfigError(f"link_mix: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        if name in seen:
-            raise ConfigError(f"link_mix: preset {name!r} given twice")
-        seen.add(name)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"link_mix: weight of {name!r} must be a number >= 0, got {w!r}")
-        out.append((name, PRESETS[name], float(w)))
-    total = sum(w for _, _, w in out)
-    if total <= 0:
-        raise ConfigError(f"link_mix {spec!r}: the weights sum to 0")
-    return [(n, p, w / total) for n, p, w in out]
-
-
-def parse_compute_scale(spec: str | float | None) -> tuple:
-    """'1' / '2.5' (constant), 'lognormal:SIGMA' (median 1), 'uniform:LO:HI' -> a parsed tuple."""
-    if spec is None:
-        return ("const", 1.0)
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        spec = str(spec)
-    if not isinstance(spec, str):
-        raise ConfigError(f"compute_scale must be a string, got {spec!r}")
-    text = spec.strip().lower()
-    forms = "a positive number (constant factor), 'lognormal:SIGMA' (median 1) or 'uniform:LO:HI'"
-    parts = text.split(":")
-    try:
-        nums = [float(x) for x in parts[1:]] if len(parts) > 1 else []
-        if len(parts) == 1:
-            v = float(parts[0])
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError
-            return ("const", v)
-        if parts[0] == "lognormal" and len(nums) == 1 and math.isfinite(nums[0]) and nums[0] >= 0:
-            return ("lognormal", nums[0])
-        if parts[0] == "uniform" and len(nums) == 2 and 0 < nums[0] <= nums[1] and math.isfinite(nums[1]):
-            return ("uniform", nums[0], nums[1])
-    except ValueError:
-        pass
-    raise ConfigError(f"compute_scale={spec!r} is not valid; use {forms}")
-
-
-def compute_factors(spec, n: int, seed: int) -> list[float]:
-    """Per-client speed factor (multiplies the compute time), a pure function of (spec, seed, client)."""
-    kind = parse_compute_scale(spec)
-    if kind[0] == "const":
-        return [kind[1]] * n
-    out = []
-    for j in range(n):
-        rng = random.Random(derive_seed("compute-scale", seed, j))
-        out.append(math.exp(rng.gauss(0.0, kind[1])) if kind[0] == "lognormal" else rng.uniform(kind[1], kind[2]))
-    return out
-
-
-def load_link_trace(path: str) -> list[tuple[int, LinkProfile]]:
-    """Rows `client,up_bps,down_bps,delay_ms[,jitter_ms]` (a header row is optional; 0 or '' = unlimited)."""
-    try:
-        fh = open(path, newline="")
-    except OSError as exc:
-        raise ConfigError(f"link_trace {path!r} cannot be read: {exc}") from None
-    rows = []
-    with fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            if lineno == 1 and not row[0].lstrip("-").isdigit():
-                continue  # header
-            if len(row) < 4:
-                raise ConfigError(f"link_trace {path}:{lineno}: expected client,up_bps,down_bps,delay_ms[,jitter_ms], got {row}")
-            try:
-                client = int(row[0])
-                up = float(row[1]) if row[1] else 0.0
-                down = float(row[2]) if row[2] else 0.0
-                delay = float(row[3]) / 1e3 if row[3] else 0.0
-                jitter = float(row[4]) / 1e3 if len(row) > 4 and row[4] else 0.0
-                if client < 0:
-                    raise ValueError("client ids are >= 0")
-                prof = LinkProfile(up_bps=up or None, down_bps=down or None, delay_s=delay, jitter_s=jitter)
-            except (ValueError, ConfigError) as exc:
-                raise ConfigError(f"link_trace {path}:{lineno}: bad row {row}: {exc}") from None
-            rows.append((client, prof))
-    if not rows:
-        raise ConfigError(f"link_trace {path!r} has no rows (expected client,up_bps,down_bps,delay_ms)")
-    return rows
-
-
-def client_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
-    """(description, profile) of every client, from link / link_mix / link_trace (default: unlimited),
-    then the per-client `links` table ({client id: spec}) on top.
-
-    link_mix: client j draws u ~ U[0,1) from (seed, j) and takes the preset whose cumulative weight
-    first exceeds u. link_trace: the row of client j; clients without a row take row j mod rows.
-    """
-    out = _base_links(cfg, n)
-    for key, spec in (getattr(cfg, "links", None) or {}).items():
-        j = int(str(key))
-        if not 0 <= j < n:
-            raise ConfigError(f"links: client {j} is not one of the run's clients 0..{n - 1}")
-        out[j] = (spec.strip().lower(), parse_link(spec))
-    return out
-
-
-def _base_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
-    if cfg.link_trace is not None:
-        rows = load_link_trace(cfg.link_trace)
-        by_id = {c: p for c, p in rows}
-        out = []
-        for j in range(n):
-            p = by_id.get(j, rows[j % len(rows)][1])
-            out.append((p.to_spec(), p))
-        return out
-    if cfg.link_mix is not None:
-        mix = parse_link_mix(cfg.link_mix)
-        out = []
-        for j in range(n):
-            u = random.Random(derive_seed("link-mix", cfg.seed, j)).random()
-            acc = 0.0
-            chosen = mix[-1]
-            for item in mix:
-                acc += item[2]
-                if u < acc:
-                    chosen = item
-                    break
-            out.append((chosen[0], chosen[1]))
-        return out
-    p = parse_link(cfg.link) if cfg.link is not None else PRESETS["none"]
-    name = cfg.link.strip().lower() if cfg.link is not None else "none"
-    return [(name, p) for _ in range(n)]
-
-
-def sample_clients(seed: int, round_: int, n: int, m: int) -> list[int]:
-    """The m clients of round k (sorted), a pure function of (seed, k)."""
-    if m >= n:
-        return list(range(n))
-    return sorted(random.Random(derive_seed("participation", seed, round_)).sample(range(n), m))
-
-
-def clients_per_round(participation: float | None, n: int) -> int:
-    if participation is None:
-        return n
-    return max(1, min(n, int(math.floor(participation * n + 0.5))))
-
-
-def transfer_seconds(profile: LinkProfile, direction: str, nbytes: int, rng: random.Random) -> float:
-    """Simulated time of one transfer of nbytes over the link: latency + jitter + size/rate + lost segments."""
-    rate = profile.up_bps if direction == "up" else profile.down_bps
-    t = profile.delay_s
-    if profile.jitter_s:
-        t = max(0.0, t + rng.uniform(-profile.jitter_s, profile.jitter_s))
-    if rate:
-        t += nbytes * 8.0 / rate
-    if profile.loss and nbytes:
-        segments = -(-nbytes // LOSS_SEGMENT)
-        lost = sum(1 for _ in range(segments) if rng.random() < profile.loss)
-        t += lost * max(MIN_RTO, 2 * profile.delay_s)
-    return t
-
-
-def task_for_clients(cfg: RunConfig, n: int):
-    """The task cut into S shards: S = n if it allows, else the largest S that works (binary search)."""
-    opts = cfg.task_options
-    try:
-        return make_task(cfg.task, n, seed=cfg.seed, **opts), n
-    except ConfigError as first:
-        if n == 1:
-            raise
-        try:
-            best = make_task(cfg.task, 1, seed=cfg.seed, **opts)
-        except ConfigError:
-            raise first from None
-        lo, hi = 1, n - 1  # lo works
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            try:
-                t = make_task(cfg.task, mid, seed=cfg.seed, **opts)
-                lo, best = mid, t
-            except ConfigError:
-                hi = mid - 1
-        if best.n_workers != lo:
-            best = make_task(cfg.task, lo, seed=cfg.seed, **opts)
-        return best, lo
-
-
-# ---------------------------------------------------------------------------- the simulator
 
 @dataclass
 class _LinkStats:
@@ -313,8 +97,6 @@ class FederatedSim:
 
     def __init__(self, cfg: RunConfig, exact_w: bool = False, server_estimators: bool | None = None,
                  device: str | torch.device = "cpu", stream=None, quiet: bool = True):
-        from efmuon.common.simulate import Setup
-        from efmuon.common.training import configure_torch
 
         configure_torch(cfg.threads)
         self.n = int(cfg.clients or cfg.workers)
@@ -355,7 +137,6 @@ class FederatedSim:
         return self.task.batch(j % self.shards, k * self.reps + j // self.shards)
 
     def _grads(self, j: int, k: int, W):
-        from efmuon.common.training import gradients
 
         batch = self.batch_of(j, k)
         return gradients(self.model, W, lambda m: self.task.loss(m, batch))
@@ -523,9 +304,6 @@ def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict
     """`efmuon simulate` in federated mode; returns the report (DESIGN.md §8 plus federated fields)."""
     import sys
 
-    from efmuon.common.simulate import eval_losses
-    from efmuon.common.training import configure_torch, evaluate, resolve_device
-
     configure_torch(cfg.threads)
     out = stream or sys.stdout
     wall0 = time.perf_counter()
@@ -598,6 +376,5 @@ def _describe_links(links) -> str:
 
 
 def _finish_outputs(report: Report, cfg: RunConfig, quiet: bool, out) -> dict:
-    from efmuon.common.simulate import write_outputs
 
     return write_outputs(report, cfg, quiet, out)

@@ -1,0 +1,108 @@
+"""`efmuon`: the one entry point; it assembles every subcommand, and no package below registers another's.
+
+    efmuon run       [flags]                      server + N local worker processes (the embedded default)
+    efmuon server    --port P [flags]             the server alone (multi-machine)
+    efmuon worker    --server HOST:PORT [flags]   one worker (multi-machine)
+    efmuon simulate  [flags]                      one process, virtual workers, no gRPC
+    efmuon compare   A.json B.json                overlay reports
+    efmuon certs     DIR                          development TLS certificates and tokens
+    efmuon bench     NAME                         a benchmark (where efmuon.benchmarks is installed)
+
+Each command's driver is imported when that command runs (lazy imports below, marked so): building the
+parser loads neither torch nor grpc, and `efmuon simulate` never loads grpc.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..common.errors import EfmuonError
+from ..common.flags import add_common_flags, config_from_args
+from .certs import add_certs_parser
+from .service import add_run_parser, add_server_parser
+from .worker import add_worker_parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from ..simulate import simulate  # lazy: torch only when a command runs
+
+    cfg = config_from_args(args)
+    simulate(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="efmuon",
+        description="EF21-Muon parameter server: workers send compressed estimator differences up, "
+                    "the server takes the Muon LMO step and sends compressed model differences down.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'efmuon COMMAND --help' for a command's flags. With no arguments, 'efmuon run' trains "
+               "the built-in gpt-char model with 4 local workers and compression both ways.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="one process, n virtual workers, no gRPC (exact payload bytes)",
+                       description="Drive the EF21-Muon state objects for n virtual workers in one process.")
+    add_common_flags(p)
+    p.set_defaults(func=cmd_simulate)
+
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, transport, scaling, memory, soak",
+                       description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
+                                   "--markdown updates its section of BENCHMARKS.md.")
+    b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
+    b.add_argument("--quick", action="store_true", help="a few seconds: a smoke version")
+    b.add_argument("--report", metavar="PATH.json", help="write the JSON result here")
+    b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("compare", help="overlay run reports in one figure and print a table",
+                       description="Overlay JSON reports of simulate/run/server: loss vs rounds and loss vs bytes "
+                                   "(log scale) in one PNG, and a table of rounds, final loss at W and X, bytes "
+                                   "up/down and the saving against uncompressed fp32.")
+    c.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports to compare")
+    c.add_argument("--out", default="compare.png", metavar="PATH.png", help="figure to write (default compare.png)")
+    c.add_argument("--label", action="append", default=None, help="legend label per report, in order (repeatable; "
+                   "default: the file names)")
+    c.set_defaults(func=cmd_compare)
+
+    add_run_parser(sub)
+    add_server_parser(sub)
+    add_worker_parser(sub)
+    add_certs_parser(sub)
+    return parser
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..common.compare import compare  # lazy: matplotlib only for this command
+
+    compare(args.reports, out=args.out, labels=args.label)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..benchmarks import run_bench  # lazy: the benchmarks import every layer
+
+    command = "efmuon bench " + args.name + (" --quick" if args.quick else "")
+    run_bench(args.name, args.quick, args.report, args.markdown, command)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        argv = ["run"] + list(argv or [])
+        args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EfmuonError as exc:
+        print(f"efmuon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"efmuon {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""TODO docstring"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgpack
+import torch
+
+from ...v1 import service_pb2 as pb
+from ..config import RunConfig, from_mapping
+from ..errors import FrameError, ProtocolError
+
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT  # 1
+
+
+CHUNK_BYTES = 1 << 20  # payload bytes per chunk message (1 MiB)
+
+
+# Explicit limits on both ends: a chunk message is ~1 MiB, so 64 MiB only stops runaway peers
+# (and leaves room for the Join header of a model with very many parameters).
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+# Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
+                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fingerprint(names: Sequence[str], params: Sequence[torch.Tensor]) -> list[pb.ParameterInfo]:
+    """The model's parameters as the wire describes them: name, shape, dtype, in order."""
+    return [pb.ParameterInfo(name=n, shape=list(p.shape), dtype=dtype_name(p.dtype)) for n, p in zip(names, params)]
+
+
+def fingerprint_mismatch(here: Sequence[pb.ParameterInfo], server: Sequence[pb.ParameterInfo]) -> str | None:
+    """Why the client's model (`here`) is not the server's, or None when they match."""
+    for i, (a, b) in enumerate(zip(here, server)):
+        if a.name != b.name:
+            return f"parameter #{i} is {a.name!r} here but {b.name!r} on the server"
+        if tuple(a.shape) != tuple(b.shape):
+            return f"parameter {a.name!r} has shape {tuple(a.shape)} here but {tuple(b.shape)} on the server"
+        if a.dtype != b.dtype:
+            return f"parameter {a.name!r} has dtype {a.dtype} here but {b.dtype} on the server"
+    if len(here) != len(server):
+        longer, where = (here, "here") if len(here) > len(server) else (server, "on the server")
+        extra = longer[min(len(here), len(server))].name
+        return (f"the model has {len(here)} parameters here but {len(server)} on the server "
+                f"(first extra one {where}: {extra!r})")
+    return None
+
+
+# ---------------------------------------------------------------------------- run config
+def encode_config(cfg: RunConfig) -> bytes:
+    return msgpack.packb(cfg.to_dict(), use_bin_type=True)
+
+
+def decode_config(data: bytes) -> RunConfig:
+    """The server's RunConfig; validated like a config file (unknown keys are an error)."""
+    try:
+        mapping = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several types
+        raise ProtocolError(f"the run configuration from the server is not valid msgpack: {exc}") from None
+    if not isinstance(mapping, dict):
+        raise ProtocolError("the run configuration from the server is not a map")
+    return from_mapping(mapping, RunConfig(), where="server config")
+
+
+
+
+def raw_frames(params: Sequence[torch.Tensor]) -> list[bytes]:
+    """Raw float32 little-endian bytes of each tensor (the initial W at Join)."""
+    return [p.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes() for p in params]
+
+
+def tensors_from_raw(frames: Sequence, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    out = []
+    for f, shape in zip(frames, shapes):
+        n = 1
+        for s in shape:
+            n *= int(s)
+        if len(f) != 4 * n:
+            raise FrameError(f"initial W frame of shape {tuple(shape)} has {len(f)} bytes, expected {4 * n}")
+        buf = f if isinstance(f, memoryview) and not f.readonly else bytearray(f)
+        t = torch.frombuffer(buf, dtype=torch.float32) if n else torch.zeros(0)
+        out.append(t.reshape(tuple(int(s) for s in shape)))
+    return out

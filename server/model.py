@@ -1,0 +1,51 @@
+"""TODO docstring"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..common.lmo import LayerSpec
+from ..common.model import evaluate
+
+
+@dataclass
+class ServerModel:
+    """What the server knows about the model besides the config.
+
+    Optional hooks, all run on the server's compute thread:
+      `evaluate(W, X) -> dict`  after rounds the config asks to evaluate: "loss_w", "loss_x" and any
+                                extra round entries (e.g. "val_loss_w");
+      `initial(W) -> dict`      once before round 1: summary entries (e.g. "initial_loss");
+      `final(W, X) -> dict`     after the last round: summary entries (eval_loss_w, f_star, ...).
+    """
+
+    names: list[str]
+    params: list[torch.Tensor]
+    specs: list[LayerSpec]
+    evaluate: Callable[[list, list], dict] | None = None
+    initial: Callable[[list], dict] | None = None
+    final: Callable[[list, list], dict] | None = None
+
+    @classmethod
+    def from_setup(cls, setup) -> "ServerModel":
+        """A built-in task, evaluated exactly as `efmuon simulate` does."""
+
+        eval_model = setup.task.build_model()
+        task = setup.task  # the hooks keep the task, not the Setup (its model and initial parameters)
+
+        def per_round(W, X) -> dict:
+            # = simulate.eval_losses(setup, eval_model, W, X)
+            lw, lx = evaluate(eval_model, W, task.train_eval_loss), evaluate(eval_model, X, task.train_eval_loss)
+            return {"loss_w": lw, "loss_x": lx, "val_loss_w": evaluate(eval_model, W, task.eval_loss)}
+
+        def initial(W) -> dict:
+            return {"initial_loss": evaluate(eval_model, W, task.train_eval_loss)}
+
+        def final(W, X) -> dict:
+            return {"eval_loss_w": evaluate(eval_model, W, task.eval_loss),
+                    "eval_loss_x": evaluate(eval_model, X, task.eval_loss),
+                    "f_star": getattr(task, "f_star", None)}
+
+        return cls(setup.names, setup.params, setup.specs, evaluate=per_round, initial=initial, final=final)

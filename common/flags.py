@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""The flags every command shares (run, server, simulate), and the RunConfig they give.
+
+defaults < --config FILE.toml < flags; each flag sets the RunConfig field of the same name. The CLI
+(`efmuon.cli`) adds these to each subcommand; they are here, in common, because the flag names are the
+config's contract (docs/design.md §8), the same for every driver.
+"""
 from __future__ import annotations
 
 import argparse

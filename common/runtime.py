@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""The process a run lives in: torch threads and device, and how freed memory goes back to the OS.
+
+`configure_torch` fixes the thread count (matmul results can depend on it, so processes that must agree
+bit for bit use the same count); `resolve_device` turns cpu/cuda/auto into a device or a clear error;
+`return_freed_memory` and `trim_heap` tune glibc's allocator for large models (BENCHMARKS.md, memory);
+`rss_bytes` reads this process's resident memory.
+"""
 from __future__ import annotations
 
 import os

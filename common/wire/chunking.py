@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""Frames cut into <= 1 MiB `chunk` messages and put back together, without extra copies.
+
+Sizes of chunk messages computed arithmetically (the `message` byte level), chunk messages serialized by
+one join of tag, length and views of the frames, a deserializer that hands received chunks over as
+read-only views of gRPC's bytes (`ReceivedChunk`), and the `Reassembler` that cuts a stream of chunks
+back into the frames its header announced. Both ends use it: the server for uplinks, the worker for
+Join and downlink replies.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence

@@ -1,4 +1,12 @@
-"""TODO docstring"""
+"""Client credentials both ends agree on: the token file format, a worker's token, TLS channel credentials.
+
+Token file (the server's `--token-file`): one ``CLIENT_ID TOKEN`` per line, where CLIENT_ID is a client
+number (the token may act only as that client) or ``*`` (any client); blank lines and ``#`` comments are
+ignored. Tokens are 16-4096 printable ASCII characters without spaces. A worker's token file is the same
+format with its own line (`read_token`), or just the token. The token travels as per-call metadata
+``authorization: Bearer <token>`` (`auth_metadata`), which works on secure and insecure channels alike.
+The server's half (the interceptor that checks tokens, server TLS credentials) is `efmuon.server.auth`.
+"""
 from __future__ import annotations
 
 import hashlib

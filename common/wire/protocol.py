@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""What both ends of proto/efmuon/v1/service.proto agree on, as plain values and functions.
+
+The protocol version, chunk size and message limits, the gRPC channel options, the model fingerprint
+(name, shape, dtype per parameter) and its comparison, the run-config codec (msgpack), and raw float32
+frames (the initial W of Join, a re-sync's W and G_j). Only this layer, the servicer and the worker's
+stub touch `_pb2`. Chunking is `chunking`; credentials (TLS files, bearer tokens) are `credentials`.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence

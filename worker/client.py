@@ -66,6 +66,9 @@ class Worker:
     client_id:  0..n-1, or None to take the lowest free id (it is then `worker.client_id`).
     device:     where W, the momentum, the estimator and the gradients live.
     specs:      the LayerSpecs (norms) of the model; default `model_specs(model, cfg)`.
+
+    trace:      an attribute, not an argument: None, or fn(step) called after each step of the loop
+                (the module docstring names the steps); set it any time before or during `run`.
     """
 
     trace: Callable[[str], None] | None = None  # called with each step's name (module docstring)

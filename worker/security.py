@@ -21,6 +21,8 @@ from ..common.wire.credentials import auth_metadata, channel_credentials
 
 @dataclass
 class Security:
+    """A worker's TLS files (CA, and for mutual TLS its certificate and key) and bearer token."""
+
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -33,7 +35,6 @@ class Security:
     def metadata(self) -> tuple:
         if not self.token:
             return ()
-
         return auth_metadata(self.token)
 
 
@@ -41,7 +42,6 @@ def make_channel(target: str, server_host: str, security: Security | None) -> gr
     """A sync channel to `target` (the server, or the relay in front of it) with `security`."""
     if security is None or not security.tls:
         return grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
-
     creds = channel_credentials(security.tls_ca, security.tls_cert, security.tls_key)
     options = list(protocol.CHANNEL_OPTIONS)
     if not target.startswith(server_host + ":"):

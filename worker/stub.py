@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""The worker's gRPC stub: the generated ParameterServerStub with Join and Exchange rebound so that
+chunk payloads are neither serialized nor copied twice.
+
+Exchange's request stream is `submission_messages`: the header as a protobuf message, then each chunk
+message already serialized (`common.wire.chunking.iter_chunk_messages`), passed through as bytes by
+`submission_serializer`. The replies of Join and Exchange are parsed by `chunking.chunk_deserializer`,
+whose chunks are read-only views of gRPC's bytes. The wire bytes are the generated stub's.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator

@@ -1,0 +1,97 @@
+"""The worker's connection to the server: one gRPC channel, secured by `security.Security`, through
+the in-process byte-counting relay (`relay.CountingRelay`) when the wire is measured or shaped.
+
+`Connection.since_mark` reads the relay's counters around every call: what one call carried, as the
+`WireReport` the worker sends with its next call. `WorkerError` is what every failure of the worker
+becomes (a refused Join, a lost connection, a protocol error), with the gRPC status code if any.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ..common.errors import EfmuonError
+from ..v1 import service_pb2 as pb
+from . import stub
+from .relay import CountingRelay
+from .security import make_channel
+
+if TYPE_CHECKING:
+    from ..common.links import LinkProfile
+    from .security import Security
+
+
+class WorkerError(EfmuonError):
+    """The server refused the worker, or the connection failed; the message says which."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise WorkerError(f"server address {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    return host.strip("[]"), int(port)
+
+
+def rpc_error(what: str, exc: grpc.RpcError) -> WorkerError:
+    """A failed call as a WorkerError: `what` failed (CODE): the server's details."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "ERROR"
+    return WorkerError(f"{what} failed ({name}): {details}", code)
+
+
+class Connection:
+    """A gRPC channel to the server, through a byte-counting relay when `measure_wire`."""
+
+    def __init__(self, server: str, measure_wire: bool = True, link: LinkProfile | str | None = None,
+                 security: Security | None = None):
+        self.server = server
+        self.security = security  # TLS and/or a bearer token (None: neither)
+        host, port = split_address(server)
+        self.relay = None
+        self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)
+        self.transfers: list[dict] = []  # per call: {"exchange", "up": [bytes, s] | None, "down": ...}
+        target = server
+        if measure_wire or link is not None:
+            self.relay = CountingRelay(host, port, link=link)
+            lhost, lport = self.relay.start()
+            target = f"{lhost}:{lport}"
+        self.channel = make_channel(target, host, security)
+        self.metadata = security.metadata() if security is not None else ()
+        self.stub = stub.client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
+        self._mark = self.counters()
+
+    def counters(self) -> dict[str, int] | None:
+        return self.relay.counters() if self.relay is not None else None
+
+    def since_mark(self, exchange: int) -> pb.WireReport | None:
+        """Bytes the connection carried since the last call of this method, as a WireReport."""
+        now = self.counters()
+        if now is None:
+            return None
+        rep = pb.WireReport(exchange=exchange, up=now["up"] - self._mark["up"], down=now["down"] - self._mark["down"])
+        self._mark = now
+        t = self.relay.take_transfers()  # how long this call's data took (achieved link rate)
+        self.transfers.append({"exchange": exchange, "up": t["up"], "down": t["down"]})
+        return rep
+
+    def status(self, timeout: float | None = 30.0) -> pb.StatusReply:
+        try:
+            return self.stub.Status(pb.StatusRequest(), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(f"Status at {self.server}", exc) from None
+        finally:
+            if self.relay is not None:  # a transfer of its own, not part of the Join that follows
+                t = self.relay.take_transfers()
+                self.transfers.append({"exchange": "status", "up": t["up"], "down": t["down"]})
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.relay is not None:
+            self.relay.stop()

@@ -68,3 +68,17 @@ class ByteLedger:
             for j, c in clients.items():
                 add_bytes(self.client_bytes.setdefault(j, zero_bytes(True)), c)
             self.reported_upto = r
+
+    def to_state(self) -> dict:
+        """The figures not yet reported and the per-client totals, JSON-able (for a checkpoint)."""
+        return {"open": {str(k): {str(j): v for j, v in c.items()} for k, c in self.open.items()},
+                "facts": {str(k): v for k, v in self.facts.items()}, "reported_upto": self.reported_upto,
+                "client_bytes": self.client_bytes, "init_clients": self.init_clients}
+
+    def from_state(self, state: dict) -> None:
+        """Take back what `to_state` saved (a resumed run)."""
+        self.open = {int(k): {int(j): v for j, v in c.items()} for k, c in state.get("open", {}).items()}
+        self.facts = {int(k): v for k, v in state.get("facts", {}).items()}
+        self.reported_upto = int(state.get("reported_upto", -1))
+        self.client_bytes = state.get("client_bytes", {})
+        self.init_clients = state.get("init_clients", {})

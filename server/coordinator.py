@@ -178,7 +178,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
                 try:
                     await self._aggregate(k, present, decoded, zeroed)
                     del decoded
-                    self.ledger.facts[k] = await self._evaluate(k, missing, losses)
+                    self.ledger.set_facts(k, await self._evaluate(k, missing, losses))
                     self.ledger.report_upto(k - 1)
                     plan = await self._next_plan(k, missing)
                     await self._publish(k, plan, fut)

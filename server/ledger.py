@@ -46,6 +46,10 @@ class ByteLedger:
         self.record(e, j, "up", "wire", report.up)
         self.record(e + 1, j, "down", "wire", report.down)
 
+    def set_facts(self, k: int, facts: dict) -> None:
+        """Round k's entries besides bytes (loss_w, loss_x, seconds, extra entries), reported with its bytes."""
+        self.facts[k] = facts
+
     def report_upto(self, k: int) -> None:
         """Move rounds up to k (0 = the initial exchange) into the report, in order."""
         while self.reported_upto < k:

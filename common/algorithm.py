@@ -31,6 +31,7 @@ buffer b <- decay*b + (1-decay)*(update - quantised) that is added to G before t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,9 @@ from .lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
 
 UP, DOWN, INIT = 1, 2, 3
 _MASK64 = (1 << 63) - 1
+
+MAX_ABS_VALUE = 1e30  # an uplink entry larger than this is refused: G would overflow float32
+NAN_POLICIES = ("reject", "zero")  # what `ServerState.decode_uplink` does with a NaN/Inf: refuse, or zero it
 
 
 def frame_seed(run_seed: int, direction: int, round_: int, layer: int, client: int = 0) -> int:
@@ -88,20 +92,9 @@ def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mappin
     return out
 
 
-_IDENTITY = None
-
-
+@functools.cache
 def _identity() -> Compressor:
-    global _IDENTITY
-    if _IDENTITY is None:
-        _IDENTITY = parse_spec("identity")
-    return _IDENTITY
-
-
-def _decode_all(comps: Sequence[Compressor], frames: Sequence, specs: Sequence[LayerSpec], device, who: str) -> list[torch.Tensor]:
-    if len(frames) != len(specs):
-        raise FrameError(f"{who}: expected {len(specs)} layer frames, got {len(frames)}")
-    return [c.decode(f, s.shape, device=device) for c, f, s in zip(comps, frames, specs)]
+    return parse_spec("identity")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -132,12 +125,17 @@ class ServerState:
 
     It also keeps each client's estimator G_j (`estimators`), which lets a client that lost its
     state re-sync and lets partial participation keep G the mean over all n clients.
+    `nan_policy` (one of NAN_POLICIES): what `decode_uplink` does with an uplink's NaN/Inf.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], specs: Sequence[LayerSpec], cfg: RunConfig,
-                 n_clients: int, device: str | torch.device = "cpu", keep_estimators: bool = True):
+                 n_clients: int, device: str | torch.device = "cpu", keep_estimators: bool = True,
+                 nan_policy: str = "reject"):
         if len(params) != len(specs):
             raise ValueError("one LayerSpec per parameter is required")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
+        self.nan_policy = nan_policy
         self.cfg, self.specs, self.n = cfg, list(specs), int(n_clients)
         self.device = torch.device(device)
         self.X = [p.detach().to(self.device, torch.float32).clone() for p in params]
@@ -159,18 +157,73 @@ class ServerState:
         return self.cfg.method == "ef14" and self.cfg.ef14_variant == "airbench"
 
     # ------------------------------------------------------------------ uplink
+    def decode_uplink(self, client: int, frames: Sequence, init: bool = False,
+                      consume: bool = False) -> tuple[list[torch.Tensor], int]:
+        """Decode and check one client's uplink frames; returns (R_j per layer, non-finite values zeroed).
+
+        The one validation path of every uplink, the simulator's (`decode_uplinks`) and the networked
+        server's. A FrameError names the layer and what is wrong: a frame that does not decode, a
+        decoded shape or dtype other than the layer's, a NaN/Inf (refused, or with `nan_policy` 'zero'
+        replaced by 0 and counted), or a magnitude above MAX_ABS_VALUE. An unknown client is a
+        ProtocolError. Mutates no state. `init`: the uncompressed frames of the 'grad' initialisation.
+        `consume`: `frames` is a list this call empties as it goes (each frame freed once decoded)."""
+        if not isinstance(client, int) or not 0 <= client < self.n:
+            raise ProtocolError(f"unknown client {client!r}: clients are 0..{self.n - 1}")
+        comps = [_identity()] * len(self.specs) if init else self.up
+        if len(frames) != len(self.specs):
+            raise FrameError(f"expected {len(self.specs)} layer frames, got {len(frames)}")
+        out, zeroed = [], 0
+        for i, (c, spec) in enumerate(zip(comps, self.specs)):
+            f = frames[i]
+            if consume:
+                frames[i] = None
+            try:
+                d = c.decode(f, spec.shape, device=self.device)
+                del f
+            except FrameError as exc:
+                raise FrameError(f"layer {spec.name}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - any decoder failure on peer bytes is the peer's
+                raise FrameError(f"layer {spec.name}: the frame does not decode "
+                                 f"({type(exc).__name__}: {exc})") from None
+            d, bad = self._check_decoded(spec, d)
+            zeroed += bad
+            out.append(d)
+        return out, zeroed
+
+    def _check_decoded(self, spec: LayerSpec, d: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Layer `spec`'s decoded uplink, checked (see `decode_uplink`): (it, or it with NaN/Inf zeroed; how many)."""
+        if tuple(d.shape) != tuple(spec.shape) or d.dtype != torch.float32:
+            raise FrameError(f"layer {spec.name}: decoded to {tuple(d.shape)} {d.dtype}, expected "
+                             f"{tuple(spec.shape)} float32")
+        if not d.numel():
+            return d, 0
+        # one pass (aminmax; NaN propagates through it, see all_finite) answers both checks for a clean
+        # frame; the full isfinite pass runs only for a frame that has a NaN/Inf
+        lo, hi = (float(v) for v in d.aminmax())
+        bad = 0
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = torch.isfinite(d)
+            bad = int(finite.numel() - int(finite.sum()))
+            if self.nan_policy == "reject":
+                raise FrameError(f"layer {spec.name}: {bad} non-finite value(s) (NaN/Inf); the server's "
+                                 "--nan-policy is reject")
+            d = torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
+            lo, hi = (float(v) for v in d.aminmax())
+        if max(-lo, hi) > MAX_ABS_VALUE:
+            raise FrameError(f"layer {spec.name}: a value of magnitude {max(-lo, hi):.3g} is above "
+                             f"{MAX_ABS_VALUE:g}; G would overflow")
+        return d, bad
+
     def decode_uplinks(self, uplinks: Mapping[int, Sequence], init: bool = False) -> dict[int, list[torch.Tensor]]:
-        """Validate and decode every client's frames; raises FrameError/ProtocolError, mutates nothing."""
+        """`decode_uplink` for every client (sorted by id); raises FrameError/ProtocolError naming the
+        client, mutates nothing. Non-finite values zeroed under nan_policy 'zero' are not counted here
+        (the networked server counts them; the simulator runs with 'reject')."""
         out = {}
         for j in sorted(uplinks):
-            if not isinstance(j, int) or not 0 <= j < self.n:
-                raise ProtocolError(f"unknown client {j!r}: clients are 0..{self.n - 1}")
-            comps = [_identity()] * len(self.specs) if init else self.up
-            decoded = _decode_all(comps, uplinks[j], self.specs, self.device, f"client {j} uplink")
-            for i, d in enumerate(decoded):
-                if not all_finite(d):
-                    raise FrameError(f"client {j} uplink, layer {self.specs[i].name}: non-finite values")
-            out[j] = decoded
+            try:
+                out[j] = self.decode_uplink(j, uplinks[j], init=init)[0]
+            except FrameError as exc:
+                raise FrameError(f"client {j} uplink: {exc}") from None
         return out
 
     def aggregate(self, uplinks: Mapping[int, Sequence], init: bool = False) -> None:
@@ -406,16 +459,16 @@ class WorkerState:
     def apply_downlink(self, frames: Sequence, consume: bool = False) -> None:
         """W <- W + S. Decodes every layer before touching W, so a bad frame changes nothing.
         `consume`: `frames` is a list whose entries are dropped as they are decoded (their buffers freed)."""
-        if consume and isinstance(frames, list):
-            if len(frames) != len(self.specs):
-                raise FrameError(f"downlink: expected {len(self.specs)} layer frames, got {len(frames)}")
-            S = []
-            for i, (c, s) in enumerate(zip(self.down, self.specs)):
-                f, frames[i] = frames[i], None
-                S.append(c.decode(f, s.shape, device=self.device))
-                del f
-        else:
-            S = _decode_all(self.down, frames, self.specs, self.device, "downlink")
+        if len(frames) != len(self.specs):
+            raise FrameError(f"downlink: expected {len(self.specs)} layer frames, got {len(frames)}")
+        drop = consume and isinstance(frames, list)
+        S = []
+        for i, (c, s) in enumerate(zip(self.down, self.specs)):
+            f = frames[i]
+            if drop:
+                frames[i] = None
+            S.append(c.decode(f, s.shape, device=self.device))
+            del f
         for w, s in zip(self.W, S):
             w.add_(s)
         self.round += 1

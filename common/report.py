@@ -122,6 +122,16 @@ class Report:
             self._metrics = None
         return self.summary
 
+    def to_state(self) -> dict:
+        """What a checkpoint keeps of the report so far (JSON-able; `from_state` takes it back)."""
+        return {"rounds": self.rounds, "totals": self.totals, "init_bytes": self.init_bytes}
+
+    def from_state(self, state: dict) -> None:
+        """Continue the report `to_state` saved (a resumed run); keys it lacks keep their current value."""
+        self.rounds = state.get("rounds", [])
+        self.totals = state.get("totals", self.totals)
+        self.init_bytes = state.get("init_bytes", self.init_bytes)
+
     def to_dict(self) -> dict:
         return _clean({"config": self.config, "rounds": self.rounds, "summary": self.summary})
 

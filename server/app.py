@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""`efmuon server`: a Coordinator for a built-in task, served over gRPC to workers on other machines.
+
+`build_coordinator` is shared with `efmuon run` (server.local), which serves the same Coordinator
+to local worker processes.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -16,9 +20,6 @@ from .service import serve
 FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
                   "compute_seconds")
 
-
-
-
 log = logging.getLogger("efmuon.server")
 
 
@@ -26,7 +27,6 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok
                       options=None, resume=None) -> Coordinator:
     """The task's model and evaluation from `Setup(cfg)`, exactly as `efmuon simulate` builds them.
     `links_ok`: the caller (`run_local`) emulates link, link_mix, link_trace, links and shaping."""
-
     if not links_ok and (has_links(cfg) or cfg.shaping is not None):
         raise ConfigError("link, link_mix, link_trace, [links] and shaping are emulated by `efmuon run` "
                           "(--shaping inproc|netns) and `efmuon simulate`; with `efmuon server` each worker "
@@ -44,7 +44,6 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok
 def run_server(cfg: RunConfig, host: str, port: int, quiet: bool = False, options=None, resume=None) -> dict:
     """`efmuon server`: serve one run for workers on other machines; returns the report.
     `options`: a coordinator.ServerOptions; `resume`: a loaded server checkpoint to continue from."""
-
     async def main() -> dict:
         coordinator = build_coordinator(cfg, quiet=quiet, options=options, resume=resume)
 

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Bearer tokens and TLS on the server: the interceptor that checks `authorization: Bearer <token>`
+(a token may be bound to one client id), the authenticated client of the running RPC, and the
+server's TLS credentials (mutual TLS with a CA)."""
 from __future__ import annotations
 
 import contextvars

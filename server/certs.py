@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""`efmuon certs`: a development CA, a server certificate and per-client certificates (and tokens) for
+TLS, mutual TLS and token auth, with the `cryptography` package or, without it, the openssl tool."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -39,10 +40,10 @@ def _is_ip(host: str) -> bool:
 
 
 def _crypto_backend(hosts: Sequence[str], client_names: Sequence[str], days: int) -> dict[str, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography import x509  # lazy: optional, openssl otherwise
+    from cryptography.hazmat.primitives import hashes, serialization  # lazy: optional, openssl otherwise
+    from cryptography.hazmat.primitives.asymmetric import ec  # lazy: optional, openssl otherwise
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # lazy: optional, openssl otherwise
 
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
@@ -166,7 +167,7 @@ def make_dev_certs(directory: str | os.PathLike, hosts: Sequence[str] = DEFAULT_
                           "use another directory or --force to replace them")
     if backend == "auto":
         try:
-            import cryptography.x509  # noqa: F401
+            import cryptography.x509  # noqa: F401  # lazy: is the optional cryptography installed?
 
             backend = "cryptography"
         except ImportError:

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The server's errors: a request refused at the edge (`Rejected`, a gRPC status) and a run that cannot go on."""
 from __future__ import annotations
 
 from ..common.errors import EfmuonError

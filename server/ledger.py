@@ -46,6 +46,10 @@ class ByteLedger:
         self.record(e, j, "up", "wire", report.up)
         self.record(e + 1, j, "down", "wire", report.down)
 
+    def set_facts(self, k: int, facts: dict) -> None:
+        """Round k's entries besides bytes (loss_w, loss_x, seconds, extra entries), reported with its bytes."""
+        self.facts[k] = facts
+
     def report_upto(self, k: int) -> None:
         """Move rounds up to k (0 = the initial exchange) into the report, in order."""
         while self.reported_upto < k:
@@ -68,3 +72,17 @@ class ByteLedger:
             for j, c in clients.items():
                 add_bytes(self.client_bytes.setdefault(j, zero_bytes(True)), c)
             self.reported_upto = r
+
+    def to_state(self) -> dict:
+        """The figures not yet reported and the per-client totals, JSON-able (for a checkpoint)."""
+        return {"open": {str(k): {str(j): v for j, v in c.items()} for k, c in self.open.items()},
+                "facts": {str(k): v for k, v in self.facts.items()}, "reported_upto": self.reported_upto,
+                "client_bytes": self.client_bytes, "init_clients": self.init_clients}
+
+    def from_state(self, state: dict) -> None:
+        """Take back what `to_state` saved (a resumed run)."""
+        self.open = {int(k): {int(j): v for j, v in c.items()} for k, c in state.get("open", {}).items()}
+        self.facts = {int(k): v for k, v in state.get("facts", {}).items()}
+        self.reported_upto = int(state.get("reported_upto", -1))
+        self.client_bytes = state.get("client_bytes", {})
+        self.init_clients = state.get("init_clients", {})

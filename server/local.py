@@ -1,16 +1,39 @@
-"""TODO docstring"""
+"""`efmuon run`: the server in this process and n worker processes on one machine.
+
+`run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes
+`python -m efmuon.worker --server 127.0.0.1:PORT --client-id j`.
+
+Links (`--link`, `--link-mix`, `--link-trace`, a `[links]` table): client j's profile comes from
+`common.links.client_links`, exactly as `efmuon simulate` assigns it, and is emulated by
+`--shaping` (`cfg.shaping`):
+  inproc (default with a link)  the worker's relay shapes its connection: token bucket per direction
+                                plus delay/jitter/loss (worker.relay.CountingRelay); no root needed;
+  netns                         server and workers each in a network namespace on a bridge, tc tbf per
+                                client and direction, delay by netem or the worker's relay
+                                (efmuon.server.netns); needs root.
+The report then has `summary.links.<client>`: profile, mechanism, and per direction `configured_bps`
+and `achieved_bps` = wire bytes of the client's round transfers of >= 64 KiB / their duration
+measured at the worker (`CountingRelay.take_transfers`: up from the first byte the worker handed
+over to the last byte acknowledged by the server's TCP; down from the first to the last chunk
+delivered); the join phase (initial W) is reported apart under `<direction>.join`.
+"""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError, EfmuonError
 from ..common.links import client_links, has_links
 from .app import build_coordinator
+from .coordinator import Coordinator
 from .netns import Star, check_available
 from .service import serve
 
@@ -97,8 +120,6 @@ def local_worker_flags(options, j: int) -> list[str]:
     """Flags that give local worker j what the server's options need: its token, TLS trust (the CA, or
     ca.pem next to the server certificate), client-j.pem/.key next to the CA for mutual TLS, and a
     worker checkpoint directory CKPT/worker-j."""
-    from pathlib import Path
-
     if options is None:
         return []
     out = []
@@ -118,118 +139,132 @@ def local_worker_flags(options, j: int) -> list[str]:
     return out
 
 
+def _on_term(signum, frame):  # SIGTERM outside serve(): unwind so the finally blocks tear down
+    raise KeyboardInterrupt
+
+
+class LocalWorkers:
+    """The worker processes of one `efmuon run`: started once the server listens, stopped with it."""
+
+    def __init__(self, coordinator: Coordinator, host: str, relay: dict, options, star: Star | None,
+                 stats_dir: str | None):
+        self.coordinator, self.host, self.relay, self.options = coordinator, host, relay, options
+        self.star, self.stats_dir = star, stats_dir
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.address: str | None = None  # HOST:PORT once the server listens
+
+    def stats_path(self, j: int) -> str | None:
+        return os.path.join(self.stats_dir, f"worker{j}.json") if self.stats_dir else None
+
+    async def launch(self, port: int) -> None:
+        """Start the workers (serve's on_ready) and watch them: raises when one fails."""
+        address = self.address = f"{self.host}:{port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for j in range(self.coordinator.n):
+            cmd = worker_command(address, j, self.relay.get(j), self.stats_path(j)) + local_worker_flags(self.options, j)
+            if self.star is not None:
+                cmd = self.star.exec_prefix(self.star.clients[j]) + cmd
+            self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, env=env))
+        await _watch(self.procs)
+
+    async def serve(self) -> dict:
+        """Serve the run with the workers; returns the report once they exited (or were stopped)."""
+        try:
+            report = await serve(self.coordinator, self.host, 0, on_ready=self.launch)
+            signal.signal(signal.SIGTERM, _on_term)  # serve() restored the default handler
+            if report["summary"].get("partial"):
+                return report  # interrupted: stop the workers now (finally), do not wait for them
+            try:
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.procs)), WORKER_EXIT_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("workers did not exit within %.0f s after the run; stopping them", WORKER_EXIT_TIMEOUT)
+            return report
+        finally:
+            for p in self.procs:
+                if p.returncode is None:
+                    p.terminate()
+            for p in self.procs:
+                try:
+                    await asyncio.wait_for(p.wait(), 10)
+                except asyncio.TimeoutError:
+                    p.kill()
+
+    def stats(self) -> dict[int, dict]:
+        """Each worker's --stats JSON (those that wrote one)."""
+        out = {}
+        for j in range(self.coordinator.n):
+            try:
+                with open(self.stats_path(j)) as fh:
+                    out[j] = json.load(fh)
+            except (OSError, ValueError):
+                pass
+        return out
+
+
+def _shape_netns(star: Star, n: int, links, relay: dict, mechanisms: dict, quiet: bool, stream) -> str:
+    """Shape each client's link in the namespaces; returns the server's address there."""
+    netem = star.netem_available()
+    for j, (_, prof) in enumerate(links):
+        relay[j], mechanisms[j] = star.shape(j, prof, netem)
+    if not quiet:
+        print(f"netns: {n} workers in namespaces {star.prefix}-c0..c{n - 1}, server {star.server} at "
+              f"{star.server_addr}; delay/jitter/loss by {'netem' if netem else 'the worker relay'}",
+              file=stream or sys.stdout, flush=True)
+    return star.server_addr
+
+
+def _links_report(cfg: RunConfig, coordinator: Coordinator, links, mechanisms: dict, workers: LocalWorkers,
+                  shaping: str, quiet: bool, stream) -> dict:
+    """Add summary.links (module docstring) to the report, write it again, and return it."""
+    summary = links_summary(links, mechanisms, workers.stats())
+    s = coordinator.report.summary
+    s["links"] = summary
+    s["links_shaping"] = shaping
+    s["links_server_address"] = workers.address
+    if workers.star is not None:
+        s["links_netns_prefix"] = workers.star.prefix
+    if cfg.report:
+        coordinator.report.write(cfg.report)
+    report = coordinator.report.to_dict()
+    if not quiet:
+        _print_links(summary, stream)
+    return report
+
+
 def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None) -> dict:
     """`efmuon run`: the server here and cfg.workers worker processes on 127.0.0.1, or, with
     shaping 'netns', each in its own network namespace (module docstring)."""
-    import json
-    import tempfile
-
     shaping = cfg.shaping or ("inproc" if has_links(cfg) else None)
-    star = None
     if shaping == "netns":
-
         check_available()  # fail before the (possibly slow) model setup
-    links = None
-    if shaping is not None:
-
-        links = client_links(cfg, int(cfg.workers))
+    links = client_links(cfg, int(cfg.workers)) if shaping is not None else None
     coordinator = build_coordinator(cfg, quiet=quiet, stream=stream, links_ok=True, options=options, resume=resume)
     relay: dict[int, object] = {}
     mechanisms: dict[int, str] = {}
-    host = "127.0.0.1"
-    if links is not None:
-        if shaping == "inproc":
-            for j, (_, prof) in enumerate(links):
-                relay[j] = prof if prof.is_shaped else None
-                mechanisms[j] = "relay" if prof.is_shaped else "none"
+    if links is not None and shaping == "inproc":
+        for j, (_, prof) in enumerate(links):
+            relay[j] = prof if prof.is_shaped else None
+            mechanisms[j] = "relay" if prof.is_shaped else "none"
     stats_dir = tempfile.mkdtemp(prefix="efmuon-stats-") if links is not None else None
-
-    def on_term(signum, frame):  # SIGTERM outside serve(): unwind so the finally blocks tear down
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
+    star = None
+    old_term = signal.signal(signal.SIGTERM, _on_term)
     try:
+        host = "127.0.0.1"
         if shaping == "netns":
-
             star = Star(coordinator.n).up()
-            netem = star.netem_available()
-            for j, (_, prof) in enumerate(links):
-                relay[j], mechanisms[j] = star.shape(j, prof, netem)
-            host = star.server_addr
-            if not quiet:
-                print(f"netns: {coordinator.n} workers in namespaces {star.prefix}-c0..c{coordinator.n - 1}, server "
-                      f"{star.server} at {host}; delay/jitter/loss by {'netem' if netem else 'the worker relay'}",
-                      file=stream or sys.stdout, flush=True)
-
-        served: dict = {}
-
-        def stats_path(j: int) -> str | None:
-            return os.path.join(stats_dir, f"worker{j}.json") if stats_dir else None
-
-        async def main() -> dict:
-            procs: list[asyncio.subprocess.Process] = []
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-            async def launch(port: int) -> None:
-                address = served["address"] = f"{host}:{port}"
-                for j in range(coordinator.n):
-                    cmd = worker_command(address, j, relay.get(j), stats_path(j)) + local_worker_flags(options, j)
-                    if star is not None:
-                        cmd = star.exec_prefix(star.clients[j]) + cmd
-                    procs.append(await asyncio.create_subprocess_exec(
-                        *cmd, stdin=asyncio.subprocess.DEVNULL, env=env))
-                await _watch(procs)
-
-            try:
-                report = await serve(coordinator, host, 0, on_ready=launch)
-                signal.signal(signal.SIGTERM, on_term)  # serve() restored the default handler
-                if report["summary"].get("partial"):
-                    return report  # interrupted: stop the workers now (finally), do not wait for them
-                try:
-                    await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), WORKER_EXIT_TIMEOUT)
-                except asyncio.TimeoutError:
-                    log.warning("workers did not exit within %.0f s after the run; stopping them", WORKER_EXIT_TIMEOUT)
-                return report
-            finally:
-                for p in procs:
-                    if p.returncode is None:
-                        p.terminate()
-                for p in procs:
-                    try:
-                        await asyncio.wait_for(p.wait(), 10)
-                    except asyncio.TimeoutError:
-                        p.kill()
-
+            host = _shape_netns(star, coordinator.n, links, relay, mechanisms, quiet, stream)
+        workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir)
         if star is not None:
             with star.enter(star.server):  # the server's sockets live in the server's namespace
-                report = asyncio.run(main())
+                report = asyncio.run(workers.serve())
         else:
-            report = asyncio.run(main())
+            report = asyncio.run(workers.serve())
         if links is not None:
-            stats = {}
-            for j in range(coordinator.n):
-                try:
-                    with open(stats_path(j)) as fh:
-                        stats[j] = json.load(fh)
-                except (OSError, ValueError):
-                    pass
-            summary = links_summary(links, mechanisms, stats)
-            coordinator.report.summary["links"] = summary
-            coordinator.report.summary["links_shaping"] = shaping
-            coordinator.report.summary["links_server_address"] = served.get("address")
-            if star is not None:
-                coordinator.report.summary["links_netns_prefix"] = star.prefix
-            if cfg.report:
-                coordinator.report.write(cfg.report)
-            report = coordinator.report.to_dict()
-            if not quiet:
-                _print_links(summary, stream)
+            report = _links_report(cfg, coordinator, links, mechanisms, workers, shaping, quiet, stream)
         return report
     finally:
         signal.signal(signal.SIGTERM, old_term)
         if star is not None:
             star.down()
         if stats_dir:
-            import shutil
-
             shutil.rmtree(stats_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""What the server knows about the model besides the config (`ServerModel`) and its evaluation hooks."""
 from __future__ import annotations
 
 from collections.abc import Callable

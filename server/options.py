@@ -1,26 +1,23 @@
-"""TODO docstring"""
+"""How the server behaves around the algorithm (`ServerOptions`, the `efmuon server` flags) and its limits.
+
+The uplink's validation limits are the algorithm's own (`common.algorithm`: MAX_ABS_VALUE and the
+NaN policies), re-exported here because the options name them.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from ..common.algorithm import MAX_ABS_VALUE, NAN_POLICIES
 from ..common.errors import ConfigError
 from ..common.wire import protocol
 from .estimators import MODES as ESTIMATOR_MODES
 
 LEAVE_TIMEOUT = 30.0  # seconds to wait for the clients' Leave after the last round
-
-
-MAX_ABS_VALUE = 1e30  # an uplink entry larger than this is refused: G would overflow float32
-
-
-MAX_NAME_BYTES = 256
-
-
+MAX_NAME_BYTES = 256  # a client name at most (and a Leave reason at most 4x this)
 ON_DEADLINE = ("fail", "proceed")
 
-
-NAN_POLICIES = ("reject", "zero")
+__all__ = ["LEAVE_TIMEOUT", "MAX_ABS_VALUE", "MAX_NAME_BYTES", "NAN_POLICIES", "ON_DEADLINE", "ServerOptions"]
 
 
 @dataclass

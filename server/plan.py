@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The reply to one round (`Plan`): S_{k+1}'s frames, cut into Downlink chunk messages once for all clients."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 
 import grpc
 
@@ -20,7 +22,9 @@ from .auth import (
     is_authenticated,
     server_credentials,
 )
-from .coordinator import Coordinator, Rejected
+from .coordinator import Coordinator
+from .errors import Rejected
+from .rounds import SubmissionKind
 
 log = logging.getLogger("efmuon.server")
 
@@ -33,7 +37,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Rejected, coordinator: 
 
 def _bound_client(context) -> tuple[bool, int | None]:
     """(token auth on for this call, the client id its token is bound to or None for '*')."""
-
     return is_authenticated(context), authenticated_client(context)
 
 
@@ -156,55 +159,16 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 c.abort_join(s)
 
     async def Exchange(self, request_iterator, context):
+        """A submission (header, then chunks) and its reply: S_{k+1}, a duplicate's reply, or resync."""
         c = self.c
+        it = request_iterator.__aiter__()
         try:
-            it = request_iterator.__aiter__()
             first = await it.__anext__()
         except StopAsyncIteration:
             await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"), c)
             return
         try:
-            if isinstance(first, Undecodable):
-                raise first.rejected()
-            if first.WhichOneof("part") != "header":
-                raise Rejected("INVALID_ARGUMENT", "the first Submission of an Exchange must carry the header")
-            h = first.header
-            _check_token_client(context, h.client_id)
-            s = c.session(h.client_id, h.session)
-            kind = c.classify(s, h.round)
-            previous = h.previous if h.HasField("previous") else None
-            message = first.ByteSize()
-            if kind == "new":
-                c.check_wire_report(h.round, previous)
-                c.release_last_reply(s, h.round)
-                try:
-                    parts = chunking.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
-                    async for msg in it:
-                        if isinstance(msg, Undecodable):
-                            raise FrameError(str(msg.rejected()))
-                        if msg.WhichOneof("part") != "chunk":
-                            raise FrameError("a Submission after the first must carry a chunk, not another header")
-                        chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
-                        if len(chunk) > protocol.CHUNK_BYTES:
-                            raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
-                        message += chunking.received_chunk_size(msg, len(chunk))
-                        parts.add(chunk)
-                    msg = chunk = None
-                    frames, total = parts.frames(), parts.total
-                except FrameError as exc:
-                    raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
-                parts = None  # `frames` holds the only reference to the buffer; accept() empties it after decoding
-                kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
-                del frames
-            else:
-                async for _ in it:  # a duplicate: read and drop, never apply
-                    pass
-            if kind in ("new", "pending"):
-                plan = await c.result(h.round)
-            elif kind == "resync":
-                plan = None
-            else:
-                plan = c.reply_for(kind, h.round)
+            h, s, kind, plan = await self._submit(context, first, it)
         except Rejected as exc:
             log.warning("refused Exchange: %s", exc)
             await _drain(it)
@@ -213,7 +177,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         if plan is None:  # tell the client to re-join: its estimator on the server did not take this round
             yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, duplicate=True, resync=True))
             return
-        duplicate = kind != "new"
+        duplicate = kind != SubmissionKind.NEW
         chunks = plan.chunks  # taken before the first yield: Plan.release() may rebind plan.chunks later
         header = plan.header(duplicate=duplicate)
         yield header
@@ -222,6 +186,61 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         del chunks
         if not duplicate:
             c.record_down(plan, s.client_id, header.ByteSize() + plan.chunk_message_bytes)
+
+    async def _submit(self, context, first, it):
+        """Check the header, take a new submission in (or read and drop a duplicate) and wait for the
+        reply: (header, session, kind, Plan or None for resync). Raises Rejected."""
+        c = self.c
+        if isinstance(first, Undecodable):
+            raise first.rejected()
+        if first.WhichOneof("part") != "header":
+            raise Rejected("INVALID_ARGUMENT", "the first Submission of an Exchange must carry the header")
+        h = first.header
+        _check_token_client(context, h.client_id)
+        s = c.session(h.client_id, h.session)
+        kind = c.classify(s, h.round)
+        previous = h.previous if h.HasField("previous") else None
+        if kind == SubmissionKind.NEW:
+            c.check_wire_report(h.round, previous)
+            c.release_last_reply(s, h.round)
+            frames, total, message = await self._receive(h, it, first.ByteSize())
+            # `frames` holds the only reference to the buffers; accept() empties it after decoding
+            kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
+            del frames
+        else:
+            async for _ in it:  # a duplicate: read and drop, never apply
+                pass
+        if kind in (SubmissionKind.NEW, SubmissionKind.PENDING):
+            return h, s, kind, await c.result(h.round)
+        if kind == SubmissionKind.RESYNC:
+            return h, s, kind, None
+        return h, s, kind, c.reply_for(kind, h.round)
+
+    async def _receive(self, h: pb.SubmissionHeader, it, message: int) -> tuple[list, int, int]:
+        """Reassemble a new submission's chunks: (frames, their bytes, the messages' bytes)."""
+        c = self.c
+        t_first = None
+        try:
+            parts = chunking.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
+            async for msg in it:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if isinstance(msg, Undecodable):
+                    raise FrameError(str(msg.rejected()))
+                if msg.WhichOneof("part") != "chunk":
+                    raise FrameError("a Submission after the first must carry a chunk, not another header")
+                chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
+                if len(chunk) > protocol.CHUNK_BYTES:
+                    raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
+                message += chunking.received_chunk_size(msg, len(chunk))
+                parts.add(chunk)
+            frames, total = parts.frames(), parts.total
+        except FrameError as exc:
+            raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
+        if c.events is not None:
+            t = time.perf_counter()
+            c.events("recv", h.round, t if t_first is None else t_first, t)
+        return frames, total, message
 
     async def Leave(self, request: pb.LeaveRequest, context):
         try:
@@ -255,7 +274,6 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     opts = coordinator.opts
     interceptors = []
     if opts.token_file:
-
         tokens = load_tokens(opts.token_file)
         bad = sorted({j for j in tokens.values() if j is not None and not 0 <= j < coordinator.n})
         if bad:
@@ -266,7 +284,6 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     add_servicer(ParameterServer(coordinator), server)
     address = f"{host}:{port}"
     if opts.tls_cert:
-
         bound = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca))
     else:
         bound = server.add_insecure_port(address)
@@ -286,8 +303,6 @@ async def serve(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     propagates; if it returns, serving simply continues until the run is finished.
     An interrupted run writes a partial report (summary.partial = true) and returns normally.
     """
-    import signal
-
     server, bound = await start(coordinator, host, port)
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()

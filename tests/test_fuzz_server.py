@@ -110,7 +110,7 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
         def decodes(frames: list[bytes]) -> bool:
             """Would the server accept these frames? (then the case is not a corruption: skip it)"""
             try:
-                coordinator.decode(0, frames, False)
+                coordinator.state.decode_uplink(0, frames)
                 return True
             except FrameError:
                 return False

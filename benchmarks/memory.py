@@ -75,7 +75,7 @@ def _memory_goals(rows: list[dict], workers: int) -> list[dict]:
 def bench_memory(level: str) -> dict:
     """Peak RSS of the server and a worker process vs model size, minus an idle framework process."""
     sizes = by_level(level, full=[1_000_000, 10_000_000, 50_000_000], quick=[1_000_000, 4_000_000], smoke=[300_000])
-    workers, rounds = 2, 2
+    workers, rounds = by_level(level, full=2, quick=2, smoke=1), 2
     uplink = downlink = "identity"  # the largest frames: one round's frames are (n + 1) model copies
     idle_p = spawn("idle", {})  # alongside the first run: its own peak does not depend on that
     try:

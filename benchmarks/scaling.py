@@ -203,13 +203,13 @@ def _measure_worker_step(params: int, runs: int = 4) -> dict:
             "seq1_s": times[1], "seq4_s": times[4], "runs": runs, **opts}
 
 
-def _scaling_rows(level: str, params: int, workers: list[int], rounds: int, uplink: str, downlink: str,
+def _scaling_rows(params: int, workers: list[int], rounds: int, uplink: str, downlink: str,
                   ws: dict, compute_s: float) -> tuple[list[dict], float]:
-    """Zero-compute rows for every worker count, then emulated-compute rows (smoke: the first count)."""
+    """Zero-compute rows for every worker count, then emulated-compute rows."""
     messages_for, fp, payload = uplink_messages(params, uplink, "zero")
     rows = []
     for emulated in (False, True):
-        for n in (workers[:1] if emulated and level == "smoke" else workers):
+        for n in workers:
             r = _scaling_run(n, params, rounds, uplink, downlink, messages_for, fp, compute_s if emulated else 0.0)
             r["clients"] = f"gpt step {EMULATED_TOKENS} tok" if emulated else "zero-compute"
             r["uplink_MB_per_worker"] = payload / 1e6
@@ -298,15 +298,15 @@ def bench_scaling(level: str) -> dict:
     real forward + backward of a model of the same size at EMULATED_TOKENS tokens, measured here."""
 
     params = by_level(level, full=10_485_760, quick=1 << 20, smoke=1 << 19)
-    workers = by_level(level, full=[1, 2, 4, 8, 16, 32], quick=[1, 2, 4], smoke=[1, 2])
-    rounds = by_level(level, full=6, quick=3, smoke=2)
+    workers = by_level(level, full=[1, 2, 4, 8, 16, 32], quick=[1, 2, 4], smoke=[1])
+    rounds = by_level(level, full=6, quick=3, smoke=3)
     uplink = downlink = "topk:0.1"
     ws = _measure_worker_step(params, runs=by_level(level, full=4, quick=4, smoke=1))
     compute_s = ws["fixed_s"] + EMULATED_TOKENS * ws["per_token_s"]
     print(f"  worker step (real forward + backward, gpt-char d_model {ws['d_model']} x {ws['n_layers']} layers, "
           f"{ws['params'] / 1e6:.2f}M params, {ws['threads']} threads): {ws['fixed_s'] * 1e3:.1f} ms + "
           f"{ws['per_token_s'] * 1e6:.1f} us/token -> {compute_s:.3f} s at {EMULATED_TOKENS} tokens", flush=True)
-    rows, payload = _scaling_rows(level, params, workers, rounds, uplink, downlink, ws, compute_s)
+    rows, payload = _scaling_rows(params, workers, rounds, uplink, downlink, ws, compute_s)
     cols = ["clients", "workers", "worker_compute_s", "round_s", "server_cpu_s", "recv_s", "decode_s", "aggregate_s",
             "lmo_s", "down_encode_s", "send_s", "process_s", "compute_busy_s", "lmo_share", "busy_per_round",
             "cpu_per_round", "break_even_tokens", "processed_rounds", "submissions"]

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 
-LEVELS = ("full", "quick", "smoke")
 BENCHES: dict[str, Callable[[str], dict]] = {}
 
 
@@ -28,7 +27,7 @@ def bench(name: str):
 
 
 def by_level(level: str, full, quick, smoke):
-    """The setting for `level` (one of LEVELS)."""
+    """The setting for `level` ("full", "quick" or "smoke")."""
     return {"full": full, "quick": quick, "smoke": smoke}[level]
 
 

@@ -3,7 +3,8 @@
 16 `efmuon worker` processes and one `efmuon server` (checkpointing every 50 rounds) train lsq for
 500 rounds on 127.0.0.1. The server's resident set size (Status.rss_bytes) is sampled throughout;
 the goal is that it grows by less than 10% between warm-up (round 50) and the end. `--quick`:
-4 workers, 60 rounds; the test suite's smoke level: 1 worker, 4 rounds.
+4 workers, 60 rounds (a smoke test); the smoke level (`run_bench(..., smoke=True)`): 1 worker,
+4 rounds. Not a CI test.
 """
 from __future__ import annotations
 

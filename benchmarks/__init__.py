@@ -1,29 +1,44 @@
 """efmuon.benchmarks: every `efmuon bench NAME`, outside the installed server package.
 
-    harness    the registry (`@bench`), timing, tables, goals, the BENCHMARKS.md sections
-    algorithm  bytes to a target loss, methods, codecs, Newton-Schulz / LMO throughput (no transport)
-    service    transport goodput, server scaling, memory, bytes on the wire (real gRPC processes)
-    soak       many workers over many rounds: does the server's memory stay flat?
+    harness     the registry (`@bench`), levels (full / quick / smoke), timing, tables, goals, the
+                BENCHMARKS.md sections
+    algorithm   bytes to a target loss, methods, codecs, Newton-Schulz / LMO throughput (no transport)
+    transport   transport goodput: the worker's chunk path vs raw TCP (its receiver: a helper process)
+    scaling     server round time and load vs workers (real Coordinator, synthetic clients)
+    memory      peak RSS of real server and worker processes vs model size
+    bytes_wire  payload vs wire bytes of a real networked run (run_local)
+    soak        many workers over many rounds: does the server's memory stay flat?
+  and what the service benchmarks share:
+    synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
+    proc        starting helper processes, reading their JSON, /proc memory and CPU figures
+    nodes       the real server / worker / idle helper processes on the synthetic model
+    service     the helpers' entry point: `python -m efmuon.benchmarks.service MODE JSON`
 
-Benchmarks time production code only through its explicit hooks (`Coordinator.events`, `Worker.trace`),
-never by replacing its classes or methods.
+Benchmarks time production code only through its explicit hooks (`Coordinator.events`, `Worker.trace`)
+or by calling its functions directly, never by replacing its classes or methods.
 """
 from __future__ import annotations
 
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, service, soak  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_wire, memory, scaling, soak, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 
-def run_bench(name: str, quick: bool, report: str | None, markdown: str | None, command: str) -> dict:
+def run_bench(name: str, quick: bool, report: str | None, markdown: str | None, command: str,
+              smoke: bool = False) -> dict:
+    """Run benchmark `name` (`quick`: --quick; `smoke`: the test suite's tiny setting, implies quick),
+    print its table and goals, and write the JSON report and/or the BENCHMARKS.md section."""
     if name not in BENCHES:
 
         raise ConfigError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHES))}")
-    print(f"bench {name}{' (quick)' if quick else ''}: {BENCHES[name].__doc__.strip().splitlines()[0]}", flush=True)
-    out = BENCHES[name](quick)
-    out = {"bench": name, "quick": quick, "machine": machine(), "command": command, **out}
+    level = "smoke" if smoke else "quick" if quick else "full"
+    tag = {"smoke": " (smoke)", "quick": " (quick)", "full": ""}[level]
+    print(f"bench {name}{tag}: {BENCHES[name].__doc__.strip().splitlines()[0]}", flush=True)
+    out = BENCHES[name](level)
+    out = {"bench": name, "quick": quick or smoke, **({"smoke": True} if smoke else {}), "machine": machine(),
+           "command": command, **out}
     print(out["table"])
     for g in out["goals"]:
         print(f"goal: {g['name']}: {g['value']} (goal {g['goal']}) -> {'met' if g['met'] else 'NOT met'}")

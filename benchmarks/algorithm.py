@@ -22,7 +22,7 @@ from ..common.lmo import (
 from ..common.lmo import ns_step_flops as flops
 from ..common.tasks import make_task
 from ..simulate.sync import simulate
-from .harness import bench, goal, table, timeit
+from .harness import bench, by_level, goal, table, timeit
 
 # ---------------------------------------------------------------------------------------- bytes
 # gpt-char sweep (BENCHMARKS.md "bytes"): sparse estimators (topk, rankk) lose too many rounds under
@@ -99,12 +99,11 @@ def bytes_to_target(task: str, rounds: int, pairings, workers: int = 4, target_f
 
 
 @bench("bytes")
-def bench_bytes(quick: bool) -> dict:
+def bench_bytes(level: str) -> dict:
     """Bytes (payload) to a fixed validation loss, per pairing, vs identity both ways."""
-    if quick:
-        res = bytes_to_target("lsq", 60, PAIRINGS[:3], eval_every=5)
-    else:
-        res = bytes_to_target("gpt-char", 300, PAIRINGS, eval_every=10)
+    task, rounds, pairings, every = by_level(level, full=("gpt-char", 300, PAIRINGS, 10),
+                                             quick=("lsq", 60, PAIRINGS[:3], 5), smoke=("lsq", 8, PAIRINGS[:2], 2))
+    res = bytes_to_target(task, rounds, pairings, eval_every=every)
     reached = [r for r in res["rows"][1:] if r["saving_total_x"]]
     best = max(reached, key=lambda r: r["saving_total_x"]) if reached else None
     goals = [goal("best total saving vs identity at the same validation loss (payload)",
@@ -116,11 +115,12 @@ def bench_bytes(quick: bool) -> dict:
 
 
 @bench("methods")
-def bench_methods(quick: bool) -> dict:
+def bench_methods(level: str) -> dict:
     """EF21 vs EF14 (classic, airbench) side by side on lsq and digits."""
     rows = []
 
-    tasks = [("lsq", 100 if quick else 300), ("digits", 50 if quick else 200)]
+    tasks = [("lsq", by_level(level, full=300, quick=100, smoke=4)),
+             ("digits", by_level(level, full=200, quick=50, smoke=2))]
     for task, rounds in tasks:
         for method, variant, up, down in [("ef21", "classic", "topk:0.1", "topk:0.1"),
                                           ("ef14", "classic", "topk:0.1", "topk:0.1"),
@@ -175,12 +175,12 @@ def _time_interleaved(fns: dict[str, Callable], repeat: int) -> dict[str, float]
 
 
 @bench("codecs")
-def bench_codecs(quick: bool) -> dict:
+def bench_codecs(level: str) -> dict:
     """Encode + decode throughput per compressor, as a ratio to a plain x.clone() in the same run."""
 
-    n = (1 << 20) if quick else (1 << 24)
+    n = by_level(level, full=1 << 24, quick=1 << 20, smoke=1 << 14)
     side = int(math.isqrt(n))  # rankk: side x side matrix with the same number of entries
-    repeat = 1 if quick else 5
+    repeat = by_level(level, full=5, quick=1, smoke=1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g)
     X = torch.randn(side, side, generator=g)
@@ -226,7 +226,7 @@ def bench_codecs(quick: bool) -> dict:
                       min(r["x_ns"] for r in rk) > 1))
     cols = ["threads", "codec", "shape", "frame_MB", "encode_ms", "decode_ms", "clone_ms", "x_clone", "goal",
             "x_memcpy", "ns_ms", "x_ns"]
-    notes = (f"{n} fp32 entries ({'quick' if quick else 'full'}; median of {repeat}, calls interleaved with the "
+    notes = (f"{n} fp32 entries ({level}; median of {repeat}, calls interleaved with the "
              f"baseline). x_clone = clone_time / (encode + decode); x_memcpy = the same against copy_ into a "
              f"preallocated tensor (pure bandwidth, no allocation). rankk runs on a {side}x{side} matrix; "
              f"x_ns = Newton-Schulz time of that matrix / rankk time.")
@@ -279,16 +279,17 @@ def _gpt124m_shapes(blocks: int) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
-def _lmo_layer_sets(quick: bool) -> list[tuple[str, list]]:
-
+def _lmo_layer_sets(level: str) -> list[tuple[str, list]]:
+    """gpt-char's spectral layers, then GPT-2 124M's blocks (12; quick: 1; smoke: none)."""
     model = make_task("gpt-char", 4).build_model()
     sets = [("gpt-char", [s for s in assign_norms_for_model(model) if s.norm == "spectral"])]
-    blocks = 1 if quick else 12
-    sets.append((f"gpt124m-{blocks}blk", assign_norms(_gpt124m_shapes(blocks))))
+    blocks = by_level(level, full=12, quick=1, smoke=0)
+    if blocks:
+        sets.append((f"gpt124m-{blocks}blk", assign_norms(_gpt124m_shapes(blocks))))
     return sets
 
 
-def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
+def _lmo_measure(specs, device, steps: int, repeat: int, min_seconds: float = 0.5) -> dict:
     """Time lmo_all over `specs` and plain bmm over the same (unpadded) shape groups, interleaved;
     FLOP-weighted comparison on useful FLOPs only (zero padding that lmo_all adds is not counted)."""
 
@@ -328,10 +329,10 @@ def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
             sync()
         fns[f"mm{gi}"], fns[f"own{gi}"] = mm, own
         weights.append((gi, 2 * cnt * a * a * b, cnt * steps * ns_step_flops(m, n)))
-    # tiny sets take ~ms per call: repeat until ~0.5 s of NS has been timed (all interleaved)
+    # tiny sets take ~ms per call: repeat until ~min_seconds of NS has been timed (all interleaved)
     t0 = time.perf_counter()
     run_ns()
-    reps = max(repeat, min(200, int(0.5 / max(time.perf_counter() - t0, 1e-6))))
+    reps = max(repeat, min(200, int(min_seconds / max(time.perf_counter() - t0, 1e-6))))
     t = _time_interleaved(fns, reps)
     mm_rate_time = sum(f_ns / (f_mm / t[f"mm{gi}"]) for gi, f_mm, f_ns in weights)  # NS FLOPs at bmm speed
     own_time = sum(steps * t[f"own{gi}"] for gi, _, _ in weights)
@@ -342,11 +343,12 @@ def _lmo_measure(specs, device, steps: int, repeat: int) -> dict:
 
 
 @bench("lmo")
-def bench_lmo(quick: bool) -> dict:
+def bench_lmo(level: str) -> dict:
     """Newton-Schulz (lmo_all, batched by shape) achieved FLOP/s vs a plain batched matmul, same run."""
 
     steps = 5
-    repeat = 1 if quick else 2
+    repeat = by_level(level, full=2, quick=1, smoke=1)
+    min_seconds = by_level(level, full=0.5, quick=0.5, smoke=0.02)
     rows = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     default_threads = torch.get_num_threads()
@@ -354,8 +356,8 @@ def bench_lmo(quick: bool) -> dict:
         for device in devices:
             for threads in (_thread_settings() if device.type == "cpu" else [default_threads]):
                 torch.set_num_threads(threads)
-                for set_name, specs in _lmo_layer_sets(quick):
-                    r = _lmo_measure(specs, device, steps, repeat)
+                for set_name, specs in _lmo_layer_sets(level):
+                    r = _lmo_measure(specs, device, steps, repeat, min_seconds)
                     row = {"device": device.type, "threads": threads, "layers": set_name, "matrices": r["groups"],
                            "ns_batches": r["ns_calls"], "padding_pct": r["padding_flops_pct"],
                            "reps": r["reps"], "ms_per_step": r["ns_s"] / steps * 1e3,

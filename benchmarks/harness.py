@@ -1,4 +1,9 @@
-"""The benchmark registry (`@bench(NAME)`), timing, goals, tables and the BENCHMARKS.md sections."""
+"""The benchmark registry (`@bench(NAME)`), sizes by level, timing, goals, tables and the BENCHMARKS.md
+sections.
+
+A benchmark is a function of its level: "full" (the run BENCHMARKS.md reports), "quick" (`--quick`)
+or "smoke" (the test suite's: tiny sizes, one repeat, seconds; its figures mean nothing, only the
+result's structure is checked)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-BENCHES: dict[str, Callable[[bool], dict]] = {}
+BENCHES: dict[str, Callable[[str], dict]] = {}
 
 
 def bench(name: str):
@@ -19,6 +24,11 @@ def bench(name: str):
         BENCHES[name] = fn
         return fn
     return register
+
+
+def by_level(level: str, full, quick, smoke):
+    """The setting for `level` ("full", "quick" or "smoke")."""
+    return {"full": full, "quick": quick, "smoke": smoke}[level]
 
 
 def machine() -> dict:

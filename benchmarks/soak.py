@@ -3,7 +3,8 @@
 16 `efmuon worker` processes and one `efmuon server` (checkpointing every 50 rounds) train lsq for
 500 rounds on 127.0.0.1. The server's resident set size (Status.rss_bytes) is sampled throughout;
 the goal is that it grows by less than 10% between warm-up (round 50) and the end. `--quick`:
-4 workers, 60 rounds (a smoke test). Not a CI test.
+4 workers, 60 rounds (a smoke test); the smoke level (`run_bench(..., smoke=True)`): 1 worker,
+4 rounds. Not a CI test.
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import sys
 import tempfile
 import time
 
+import grpc
+
 from ..common.wire import protocol
 from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
-from .harness import bench, goal, table
+from .harness import bench, by_level, goal, table
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def _status(port: int):
-    import grpc
-
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
     stub = pb_grpc.ParameterServerStub(channel)
 
@@ -93,9 +94,9 @@ def soak(workers: int, rounds: int, warmup: int, task: str = "lsq", every: float
 
 
 @bench("soak")
-def bench_soak(quick: bool) -> dict:
+def bench_soak(level: str) -> dict:
     """Soak: 16 worker processes x 500 rounds (lsq), the server's RSS after warm-up vs at the end."""
-    workers, rounds, warmup = (4, 60, 10) if quick else (16, 500, 50)
+    workers, rounds, warmup = by_level(level, full=(16, 500, 50), quick=(4, 60, 10), smoke=(1, 4, 1))
     r = soak(workers, rounds, warmup)
     ok = r["server_exit"] == 0 and r["worker_exits_nonzero"] == 0
     goals = [goal("run completed (server and every worker exit 0)", ok, "true", ok),

@@ -50,15 +50,15 @@ class EventRecorder:
 
 def phase_profile(c: Coordinator, frames: list[bytes], n: int, repeats: int) -> dict[str, list[float]]:
     """Seconds of each compute-thread phase of a round, `repeats` times, on the run's final state:
-    n clients' uplinks `frames` decoded one after another (`Coordinator.decode`, as `accept` runs it),
-    applied (`ServerState.apply_decoded`), the LMO of every block (`lmo_all`, as `ServerState.step`
+    n clients' uplinks `frames` decoded one after another (`ServerState.decode_uplink`, as
+    `Coordinator.accept` runs it), applied (`ServerState.apply_decoded`), the LMO of every block (`lmo_all`, as `ServerState.step`
     calls it), the step itself (`ServerState.step`, LMO included) and its reply cut into chunk
     messages (`Plan.build`). The product's own functions, called directly: no hook brackets them."""
     st, cfg = c.state, c.cfg
     out: dict[str, list[float]] = {k: [] for k in PHASES}
     for _ in range(repeats):
         t = [time.perf_counter()]
-        decoded = {j: c.decode(j, list(frames), False, True)[0] for j in range(n)}
+        decoded = {j: st.decode_uplink(j, list(frames), False, True)[0] for j in range(n)}
         t.append(time.perf_counter())
         st.apply_decoded(decoded, True)
         t.append(time.perf_counter())

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..common.config import RunConfig, from_mapping
 from ..common.flags import add_common_flags, config_from_args
-from ..common.wire.protocol import MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = 50051
 
@@ -22,22 +22,27 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="checkpoint every K rounds (default: only at the end and at shutdown; 1 makes a resumed "
                         "run bit-identical to an uninterrupted one)")
     r.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the run checkpointed in DIR (its configuration; flags may change only execution "
-                        "settings). Workers reconnect by themselves")
+                   help="continue the run checkpointed in DIR (the newest checkpoint there, or DIR/round-NNNNNN): "
+                        "its configuration and server options, TLS and tokens included (flags may change only "
+                        "execution settings and options given again). New checkpoints go to DIR (the parent of "
+                        "a round-NNNNNN). Workers reconnect by themselves")
+    r.add_argument("--fresh", action="store_true",
+                   help="start a new run in a --checkpoint-dir that holds an earlier run's checkpoints, deleting "
+                        "them (without it, such a directory is refused: resume it with --resume DIR)")
     r.add_argument("--round-deadline", type=float, default=None, metavar="SECONDS",
                    help="a round waits at most this long for every client's submission (default 600; 0: forever); "
                         "a crashed or departed worker may re-join within it")
-    r.add_argument("--on-deadline", choices=("fail", "proceed"), default="fail",
+    r.add_argument("--on-deadline", choices=("fail", "proceed"), default=None,
                    help="at the deadline: fail the run loudly (default) or proceed with the clients present "
                         "(G += (1/n) sum over them; the others re-sync when they come back)")
     v = p.add_argument_group("validation and bounds")
-    v.add_argument("--nan-policy", choices=("reject", "zero"), default="reject",
+    v.add_argument("--nan-policy", choices=("reject", "zero"), default=None,
                    help="uplink frames with NaN/Inf: refuse them (INVALID_ARGUMENT, default) or replace the "
                         "values by 0 and count them (Status.nonfinite_zeroed, summary.resilience)")
-    v.add_argument("--max-clients", type=int, default=1024, help="most live sessions (and --workers) (default 1024)")
+    v.add_argument("--max-clients", type=int, default=None, help="most live sessions (and --workers) (default 1024)")
     v.add_argument("--max-message-bytes", type=int, default=None, metavar="BYTES",
                    help="gRPC message size limit, both directions (default 64 MiB; chunks are <= 1 MiB)")
-    v.add_argument("--estimators", choices=("fp32", "bf16", "disk"), default="fp32",
+    v.add_argument("--estimators", choices=("fp32", "bf16", "disk"), default=None,
                    help="how the server keeps each client's G_j for re-sync: fp32 in memory (default, exact), "
                         "bf16 (half the memory; a re-synced G_j is rounded), disk (np.memmap under "
                         "--checkpoint-dir/estimators)")
@@ -51,18 +56,40 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "token get UNAUTHENTICATED. `efmuon certs DIR` makes certificates and tokens")
 
 
-def options_from_args(args: argparse.Namespace):
-    from ..server.options import (
-        ServerOptions,  # lazy: the server package only when the command runs
-    )
+# server option field <- flag (argparse dest); a flag left unset (None) keeps the dataclass default, or on
+# --resume the resumed run's value
+_OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "round_deadline",
+                 "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
+                 "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
+                 "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file"}
 
-    deadline = 600.0 if args.round_deadline is None else (None if args.round_deadline == 0 else args.round_deadline)
-    ckpt = args.checkpoint_dir or args.resume
-    return ServerOptions(
-        checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every or 0, round_deadline=deadline,
-        on_deadline=args.on_deadline, nan_policy=args.nan_policy, max_clients=args.max_clients,
-        max_message_bytes=args.max_message_bytes or MAX_MESSAGE_BYTES, estimators=args.estimators,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, token_file=args.token_file).validate()
+
+def options_from_args(args: argparse.Namespace, resume=None):
+    """ServerOptions from the flags; with `resume` (a loaded checkpoint), completed by the options of the run
+    it continues (server.options.resumed_options). Also refuses a --checkpoint-dir that holds an earlier run
+    unless --resume or --fresh (server.options.check_checkpoint_dir)."""
+    from ..server import options as so  # lazy: the server package only when the command runs
+
+    given = {f: getattr(args, a) for f, a in _OPTION_FLAGS.items() if getattr(args, a, None) is not None}
+    if "round_deadline" in given:
+        given["round_deadline"] = None if given["round_deadline"] == 0 else given["round_deadline"]
+    opts = so.ServerOptions(checkpoint_dir=args.checkpoint_dir or resume_dir(args), **given)
+    if resume is not None:
+        where = resume[1].get("path")
+        opts = so.resumed_options(opts, (resume[1].get("extra") or {}).get("server_options"), set(given), where)
+        logging.getLogger("efmuon.server").warning("resuming %s; new checkpoints go to %s", where, opts.checkpoint_dir)
+    so.check_checkpoint_dir(opts.checkpoint_dir, resuming=resume is not None, fresh=getattr(args, "fresh", False))
+    return opts.validate()
+
+
+def resume_dir(args: argparse.Namespace) -> str | None:
+    """Where a resumed run writes its checkpoints: --resume DIR itself, or the run directory that holds the
+    round-NNNNNN checkpoint --resume names (so the next `--resume DIR` continues from the newest, never
+    again from the old one)."""
+    if not args.resume:
+        return None
+    p = os.path.abspath(args.resume)
+    return os.path.dirname(p) if os.path.isfile(os.path.join(p, "manifest.msgpack")) else p
 
 
 def config_and_resume(args: argparse.Namespace):
@@ -88,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, resume = config_and_resume(args)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
-    report = run_local(cfg, options=options_from_args(args), resume=resume)
+    report = run_local(cfg, options=options_from_args(args, resume), resume=resume)
     return 130 if report["summary"].get("partial") else 0
 
 
@@ -99,7 +126,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg, resume = config_and_resume(args)
-    report = run_server(cfg, args.host, args.port, options=options_from_args(args), resume=resume)
+    report = run_server(cfg, args.host, args.port, options=options_from_args(args, resume), resume=resume)
     return 130 if report["summary"].get("partial") else 0
 
 

@@ -5,10 +5,16 @@ NaN policies), re-exported here because the options name them.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..common.algorithm import MAX_ABS_VALUE, NAN_POLICIES
+from ..common.checkpoint import LATEST, list_checkpoints
 from ..common.errors import ConfigError
 from ..common.wire import protocol
 from .estimators import MODES as ESTIMATOR_MODES
@@ -63,3 +69,75 @@ class ServerOptions:
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
         return self
+
+
+# ------------------------------------------------------------------ what a resumed run keeps
+# Every option that shapes the run is stored in its checkpoints (`to_state`) and comes back on --resume
+# (`resumed`) unless a flag gives it again: a resumed server checkpoints as often, waits as long, refuses
+# the same values and serves with the same security as the run it continues.
+RESUMED_FIELDS = ("checkpoint_every", "checkpoint_keep", "round_deadline", "on_deadline", "nan_policy",
+                  "max_clients", "max_message_bytes", "estimators")
+# Security settings are stored as paths and the sha256 of the files' contents, never the secrets.
+SECURITY_FIELDS = ("tls_cert", "tls_key", "tls_ca", "token_file")
+_FLAG = {f: "--" + f.replace("_", "-") for f in RESUMED_FIELDS + SECURITY_FIELDS}
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a file's contents; None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def options_state(opts: ServerOptions) -> dict:
+    """What a checkpoint keeps of the server's options (see RESUMED_FIELDS, SECURITY_FIELDS)."""
+    security = {}
+    for f in SECURITY_FIELDS:
+        path = getattr(opts, f)
+        if path is not None:
+            security[f] = {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+    return {"options": {f: getattr(opts, f) for f in RESUMED_FIELDS}, "security": security}
+
+
+def resumed_options(opts: ServerOptions, state: dict | None, explicit: set[str], where: str) -> ServerOptions:
+    """`opts` (from the flags) completed by a checkpoint's `state` (`options_state`): every option in
+    RESUMED_FIELDS the flags did not give (`explicit`: field names) takes the run's stored value, and every
+    security file the run was served with is used again if it is unchanged (same sha256). A stored security
+    file that is missing or changed, with no flag to replace it, is refused: a resumed run never serves with
+    less protection than the run it continues (no TLS, no tokens) without saying so."""
+    if not state:  # a checkpoint from before options were stored: the flags alone, as before
+        return opts
+    changes = {f: v for f, v in (state.get("options") or {}).items() if f in RESUMED_FIELDS and f not in explicit}
+    for f, saved in (state.get("security") or {}).items():
+        if f not in SECURITY_FIELDS or f in explicit:
+            continue
+        path, digest = saved.get("path"), saved.get("sha256")
+        now = file_sha256(path) if path else None
+        if now is None or now != digest:
+            what = "is missing or unreadable" if now is None else "has changed since the run was checkpointed"
+            raise ConfigError(f"the run in {where} was served with {_FLAG[f]} {path}, which {what}; give "
+                              f"{_FLAG[f]} FILE again (with the other security flags of that run) to resume it")
+        changes[f] = path
+    return dataclasses.replace(opts, **changes).validate()
+
+
+def check_checkpoint_dir(directory: str | None, resuming: bool, fresh: bool) -> None:
+    """A new run (no --resume) never starts over silently in a directory that holds another run's
+    checkpoints: refuse, naming --resume and --fresh; with --fresh, remove them first (and the local
+    workers' ones under DIR/worker-J) so that the new run's checkpoints are the only ones there."""
+    if directory is None or resuming:
+        return
+    root = Path(directory)
+    found = list_checkpoints(root)
+    if not found:
+        return
+    if not fresh:
+        raise ConfigError(f"{directory} holds the checkpoints of an earlier run (newest {found[-1][1].name}); "
+                          f"continue it with --resume {directory}, or start over with --fresh (which deletes "
+                          "them)")
+    for sub in [root, *sorted(root.glob("worker-*"))]:
+        for _, p in list_checkpoints(sub):
+            shutil.rmtree(p)
+        (sub / LATEST).unlink(missing_ok=True)

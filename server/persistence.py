@@ -18,6 +18,7 @@ import torch
 from ..common.checkpoint import restore_server, save_server
 from ..common.errors import ConfigError, FrameError
 from .estimators import EstimatorStore
+from .options import options_state
 from .plan import Plan
 from .rounds import Phase
 
@@ -45,6 +46,7 @@ class Persistence:
         plan = self.last_plan
         meta = {
             "collecting": self.collecting,
+            "server_options": options_state(self.opts),
             "plan": None if plan is None else {"round": plan.round, "done": plan.done,
                                                "frame_lengths": [] if plan.released else list(plan.frame_lengths),
                                                **({"released": True} if plan.released else {})},

@@ -16,9 +16,9 @@ from .compress import parse_spec
 from .errors import ConfigError
 from .federation import parse_compute_scale
 from .links import parse_link, parse_link_mix
+from .lmo import PRESETS
+from .tasks import TASKS
 
-TASKS = ("lsq", "digits", "gpt-char")
-PRESETS = ("muon", "scion", "gluon", "muonmax")
 METHODS = ("ef21", "ef14")
 SCHEDULES = ("constant", "cosine", "linear")
 INITS = ("grad", "zero")
@@ -123,9 +123,9 @@ def from_mapping(data: dict[str, Any], base: RunConfig | None = None, where: str
 def load_toml(path: str, base: RunConfig | None = None) -> RunConfig:
     """Read a TOML config file. Top-level keys are RunConfig fields; tables give the dict fields."""
     try:
-        import tomllib
+        import tomllib  # lazy: read only for --config
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib  # type: ignore[no-redef]  # lazy: an optional backport, for --config only
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -194,7 +194,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ConfigError(f"{name} must be a compressor spec string such as 'topk:0.1'")
     # Compressor specs are checked by parsing them (the parser names the valid forms).
-
     for spec in [cfg.uplink, cfg.downlink, *cfg.uplink_layers.values(), *cfg.downlink_layers.values()]:
         parse_spec(spec)
     return cfg
@@ -216,11 +215,9 @@ def _validate_federated(cfg: RunConfig) -> None:
     if len(given) > 1:
         raise ConfigError(f"give at most one of link, link_mix, link_trace (got {', '.join(given)})")
     if cfg.link is not None:
-
         parse_link(cfg.link)
     _choice("shaping", cfg.shaping, SHAPINGS)
     if isinstance(cfg.links, dict):
-
         for key, spec in cfg.links.items():
             try:
                 ok = int(str(key)) >= 0
@@ -232,10 +229,8 @@ def _validate_federated(cfg: RunConfig) -> None:
                 raise ConfigError(f"links.{key}={spec!r} must be a link spec string such as 'lte' or 'up=10mbit,delay=20ms'")
             parse_link(spec)
     if cfg.link_mix is not None:
-
         parse_link_mix(cfg.link_mix)
     if cfg.compute_scale is not None:
-
         parse_compute_scale(cfg.compute_scale)
 
 

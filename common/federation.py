@@ -9,7 +9,7 @@ import math
 import random
 
 from .errors import ConfigError
-from .links import LinkProfile
+from .links import LOSS_SEGMENT, MIN_RTO, LinkProfile
 from .tasks import derive_seed, make_task
 
 if TYPE_CHECKING:  # annotations only: the config sits above this module (it validates with it)
@@ -17,12 +17,6 @@ if TYPE_CHECKING:  # annotations only: the config sits above this module (it val
 
 FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
                   "compute_seconds")
-
-
-LOSS_SEGMENT = 64 * 1024
-
-
-MIN_RTO = 0.200
 
 
 def is_federated(cfg: RunConfig) -> bool:

@@ -24,6 +24,12 @@ if TYPE_CHECKING:  # annotations only: the config sits above this module (it val
 
 __all__ = ["LinkProfile", "PRESETS", "parse_link"]
 
+# The loss model of a link (`LinkProfile.loss`), shared by the relay's emulation and the federated
+# simulator's clock: a loss is drawn once per this many bytes of data, and costs a retransmission
+# timeout of max(MIN_RTO, 2 * delay).
+LOSS_SEGMENT = 64 * 1024
+MIN_RTO = 0.200
+
 
 # --------------------------------------------------------------------------------------------------
 # Link profiles

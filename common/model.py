@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""The torch side of a run that the simulator, the server and the worker share: `Setup` (the task,
+its model, parameter names, initial parameters and layer specs, all derived from the config),
+copying parameters into a model, and the loss and gradients of a model at given parameters.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -8,8 +8,11 @@ Bytes are the best level the report has: `wire` (measured at the transport) when
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+
+import numpy as np
 
 from .report import human_bytes
 
@@ -17,7 +20,7 @@ DPI = 110
 
 
 def _figure(w: float = 7.0, h: float = 4.6):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
     return Figure(figsize=(w, h), dpi=DPI, layout="constrained")
 
@@ -119,16 +122,14 @@ def _loss_panel(ax, ser, label_prefix: str = "", color=None, x_key: str = "round
 
 
 def _bytes_formatter():
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter  # lazy: matplotlib only when a figure is drawn
 
     return FuncFormatter(lambda v, _pos: human_bytes(v).replace(".00 ", " ") if v > 0 else "0")
 
 
 def _bytes_log_axis(axis, values: Sequence[float]) -> None:
     """Log-scale byte axis labelled in B/KB/MB/GB; on a narrow range (< ~1.5 decades) minor ticks get labels too."""
-    import math
-
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # lazy: matplotlib, as above
 
     axis.set_major_formatter(_bytes_formatter())
     pos = [v for v in values if v and v > 0]
@@ -144,17 +145,21 @@ def write_plots(report: dict, out_dir: str, stem: str = "efmuon") -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     ser = series(report)
     title = run_title(report)
-    level = ser["level"]
+    panels = (("loss-rounds", lambda ax: _loss_vs_rounds(ax, ser, title)),
+              ("loss-bytes", lambda ax: _loss_vs_bytes(ax, ser, title)),
+              ("loss-time", lambda ax: _loss_vs_time(ax, ser, title)),
+              ("bytes-per-client", lambda ax: _bytes_per_client(ax, per_client_bytes(report), ser["level"], title)))
     paths = []
-
-    def save(fig, name):
+    for name, draw in panels:
+        fig = _figure()
+        draw(fig.add_subplot())
         path = os.path.join(out_dir, f"{stem}-{name}.png")
         fig.savefig(path)
         paths.append(path)
+    return paths
 
-    # loss vs rounds
-    fig = _figure()
-    ax = fig.add_subplot()
+
+def _loss_vs_rounds(ax, ser: dict, title: str) -> None:
     _loss_panel(ax, ser)
     ax.set_xlabel("round")
     ax.set_ylabel("training loss f")
@@ -162,25 +167,21 @@ def write_plots(report: dict, out_dir: str, stem: str = "efmuon") -> list[str]:
     _log_if_wide(ax, ser["loss_w"] + ser["loss_x"])
     ax.grid(True, alpha=0.3)
     ax.legend()
-    save(fig, "loss-rounds")
 
-    # loss vs bytes
-    fig = _figure()
-    ax = fig.add_subplot()
+
+def _loss_vs_bytes(ax, ser: dict, title: str) -> None:
     _loss_panel(ax, ser, x_key="bytes")
     ax.set_xscale("log")
     _bytes_log_axis(ax.xaxis, ser["bytes"])
-    ax.set_xlabel(f"bytes sent, up + down, all clients, cumulative ({level}, bytes, log scale)")
+    ax.set_xlabel(f"bytes sent, up + down, all clients, cumulative ({ser['level']}, bytes, log scale)")
     ax.set_ylabel("training loss f")
     ax.set_title(f"Loss vs bytes\n{title}", fontsize=10)
     _log_if_wide(ax, ser["loss_w"] + ser["loss_x"])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    save(fig, "loss-bytes")
 
-    # loss vs time
-    fig = _figure()
-    ax = fig.add_subplot()
+
+def _loss_vs_time(ax, ser: dict, title: str) -> None:
     _loss_panel(ax, ser, x_key="time")
     ax.set_xlabel(ser["time_label"])
     ax.set_ylabel("training loss f")
@@ -188,47 +189,41 @@ def write_plots(report: dict, out_dir: str, stem: str = "efmuon") -> list[str]:
     _log_if_wide(ax, ser["loss_w"] + ser["loss_x"])
     ax.grid(True, alpha=0.3)
     ax.legend()
-    save(fig, "loss-time")
 
-    # bytes per client
-    pcb = per_client_bytes(report)
-    fig = _figure()
-    ax = fig.add_subplot()
-    if pcb:
-        ids = sorted(pcb, key=lambda j: int(j) if str(j).isdigit() else str(j))
-        up = [pcb[j][0] for j in ids]
-        down = [pcb[j][1] for j in ids]
-        if len(ids) <= 64:
-            xs = range(len(ids))
-            ax.bar(xs, down, label="down", color="tab:blue")
-            ax.bar(xs, up, bottom=down, label="up", color="tab:orange")
-            ax.set_xticks(list(xs), ids, fontsize=7 if len(ids) > 16 else 9,
-                          rotation=90 if len(ids) > 16 else 0)
-            ax.set_xlabel("client")
-            ax.set_ylabel(f"bytes ({level})")
-            ax.yaxis.set_major_formatter(_bytes_formatter())
-            ax.set_title(f"Bytes per client over the run (stacked)\n{title}", fontsize=10)
-        else:
-            import numpy as np
 
-            tot = [u + d for u, d in zip(up, down)]
-            pos = [v for v in up + down + tot if v > 0]
-            lo, hi = (min(pos), max(pos)) if pos else (1, 10)
-            bins = np.geomspace(max(1, lo * 0.9), hi * 1.1 + 1, 40)
-            for vals, lab, col in ((down, "down", "tab:blue"), (up, "up", "tab:orange"), (tot, "up + down", "tab:gray")):
-                ax.hist([max(v, 1) for v in vals], bins=bins, histtype="step", lw=1.6, label=lab, color=col)
-            ax.set_xscale("log")
-            _bytes_log_axis(ax.xaxis, pos)
-            ax.set_xlabel(f"bytes per client over the run ({level}, log scale)")
-            ax.set_ylabel("number of clients")
-            ax.set_title(f"Bytes per client ({len(ids)} clients)\n{title}", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    else:
+def _bytes_per_client(ax, pcb: dict[str, tuple[int, int]], level: str, title: str) -> None:
+    """Stacked bars per client (up to 64 clients), else histograms of the per-client bytes."""
+    if not pcb:
         ax.text(0.5, 0.5, "this report has no per-client byte figures", ha="center", va="center")
         ax.set_axis_off()
-    save(fig, "bytes-per-client")
-    return paths
+        return
+    ids = sorted(pcb, key=lambda j: int(j) if str(j).isdigit() else str(j))
+    up = [pcb[j][0] for j in ids]
+    down = [pcb[j][1] for j in ids]
+    if len(ids) <= 64:
+        xs = range(len(ids))
+        ax.bar(xs, down, label="down", color="tab:blue")
+        ax.bar(xs, up, bottom=down, label="up", color="tab:orange")
+        ax.set_xticks(list(xs), ids, fontsize=7 if len(ids) > 16 else 9,
+                      rotation=90 if len(ids) > 16 else 0)
+        ax.set_xlabel("client")
+        ax.set_ylabel(f"bytes ({level})")
+        ax.yaxis.set_major_formatter(_bytes_formatter())
+        ax.set_title(f"Bytes per client over the run (stacked)\n{title}", fontsize=10)
+    else:
+        tot = [u + d for u, d in zip(up, down)]
+        pos = [v for v in up + down + tot if v > 0]
+        lo, hi = (min(pos), max(pos)) if pos else (1, 10)
+        bins = np.geomspace(max(1, lo * 0.9), hi * 1.1 + 1, 40)
+        for vals, lab, col in ((down, "down", "tab:blue"), (up, "up", "tab:orange"), (tot, "up + down", "tab:gray")):
+            ax.hist([max(v, 1) for v in vals], bins=bins, histtype="step", lw=1.6, label=lab, color=col)
+        ax.set_xscale("log")
+        _bytes_log_axis(ax.xaxis, pos)
+        ax.set_xlabel(f"bytes per client over the run ({level}, log scale)")
+        ax.set_ylabel("number of clients")
+        ax.set_title(f"Bytes per client ({len(ids)} clients)\n{title}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
 
 
 # ---------------------------------------------------------------------------- compare

@@ -49,6 +49,7 @@ simulated transfer seconds, latency included), `bytes` and `seconds`.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,19 @@ class _LinkStats:
     catchup: int = 0  # catch-up bytes received
 
 
+@dataclass
+class _ClientRound:
+    """What one sampled client did in a round (`FederatedSim._client_round`)."""
+
+    frames: list[bytes]  # its uplink (discarded when late)
+    loss: float
+    nup: int  # uplink bytes
+    ndown: int  # downlink bytes, catch-up included
+    catchup: int
+    seconds: float  # simulated time
+    late: bool  # dropped as a straggler
+
+
 class FederatedSim:
     """n clients, partial participation, catch-up, stragglers and a simulated clock (module docstring).
 
@@ -97,7 +111,6 @@ class FederatedSim:
 
     def __init__(self, cfg: RunConfig, exact_w: bool = False, server_estimators: bool | None = None,
                  device: str | torch.device = "cpu", stream=None, quiet: bool = True):
-
         configure_torch(cfg.threads)
         self.n = int(cfg.clients or cfg.workers)
         task, self.shards = task_for_clients(cfg, self.n)
@@ -137,7 +150,6 @@ class FederatedSim:
         return self.task.batch(j % self.shards, k * self.reps + j // self.shards)
 
     def _grads(self, j: int, k: int, W):
-
         batch = self.batch_of(j, k)
         return gradients(self.model, W, lambda m: self.task.loss(m, batch))
 
@@ -209,66 +221,23 @@ class FederatedSim:
         self.cum_frames.append(self.cum_frames[-1] + flen)
         if self.exact_w:
             self.history.append(list(frames))
-        numel4 = 4 * self.setup.numel
         ups, losses, clients = {}, [], {}
         up_total = down_total = catchup_total = 0
         times, dropped = [], []
         for j in sampled:
-            ws, st, prof = self.workers[j], self.stats[j], self.links[j][1]
-            s = self.last_sync[j]
-            missed = k - 1 - s
-            replay = self.cum_frames[k - 1] - self.cum_frames[s]
-            catchup = min(replay, self.full_w_bytes) if missed > 0 else 0
-            if self.exact_w:
-                if missed > 0:  # replay the missed frames for real: identical bits to the server's W_{k-1}
-                    for fr in self.history[s:k - 1]:
-                        ws.apply_downlink(fr)
-                if ws.round != k - 1:
-                    raise AssertionError(f"client {j} holds W after {ws.round} downlinks, expected {k - 1}")
-            else:
-                ws.W = [w.clone() for w in prev_w]
-                ws.round = k - 1
-            ws.apply_downlink(frames)
-            saved = None
-            if cfg.deadline is not None:
-                saved = ([m.clone() for m in ws.M], [g.clone() for g in ws.Gj],
-                         None if ws.error is None else [e.clone() for e in ws.error])
-            t0 = time.perf_counter()
-            loss, g = self._grads(j, k, ws.W)
-            up_frames = ws.make_uplink(g)
-            measured = time.perf_counter() - t0
-            if not self.exact_w:
-                ws.W = None
-            nup = sum(len(f) for f in up_frames)
-            ndown = catchup + flen
-            rng = self._rng("round", k, j)
-            t_down = transfer_seconds(prof, "down", ndown, rng)
-            t_up = transfer_seconds(prof, "up", nup, rng)
-            t = self._compute_seconds(measured, j) + t_down + t_up
-            late = cfg.deadline is not None and t > cfg.deadline
-            st.rounds += 1
-            st.down_bytes += ndown
-            st.down_seconds += t_down
-            st.catchup += catchup
-            down_total += ndown
-            catchup_total += catchup
-            self.uncompressed["down"] += numel4 + (self.full_w_bytes if missed > 0 else 0)
-            self.last_sync[j] = k
-            if late:
-                ws.M, ws.Gj, ws.error = saved  # a straggler keeps its state
-                st.dropped += 1
+            c = self._client_round(j, k, frames, flen, prev_w)
+            down_total += c.ndown
+            catchup_total += c.catchup
+            if c.late:
                 dropped.append(j)
             else:
-                ups[j] = up_frames
-                st.up_bytes += nup
-                st.up_seconds += t_up
-                up_total += nup
-                losses.append(loss)
-                times.append(t)
-                self.uncompressed["up"] += numel4
-            clients[str(j)] = {"up": {"payload": 0 if late else nup, "message": None, "wire": None},
-                               "down": {"payload": ndown, "message": None, "wire": None},
-                               "catchup": catchup, "sim_seconds": t, "dropped": late}
+                ups[j] = c.frames
+                up_total += c.nup
+                losses.append(c.loss)
+                times.append(c.seconds)
+            clients[str(j)] = {"up": {"payload": 0 if c.late else c.nup, "message": None, "wire": None},
+                               "down": {"payload": c.ndown, "message": None, "wire": None},
+                               "catchup": c.catchup, "sim_seconds": c.seconds, "dropped": c.late}
         server.aggregate(ups)
         sim_seconds = float(cfg.deadline) if dropped else max(times, default=0.0)
         self.sim_time += sim_seconds
@@ -277,6 +246,64 @@ class FederatedSim:
                 "catchup": catchup_total, "sim_seconds": sim_seconds, "sim_time": self.sim_time,
                 "sampled": len(sampled), "dropped": dropped,
                 "train_loss": (sum(losses) / len(losses)) if losses else None, "clients": clients}
+
+    def _client_round(self, j: int, k: int, frames: list[bytes], flen: int, prev_w) -> _ClientRound:
+        """Sampled client j in round k: catch up to W_{k-1}, apply S_k, compute and encode its
+        uplink, time it on its link; a straggler (past the deadline) gets its M_j, G_j back."""
+        cfg, ws, st, prof = self.cfg, self.workers[j], self.stats[j], self.links[j][1]
+        missed = k - 1 - self.last_sync[j]
+        catchup = self._catch_up(j, k, prev_w)
+        ws.apply_downlink(frames)
+        saved = None
+        if cfg.deadline is not None:
+            saved = ([m.clone() for m in ws.M], [g.clone() for g in ws.Gj],
+                     None if ws.error is None else [e.clone() for e in ws.error])
+        t0 = time.perf_counter()
+        loss, g = self._grads(j, k, ws.W)
+        up_frames = ws.make_uplink(g)
+        measured = time.perf_counter() - t0
+        if not self.exact_w:
+            ws.W = None
+        nup = sum(len(f) for f in up_frames)
+        ndown = catchup + flen
+        rng = self._rng("round", k, j)
+        t_down = transfer_seconds(prof, "down", ndown, rng)
+        t_up = transfer_seconds(prof, "up", nup, rng)
+        t = self._compute_seconds(measured, j) + t_down + t_up
+        late = cfg.deadline is not None and t > cfg.deadline
+        st.rounds += 1
+        st.down_bytes += ndown
+        st.down_seconds += t_down
+        st.catchup += catchup
+        numel4 = 4 * self.setup.numel
+        self.uncompressed["down"] += numel4 + (self.full_w_bytes if missed > 0 else 0)
+        self.last_sync[j] = k
+        if late:
+            ws.M, ws.Gj, ws.error = saved  # a straggler keeps its state
+            st.dropped += 1
+        else:
+            st.up_bytes += nup
+            st.up_seconds += t_up
+            self.uncompressed["up"] += numel4
+        return _ClientRound(up_frames, loss, nup, ndown, catchup, t, late)
+
+    def _catch_up(self, j: int, k: int, prev_w) -> int:
+        """Bring client j to W_{k-1} (module docstring, catch-up); returns the bytes that costs: the
+        missed frames or one full W, whichever is fewer (0 when it missed nothing)."""
+        ws, s = self.workers[j], self.last_sync[j]
+        missed = k - 1 - s
+        replay = self.cum_frames[k - 1] - self.cum_frames[s]
+        catchup = min(replay, self.full_w_bytes) if missed > 0 else 0
+        if self.exact_w:
+            if missed > 0:  # replay the missed frames for real: identical bits to the server's W_{k-1}
+                for fr in self.history[s:k - 1]:
+                    ws.apply_downlink(fr)
+            if ws.round != k - 1:
+                raise AssertionError(f"client {j} holds W after {ws.round} downlinks, expected {k - 1}")
+        else:
+            ws.W = [w.clone() for w in prev_w]
+            ws.round = k - 1
+        return catchup
 
     # -- report pieces
     def links_summary(self) -> dict:
@@ -302,21 +329,13 @@ class FederatedSim:
 
 def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
     """`efmuon simulate` in federated mode; returns the report (DESIGN.md §8 plus federated fields)."""
-    import sys
-
     configure_torch(cfg.threads)
     out = stream or sys.stdout
     wall0 = time.perf_counter()
     sim = FederatedSim(cfg, device=resolve_device(cfg.device), stream=stream, quiet=quiet)
-    cfg, setup, task, n = sim.cfg, sim.setup, sim.task, sim.n
+    cfg, setup, task = sim.cfg, sim.setup, sim.task
     if not quiet:
-        note = (f"federated: {n} clients, {sim.m} per round"
-                + (f", deadline {cfg.deadline:g} s" if cfg.deadline is not None else "")
-                + f", links: {_describe_links(sim.links)}")
-        if sim.shards < n:
-            note += (f"; task {cfg.task} has data for {sim.shards} shards: client j trains on shard "
-                     f"j mod {sim.shards} with its own batches")
-        print(note, file=out, flush=True)
+        print(_announce(sim), file=out, flush=True)
     eval_model = task.build_model().to(sim.device)
     report = Report(cfg.to_dict(), transport=False, metrics_path=cfg.metrics, log_every=cfg.log_every,
                     total_rounds=cfg.rounds, stream=stream, quiet=quiet)
@@ -333,6 +352,31 @@ def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict
         report.add_round(k, loss_w, loss_x, seconds, r["bytes"], train_loss=r["train_loss"], val_loss_w=val_w,
                          sim_seconds=r["sim_seconds"], sim_time=r["sim_time"], catchup=r["catchup"],
                          sampled=r["sampled"], dropped=r["dropped"], clients=r["clients"])
+    dropped = _finish(report, sim, eval_model, initial_w, wall0)
+    if not quiet:
+        report.print_summary()
+        print(f"simulated time {sim.sim_time:.2f} s (join {sim.sim_join_seconds:.2f} s)   "
+              f"stragglers dropped {dropped}   catch-up bytes {human_bytes(report.summary['federated']['catchup_bytes'])}",
+              file=out, flush=True)
+    return write_outputs(report, cfg, quiet, out)
+
+
+def _announce(sim: FederatedSim) -> str:
+    """The line a federated run starts with: clients, cohort, deadline, links, shards."""
+    cfg, n = sim.cfg, sim.n
+    note = (f"federated: {n} clients, {sim.m} per round"
+            + (f", deadline {cfg.deadline:g} s" if cfg.deadline is not None else "")
+            + f", links: {_describe_links(sim.links)}")
+    if sim.shards < n:
+        note += (f"; task {cfg.task} has data for {sim.shards} shards: client j trains on shard "
+                 f"j mod {sim.shards} with its own batches")
+    return note
+
+
+def _finish(report: Report, sim: FederatedSim, eval_model, initial_w: float, wall0: float) -> int:
+    """The run's summary (final losses, hashes, the federated and per-link figures); returns the
+    number of straggler drops."""
+    cfg, setup, task, n = sim.cfg, sim.setup, sim.task, sim.n
     eval_w = evaluate(eval_model, sim.server.W, task.eval_loss)
     eval_x = evaluate(eval_model, sim.server.X, task.eval_loss)
     dropped = sum(st.dropped for st in sim.stats)
@@ -358,12 +402,7 @@ def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict
         client_bytes={str(j): {"up": {"payload": st.up_bytes}, "down": {"payload": st.down_bytes}}
                       for j, st in enumerate(sim.stats)},
     )
-    if not quiet:
-        report.print_summary()
-        print(f"simulated time {sim.sim_time:.2f} s (join {sim.sim_join_seconds:.2f} s)   "
-              f"stragglers dropped {dropped}   catch-up bytes {human_bytes(report.summary['federated']['catchup_bytes'])}",
-              file=out, flush=True)
-    return _finish_outputs(report, cfg, quiet, out)
+    return dropped
 
 
 def _describe_links(links) -> str:
@@ -373,8 +412,3 @@ def _describe_links(links) -> str:
     items = sorted(counts.items(), key=lambda t: -t[1])
     text = ", ".join(f"{d} x{c}" for d, c in items[:5])
     return text + (f", ... ({len(items)} profiles)" if len(items) > 5 else "")
-
-
-def _finish_outputs(report: Report, cfg: RunConfig, quiet: bool, out) -> dict:
-
-    return write_outputs(report, cfg, quiet, out)

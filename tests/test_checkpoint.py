@@ -1,4 +1,4 @@
-"""Checkpoints (common/checkpoint.py): bit-identical round trips, atomic writes, clear errors on damage."""
+"""Checkpoints (common/checkpoint*.py): bit-identical round trips, atomic writes, clear errors on damage."""
 from __future__ import annotations
 
 import ast
@@ -321,5 +321,6 @@ def test_no_pickle_anywhere():
                 else:
                     continue
                 assert not any(n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle") for n in names), py
-    src = (root / "common" / "checkpoint.py").read_text()
-    assert "torch.load" not in src and "torch.save" not in src and "allow_pickle=True" not in src
+    for name in ("checkpoint.py", "checkpoint_format.py"):
+        src = (root / "common" / name).read_text()
+        assert "torch.load" not in src and "torch.save" not in src and "allow_pickle=True" not in src, name

@@ -1,4 +1,4 @@
-"""Tests of efmuon.common.compress and its value codecs (efmuon.common.codecs): round trips, exact
+"""Tests of efmuon.common.compress and its value codecs (codec, natural, quant, sign): round trips, exact
 frame sizes, contraction, determinism, the natural / quant rounding contracts, and malformed frames /
 specs raising FrameError / ConfigError with helpful messages."""
 
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from efmuon.common import codecs
+from efmuon.common.compress import bits, natural
 from efmuon.common.compress import HEADER_SIZE, encode_decode, parse_spec
 from efmuon.common.errors import ConfigError, FrameError
 
@@ -140,7 +140,7 @@ class _EveryWord:
 def test_natural_bias_and_variance_exact(monkeypatch):
     """E[C(x)] and E|C(x) - x|^2 of the raw natural rounding, exactly (all 2**16 words), against the
     documented bounds: |bias| <= 2**-17 * 2**a and variance <= (1/8 + 2**-16) x^2 (normal x)."""
-    monkeypatch.setattr(codecs, "_natural_words", _EveryWord)
+    monkeypatch.setattr(natural, "_natural_words", _EveryWord)
     rng = np.random.default_rng(0)
     mant = np.concatenate([rng.integers(0, 1 << 23, 40), [0, 1, 63, 64, 65, 127, 128, 191, 256 * 999,
                                                           (1 << 23) - 1, (1 << 23) // 3, 5592405]])
@@ -210,7 +210,7 @@ def test_quant_nearest_and_torch_path(spec, n):
     blk_max = np.zeros(nb * q.block, np.float32)
     blk_max[:n] = x.abs().numpy()
     assert np.array_equal(s, blk_max.reshape(nb, q.block).max(axis=1))
-    codes = codecs._unpack_codes(np.frombuffer(frame, np.uint8, offset=HEADER_SIZE + 4 * nb), n, q.bits)
+    codes = bits._unpack_codes(np.frombuffer(frame, np.uint8, offset=HEADER_SIZE + 4 * nb), n, q.bits)
     step = np.repeat((s / np.float32(q.L)).astype(np.float32), q.block)[:n]
     assert codes.max() <= 2 * q.L
     assert np.array_equal(y, ((codes - q.L).astype(np.float32) * step).astype(np.float32))

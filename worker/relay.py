@@ -12,23 +12,8 @@ figure of DESIGN.md section 5::
         ...
         relay.counters()  # {"up": bytes client->server, "down": bytes server->client}
 
-With a `LinkProfile`, the relay also shapes each direction. That is emulation level (a) of the
-design: it needs no root, and TCP ends at the relay on both sides, so it reproduces rate and latency
-as the application sees them (including HTTP/2 window updates), but not kernel congestion control
-over a long path. In each direction:
-
-* rate: a token bucket with debt accounting. It refills from `time.monotonic()`, tokens may go
-  negative, and the sleep pays back the debt, so sleep overshoot does not lower the rate. The bucket
-  starts empty, and its cap is one chunk or 10 ms of rate, whichever is larger. It charges the TCP
-  payload bytes the relay forwards. L2/IP/TCP overhead is not included, so the rate is a goodput
-  rate. To emulate an L2 rate R, configure about 0.956*R.
-* delay: each chunk is forwarded `delay + uniform(-jitter, jitter)` seconds (clamped at >= 0) after
-  it has passed the bucket. Order is preserved, so a chunk never overtakes an earlier one. Bytes in
-  flight are bounded by rate*(delay+jitter) + 256 KiB. When that bound is reached the relay stops
-  reading, and TCP backpressure reaches the sender.
-* loss: modelled as the delay of a retransmission, not as dropped bytes (TCP would resend them).
-  For each 64 KiB of data, with probability `loss`, the chunk that starts that 64 KiB is held for an
-  extra RTO of max(200 ms, 2*delay). Later chunks wait behind it, which is TCP's head-of-line blocking.
+With a `LinkProfile`, the relay also shapes each direction (rate, delay with jitter, loss as a
+retransmission delay): `efmuon.worker.shaping` describes the model.
 
 Transfer timing (`CountingRelay.take_transfers()`), used for the achieved rate of a link: since the
 last call, in each direction, the "data" bytes (reads of >= 256 B; HTTP/2 control frames such as
@@ -49,143 +34,20 @@ does not read from the source.
 """
 from __future__ import annotations
 
+from __future__ import annotations
+
 import asyncio
-import collections
-import fcntl
 import random
 import socket
-import struct
-import termios
 import threading
 import time
 
 from ..common.links import LinkProfile, parse_link
-
-# --------------------------------------------------------------------------------------------------
-# Relay
-# --------------------------------------------------------------------------------------------------
+from .shaping import pump_delayed, pump_rate
+from .transfer import _DRAIN_POLL, _close, _Meter, _outq, _shutdown_write, _Track
 
 _SMALL_BUF = 64 * 1024          # first buffer of an unshaped direction
 _BIG_BUF = 1024 * 1024          # grown to this once a recv fills the small buffer
-_LOSS_SEGMENT = 64 * 1024       # loss is drawn once per this many bytes
-_QUEUE_SLACK = 256 * 1024       # in-flight bound = rate*(delay+jitter) + this
-_NOMINAL_FAST_BPS = 10e9        # rate used for the in-flight bound when a delayed direction has no rate
-_MAX_QUEUE = 64 * 1024 * 1024   # ... and the bound is capped at this
-_MIN_RTO = 0.200
-
-
-
-def _chunk_size(rate_bps: float | None) -> int:
-    """Largest chunk forwarded at once: about 10 ms of rate, a power of two in [1 KiB, 1 MiB], so
-    <= 16 KiB below ~26 Mbit/s and the rate is smooth over short windows."""
-    if not rate_bps:
-        return 256 * 1024
-    target = rate_bps / 8 * 0.010
-    size = 1024
-    while size * 2 <= target and size < _BIG_BUF:
-        size *= 2
-    return size
-
-
-class _TokenBucket:
-    """Debt-accounting token bucket, in bytes. Starts empty; tokens may go negative."""
-
-    __slots__ = ("rate", "cap", "tokens", "t")
-
-    def __init__(self, rate_bps: float, cap_bytes: float) -> None:
-        self.rate = rate_bps / 8.0
-        self.cap = float(cap_bytes)
-        self.tokens = 0.0
-        self.t = time.monotonic()
-
-    def charge(self, n: int) -> float:
-        """Take n bytes; return how long to sleep to pay back the debt (0 if none)."""
-        now = time.monotonic()
-        self.tokens = min(self.cap, self.tokens + (now - self.t) * self.rate) - n
-        self.t = now
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
-
-
-def _shutdown_write(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is None:
-        return
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-_DATA_READ = 256               # reads at least this big are data (control frames are smaller)
-_DRAIN_POLL = 0.001            # seconds between SIOCOUTQ polls while an uplink drains
-
-
-def _outq(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue not yet acknowledged by the peer (SIOCOUTQ); 0 on error."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
-
-
-class _Track:
-    """Per connection: uplink bytes read from the client and forwarded to the server."""
-
-    __slots__ = ("read", "fwd", "event")
-
-    def __init__(self) -> None:
-        self.read = 0
-        self.fwd = 0
-        self.event = asyncio.Event()
-
-
-class _Meter:
-    """Timing of one direction's data since the last `take()` (module docstring, transfer timing).
-    Mutated on the relay's loop thread under the relay's lock."""
-
-    __slots__ = ("start", "end", "base", "data_total", "first", "pending", "total")
-
-    def __init__(self) -> None:
-        self.total = 0  # bytes seen (read for up, delivered for down), never reset
-        self.reset()
-
-    def reset(self) -> None:
-        self.start: float | None = None
-        self.end: float | None = None
-        self.base = 0        # total before the first data chunk
-        self.first = 0       # bytes of the first data chunk
-        self.data_total = 0  # total after the last data chunk
-        self.pending = False  # up: data read but not yet drained
-
-    def on_bytes(self, n: int, now: float) -> bool:
-        """Count n bytes; returns True when they are data."""
-        self.total += n
-        if n < _DATA_READ:
-            return False
-        if self.start is None:
-            self.start, self.base, self.first = now, self.total - n, n
-        self.data_total = self.total
-        self.end = now
-        return True
-
-    def take(self, receiver: bool) -> tuple[int, float] | None:
-        """(bytes, seconds) of the data since the last take, or None; resets."""
-        if self.start is None or self.end is None:
-            self.reset()
-            return None
-        nbytes = self.data_total - self.base
-        secs = self.end - self.start
-        if receiver:  # the first chunk's transfer time is unseen: extrapolate from the rest
-            rest = nbytes - self.first
-            secs = secs * nbytes / rest if rest > 0 and secs > 0 else 0.0
-        self.reset()
-        return nbytes, secs
 
 
 class CountingRelay:
@@ -407,9 +269,16 @@ class CountingRelay:
         if not shaped:
             return self._pump_fast(src, dst, idx, track)
         assert self.link is not None
+
+        def on_read(n: int) -> None:
+            self._on_read(idx, n, track)
+
+        def on_sent(n: int) -> None:
+            self._on_sent(idx, n, track)
+
         if not (self.link.delay_s or self.link.jitter_s or self.link.loss):
-            return self._pump_rate(src, dst, idx, rate, track)  # type: ignore[arg-type]
-        return self._pump_delayed(src, dst, idx, rate, track)
+            return pump_rate(src, dst, rate, on_read, on_sent)  # type: ignore[arg-type]
+        return pump_delayed(src, dst, self.link, rate, self._rng, on_read, on_sent)
 
     # ---- transfer timing -------------------------------------------------------------------
 
@@ -466,107 +335,3 @@ class CountingRelay:
                 buf = bytearray(size)
                 view = memoryview(buf)
         _shutdown_write(dst)
-
-    # ---- shaped paths ----------------------------------------------------------------------
-
-    async def _pump_rate(self, src: socket.socket, dst: socket.socket, idx: int, rate: float,
-                         track: "_Track") -> None:
-        """Rate limit only: read a chunk, pay for it in the bucket, forward it."""
-        loop = asyncio.get_running_loop()
-        chunk = _chunk_size(rate)
-        bucket = _TokenBucket(rate, max(chunk, rate / 8 * 0.010))
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while True:
-            n = await loop.sock_recv_into(src, buf)
-            if not n:
-                break
-            self._on_read(idx, n, track)
-            wait = bucket.charge(n)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await loop.sock_sendall(dst, view[:n])
-            self._on_sent(idx, n, track)
-        _shutdown_write(dst)
-
-    async def _pump_delayed(self, src: socket.socket, dst: socket.socket, idx: int, rate: float | None,
-                            track: "_Track") -> None:
-        """Rate, one-way delay with jitter, and loss-as-RTO. A reader pays the bucket and queues
-        (deadline, bytes); a writer forwards each item at its deadline, in order. The queue holds at
-        most rate*(delay+jitter) + 256 KiB bytes (at least one chunk)."""
-        link = self.link
-        assert link is not None
-        loop = asyncio.get_running_loop()
-        chunk = _chunk_size(rate)
-        bucket = _TokenBucket(rate, max(chunk, rate / 8 * 0.010)) if rate else None
-        bound_rate = rate if rate else _NOMINAL_FAST_BPS
-        limit = min(_MAX_QUEUE, int(bound_rate / 8 * (link.delay_s + link.jitter_s))) + _QUEUE_SLACK
-        limit = max(limit, chunk)
-        rto = max(_MIN_RTO, 2 * link.delay_s)
-        rng = self._rng
-        queue: collections.deque = collections.deque()
-        state = {"bytes": 0}
-        have_data = asyncio.Event()
-        have_space = asyncio.Event()
-
-        async def writer() -> None:
-            while True:
-                while not queue:
-                    have_data.clear()
-                    await have_data.wait()
-                deadline, data = queue[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                queue.popleft()
-                if data is None:
-                    _shutdown_write(dst)
-                    return
-                await loop.sock_sendall(dst, data)
-                self._on_sent(idx, len(data), track)
-                state["bytes"] -= len(data)
-                have_space.set()
-
-        async def reader() -> None:
-            buf = bytearray(chunk)
-            offset = 0          # bytes read so far in this direction (for the per-64 KiB loss draw)
-            last = 0.0          # last deadline: keeps the queue in order under jitter
-            while True:
-                n = await loop.sock_recv_into(src, buf)
-                if not n:
-                    queue.append((last, None))
-                    have_data.set()
-                    return
-                self._on_read(idx, n, track)
-                while state["bytes"] > 0 and state["bytes"] + n > limit:
-                    have_space.clear()
-                    await have_space.wait()
-                if bucket is not None:
-                    wait = bucket.charge(n)
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                d = link.delay_s
-                if link.jitter_s:
-                    d = max(0.0, d + rng.uniform(-link.jitter_s, link.jitter_s))
-                deadline = time.monotonic() + d
-                if link.loss:
-                    # number of 64 KiB segments that start inside [offset, offset + n)
-                    first = -(-offset // _LOSS_SEGMENT) * _LOSS_SEGMENT
-                    k = (offset + n - 1 - first) // _LOSS_SEGMENT + 1 if first < offset + n else 0
-                    if k and rng.random() < 1.0 - (1.0 - link.loss) ** k:
-                        deadline += rto
-                offset += n
-                last = max(last, deadline)
-                queue.append((last, bytes(buf[:n])))
-                state["bytes"] += n
-                have_data.set()
-
-        # Either half failing (peer reset, broken pipe) ends the direction, and the connection.
-        tasks = [loop.create_task(reader()), loop.create_task(writer())]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-

@@ -14,7 +14,6 @@ from typing import Any
 
 from .compress import parse_spec
 from .errors import ConfigError
-from .federation import parse_compute_scale
 from .links import parse_link, parse_link_mix
 from .lmo import PRESETS
 from .tasks import TASKS
@@ -249,3 +248,29 @@ def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
     if out.warmup >= out.rounds:
         raise ConfigError(f"warmup={out.warmup} must be smaller than rounds={out.rounds}")
     return out
+
+def parse_compute_scale(spec: str | float | None) -> tuple:
+    """'1' / '2.5' (constant), 'lognormal:SIGMA' (median 1), 'uniform:LO:HI' -> a parsed tuple."""
+    if spec is None:
+        return ("const", 1.0)
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"compute_scale must be a string, got {spec!r}")
+    text = spec.strip().lower()
+    forms = "a positive number (constant factor), 'lognormal:SIGMA' (median 1) or 'uniform:LO:HI'"
+    parts = text.split(":")
+    try:
+        nums = [float(x) for x in parts[1:]] if len(parts) > 1 else []
+        if len(parts) == 1:
+            v = float(parts[0])
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError
+            return ("const", v)
+        if parts[0] == "lognormal" and len(nums) == 1 and math.isfinite(nums[0]) and nums[0] >= 0:
+            return ("lognormal", nums[0])
+        if parts[0] == "uniform" and len(nums) == 2 and 0 < nums[0] <= nums[1] and math.isfinite(nums[1]):
+            return ("uniform", nums[0], nums[1])
+    except ValueError:
+        pass
+    raise ConfigError(f"compute_scale={spec!r} is not valid; use {forms}")

@@ -3,17 +3,13 @@
 transfer time of a link, and the task cut into n client shards."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 import random
 
+from .config import RunConfig, parse_compute_scale
 from .errors import ConfigError
-from .links import LOSS_SEGMENT, MIN_RTO, LinkProfile
+from .links import LOSS_SEGMENT, MIN_RTO, PRESETS, LinkProfile, load_link_trace, parse_link, parse_link_mix
 from .tasks import derive_seed, make_task
-
-if TYPE_CHECKING:  # annotations only: the config sits above this module (it validates with it)
-    from .config import RunConfig
 
 FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
                   "compute_seconds")
@@ -24,31 +20,6 @@ def is_federated(cfg: RunConfig) -> bool:
     return any(getattr(cfg, k) is not None for k in FEDERATED_KEYS) or bool(getattr(cfg, "links", None))
 
 
-def parse_compute_scale(spec: str | float | None) -> tuple:
-    """'1' / '2.5' (constant), 'lognormal:SIGMA' (median 1), 'uniform:LO:HI' -> a parsed tuple."""
-    if spec is None:
-        return ("const", 1.0)
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        spec = str(spec)
-    if not isinstance(spec, str):
-        raise ConfigError(f"compute_scale must be a string, got {spec!r}")
-    text = spec.strip().lower()
-    forms = "a positive number (constant factor), 'lognormal:SIGMA' (median 1) or 'uniform:LO:HI'"
-    parts = text.split(":")
-    try:
-        nums = [float(x) for x in parts[1:]] if len(parts) > 1 else []
-        if len(parts) == 1:
-            v = float(parts[0])
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError
-            return ("const", v)
-        if parts[0] == "lognormal" and len(nums) == 1 and math.isfinite(nums[0]) and nums[0] >= 0:
-            return ("lognormal", nums[0])
-        if parts[0] == "uniform" and len(nums) == 2 and 0 < nums[0] <= nums[1] and math.isfinite(nums[1]):
-            return ("uniform", nums[0], nums[1])
-    except ValueError:
-        pass
-    raise ConfigError(f"compute_scale={spec!r} is not valid; use {forms}")
 
 
 def compute_factors(spec, n: int, seed: int) -> list[float]:
@@ -114,3 +85,55 @@ def task_for_clients(cfg: RunConfig, n: int):
         if best.n_workers != lo:
             best = make_task(cfg.task, lo, seed=cfg.seed, **opts)
         return best, lo
+
+
+def client_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
+    """(description, profile) of every client, from link / link_mix / link_trace (default: unlimited),
+    then the per-client `links` table ({client id: spec}) on top.
+
+    link_mix: client j draws u ~ U[0,1) from (seed, j) and takes the preset whose cumulative weight
+    first exceeds u. link_trace: the row of client j; clients without a row take row j mod rows.
+    """
+    out = _base_links(cfg, n)
+    for key, spec in (getattr(cfg, "links", None) or {}).items():
+        j = int(str(key))
+        if not 0 <= j < n:
+            raise ConfigError(f"links: client {j} is not one of the run's clients 0..{n - 1}")
+        out[j] = (spec.strip().lower(), parse_link(spec))
+    return out
+
+
+def _base_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
+    if cfg.link_trace is not None:
+        rows = load_link_trace(cfg.link_trace)
+        by_id = {c: p for c, p in rows}
+        out = []
+        for j in range(n):
+            p = by_id.get(j, rows[j % len(rows)][1])
+            out.append((p.to_spec(), p))
+        return out
+    if cfg.link_mix is not None:
+        mix = parse_link_mix(cfg.link_mix)
+        out = []
+        for j in range(n):
+            u = random.Random(derive_seed("link-mix", cfg.seed, j)).random()
+            acc = 0.0
+            chosen = mix[-1]
+            for item in mix:
+                acc += item[2]
+                if u < acc:
+                    chosen = item
+                    break
+            out.append((chosen[0], chosen[1]))
+        return out
+    p = parse_link(cfg.link) if cfg.link is not None else PRESETS["none"]
+    name = cfg.link.strip().lower() if cfg.link is not None else "none"
+    return [(name, p) for _ in range(n)]
+
+
+LINK_KEYS = ("link", "link_mix", "link_trace")  # the settings that give clients links
+
+
+def has_links(cfg: RunConfig) -> bool:
+    return any(getattr(cfg, k, None) is not None for k in LINK_KEYS) or bool(getattr(cfg, "links", None))
+

@@ -7,20 +7,13 @@ kernel shaping is `efmuon.server.netns`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import csv
 import dataclasses
 import math
-import random
 import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .tasks import derive_seed
-
-if TYPE_CHECKING:  # annotations only: the config sits above this module (it validates with it)
-    from .config import RunConfig
 
 __all__ = ["LinkProfile", "PRESETS", "parse_link"]
 
@@ -270,55 +263,3 @@ def load_link_trace(path: str) -> list[tuple[int, LinkProfile]]:
     if not rows:
         raise ConfigError(f"link_trace {path!r} has no rows (expected client,up_bps,down_bps,delay_ms)")
     return rows
-
-
-def client_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
-    """(description, profile) of every client, from link / link_mix / link_trace (default: unlimited),
-    then the per-client `links` table ({client id: spec}) on top.
-
-    link_mix: client j draws u ~ U[0,1) from (seed, j) and takes the preset whose cumulative weight
-    first exceeds u. link_trace: the row of client j; clients without a row take row j mod rows.
-    """
-    out = _base_links(cfg, n)
-    for key, spec in (getattr(cfg, "links", None) or {}).items():
-        j = int(str(key))
-        if not 0 <= j < n:
-            raise ConfigError(f"links: client {j} is not one of the run's clients 0..{n - 1}")
-        out[j] = (spec.strip().lower(), parse_link(spec))
-    return out
-
-
-def _base_links(cfg: RunConfig, n: int) -> list[tuple[str, LinkProfile]]:
-    if cfg.link_trace is not None:
-        rows = load_link_trace(cfg.link_trace)
-        by_id = {c: p for c, p in rows}
-        out = []
-        for j in range(n):
-            p = by_id.get(j, rows[j % len(rows)][1])
-            out.append((p.to_spec(), p))
-        return out
-    if cfg.link_mix is not None:
-        mix = parse_link_mix(cfg.link_mix)
-        out = []
-        for j in range(n):
-            u = random.Random(derive_seed("link-mix", cfg.seed, j)).random()
-            acc = 0.0
-            chosen = mix[-1]
-            for item in mix:
-                acc += item[2]
-                if u < acc:
-                    chosen = item
-                    break
-            out.append((chosen[0], chosen[1]))
-        return out
-    p = parse_link(cfg.link) if cfg.link is not None else PRESETS["none"]
-    name = cfg.link.strip().lower() if cfg.link is not None else "none"
-    return [(name, p) for _ in range(n)]
-
-
-LINK_KEYS = ("link", "link_mix", "link_trace")  # the settings that give clients links
-
-
-def has_links(cfg: RunConfig) -> bool:
-    return any(getattr(cfg, k, None) is not None for k in LINK_KEYS) or bool(getattr(cfg, "links", None))
-

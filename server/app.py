@@ -11,7 +11,7 @@ import sys
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError
-from ..common.links import LINK_KEYS, has_links
+from ..common.federation import LINK_KEYS, has_links
 from ..common.model import Setup
 from ..common.runtime import configure_torch, resolve_device
 from .coordinator import Coordinator, ServerModel

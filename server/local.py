@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError, EfmuonError
-from ..common.links import client_links, has_links
+from ..common.federation import client_links, has_links
 from .app import build_coordinator
 from .coordinator import Coordinator
 from .netns import Star, check_available

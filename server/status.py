@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from ..common.runtime import rss_bytes
 from ..common.wire import protocol
 from ..v1 import service_pb2 as pb
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
-
-
-def run_state(c: Coordinator) -> int:
+def run_state(c) -> int:  # c: the Coordinator (not imported: it imports this module)
     """The StatusReply.State of the run: stopping (or failed), finished, waiting for round 0, running."""
     if c.stopping or c.failed is not None:
         return pb.StatusReply.STATE_STOPPING
@@ -22,8 +17,7 @@ def run_state(c: Coordinator) -> int:
         return pb.StatusReply.STATE_WAITING
     return pb.StatusReply.STATE_RUNNING
 
-
-def status_reply(c: Coordinator) -> pb.StatusReply:
+def status_reply(c) -> pb.StatusReply:  # c: the Coordinator
     reply = pb.StatusReply(
         state=run_state(c), protocol_version=protocol.PROTOCOL_VERSION, round=c.collecting, rounds=c.rounds,
         workers=c.n, joined=c.live_clients(), submitted=sorted(c.submitted), phase=c.phase.value,

@@ -66,7 +66,7 @@ from ..common.federation import (
     task_for_clients,
     transfer_seconds,
 )
-from ..common.links import client_links
+from ..common.federation import client_links
 from ..common.model import Setup, eval_losses, evaluate, gradients
 from ..common.outputs import write_outputs
 from ..common.report import Report, human_bytes

@@ -14,7 +14,8 @@ from efmuon.common.federation import (
     parse_compute_scale,
     sample_clients,
 )
-from efmuon.common.links import PRESETS, client_links, parse_link_mix
+from efmuon.common.federation import client_links
+from efmuon.common.links import PRESETS, parse_link_mix
 from efmuon.simulate.federated import FederatedSim
 from efmuon.simulate.sync import simulate
 

@@ -13,7 +13,8 @@ import pytest
 from efmuon.common.config import RunConfig, from_mapping, load_toml
 from efmuon.common.errors import ConfigError
 from efmuon.common.federation import is_federated
-from efmuon.common.links import client_links, parse_link
+from efmuon.common.federation import client_links
+from efmuon.common.links import parse_link
 from efmuon.worker.relay import CountingRelay
 
 

@@ -44,7 +44,7 @@ from ..common.model import gradients, model_specs
 from ..common.runtime import configure_torch, resolve_device, return_freed_memory, trim_heap
 from ..common.wire import chunking, protocol
 from ..v1 import service_pb2 as pb
-from . import stub
+from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
 from .connection import Connection, WorkerError, rpc_error, split_address
 from .join import join_request, receive_join, resynced_state
@@ -233,7 +233,7 @@ class Worker:
         sizes: list[int] = []
         header, parts, down_message = None, None, 0
         try:
-            for msg in self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), metadata=self.conn.metadata):
+            for msg in self.conn.stub.Exchange(submission_messages(h, frames, sizes), metadata=self.conn.metadata):
                 if header is None:
                     down_message += msg.ByteSize()
                     if msg.WhichOneof("part") != "header":

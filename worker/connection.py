@@ -13,7 +13,7 @@ import grpc
 
 from ..common.errors import EfmuonError
 from ..v1 import service_pb2 as pb
-from . import stub
+from .stub import client_stub
 from .relay import CountingRelay
 from .security import make_channel
 
@@ -64,7 +64,7 @@ class Connection:
             target = f"{lhost}:{lport}"
         self.channel = make_channel(target, host, security)
         self.metadata = security.metadata() if security is not None else ()
-        self.stub = stub.client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
+        self.stub = client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
         self._mark = self.counters()
 
     def counters(self) -> dict[str, int] | None:

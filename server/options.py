@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.algorithm import MAX_ABS_VALUE, NAN_POLICIES
-from ..common.checkpoint import LATEST, list_checkpoints
+from ..common.checkpoint_format import LATEST, list_checkpoints
 from ..common.errors import ConfigError
 from ..common.wire import protocol
 from .estimators import MODES as ESTIMATOR_MODES

@@ -1,4 +1,4 @@
-"""EF21-Muon: the state each side holds and the round of DESIGN.md §1, with no transport.
+"""EF21-Muon: the state each side holds and the round of docs/design.md §1, with no transport.
 
 The networked server and worker, the in-process simulator and the tests all drive these two
 classes, so a networked run and a simulated run with the same seeds end in the same bits.
@@ -276,7 +276,7 @@ class ServerState:
     # ------------------------------------------------------------------ LMO step + downlink
     def step_sizes(self, directions: Sequence[torch.Tensor], G: Sequence[torch.Tensor], t: float,
                    layers: Sequence[int] | None = None, nuclear: float | None = None) -> list[float]:
-        """Per-layer t_i for this step, from the preset (DESIGN.md §3), for `layers` (default all;
+        """Per-layer t_i for this step, from the preset (docs/design.md §3), for `layers` (default all;
         `directions` and `G` are those layers'). MuonMax scales by the previous step's sum of nuclear
         norms (`stale_nuclear`, which `step` updates), on the first step by this step's over all layers
         (`nuclear` when the caller has summed it already)."""

@@ -46,7 +46,7 @@ class RunConfig:
     workers: int = 4
     rounds: int | None = None
     seed: int = 0
-    # --- the algorithm (DESIGN.md §1)
+    # --- the algorithm (docs/design.md §1)
     method: str = "ef21"
     preset: str | None = None
     lr: float | None = None
@@ -64,7 +64,7 @@ class RunConfig:
     ef14_variant: str = "classic"
     ef14_bits: int = 8
     ef14_decay: float = 0.9
-    # --- compression (DESIGN.md §2)
+    # --- compression (docs/design.md §2)
     uplink: str = DEFAULT_UPLINK
     downlink: str = DEFAULT_DOWNLINK
     uplink_layers: dict = field(default_factory=dict)  # {param-name pattern: spec}
@@ -78,8 +78,8 @@ class RunConfig:
     report: str | None = None
     metrics: str | None = None  # JSONL stream, one line per round
     plots: str | None = None  # directory for PNG plots (None: the report's directory; "none": no plots)
-    # --- federated simulation (DESIGN.md section 6; see efmuon.common.federated). Any of these set
-    # switches `simulate` into federated mode; all None keeps the synchronous path.
+    # --- federated simulation (docs/design.md §6; efmuon.simulate.federated, common.federation). Any of
+    # these set switches `simulate` into federated mode; all None keeps the synchronous path.
     clients: int | None = None  # n clients (overrides `workers` as n)
     participation: float | None = None  # fraction of the n clients sampled per round, in (0, 1]
     link: str | None = None  # one link profile for every client: a preset or 'up=10mbit,down=50mbit,delay=20ms'

@@ -1,4 +1,4 @@
-"""PNG plots of a run report (DESIGN.md §8 shape), for people: `write_plots` and the `compare` figure.
+"""PNG plots of a run report (docs/design.md §8 shape), for people: `write_plots` and the `compare` figure.
 
 Works on any report of `simulate`, `run` or the server. Uses matplotlib's object API with the Agg
 canvas (no pyplot, no display, no global state), so it is safe in threads and on headless machines.

@@ -1,4 +1,4 @@
-"""The JSON report of DESIGN.md §8, the JSONL metrics stream, and progress lines for people.
+"""The JSON report of docs/design.md §8, the JSONL metrics stream, and progress lines for people.
 
 The same `Report` is filled by `simulate`, `run` and the server, so the three produce one shape:
 

@@ -1,6 +1,6 @@
 """The server's round logic: sessions, the synchronous barrier, the step and the report. No gRPC here.
 
-`Coordinator` owns a `ServerState` (X, W, G of DESIGN.md section 1) and turns the clients'
+`Coordinator` owns a `ServerState` (X, W, G of docs/design.md §1) and turns the clients'
 calls into the core's round, exactly in the order `efmuon simulate` uses:
 
     round 0   all n initial submissions in  ->  aggregate(init=True)            (init = 'grad')

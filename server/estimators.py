@@ -1,6 +1,6 @@
 """Where the server keeps each client's estimator G_j (`--estimators fp32|bf16|disk`).
 
-The server keeps every G_j so that a client that lost its state can be re-synced (DESIGN.md
+The server keeps every G_j so that a client that lost its state can be re-synced (docs/design.md
 section 6) and so that G stays the mean of all n estimators when some clients skip a round.
 `ServerState.estimators` is used as a mapping ``{client: [tensor per layer]}`` that
 `ServerState.apply_decoded` updates in place (``e.add_(r)``) or assigns; `EstimatorStore` is

@@ -1,6 +1,6 @@
 """Bytes per (round, client, direction, level), moved into the Report once a round is complete.
 
-Levels (DESIGN.md section 5): `payload` = compressor frame bytes, `message` = serialized protobuf
+Levels (docs/design.md §5): `payload` = compressor frame bytes, `message` = serialized protobuf
 bytes (ByteSize summed over the messages of the exchange), `wire` = bytes the client's TCP
 connection carried, counted by the client's relay. Round 0 is the initial exchange (Join's W down,
 the 'grad' initialisation up). Wire figures reach the server one call late, so a round is

@@ -1,7 +1,7 @@
 """Federated mode of `efmuon simulate`: n clients, partial participation, per-client links, a simulated clock.
 
 It drives the same `ServerState` / `WorkerState` objects as the synchronous simulator and the
-service (DESIGN.md §1, §6); nothing of the algorithm is re-implemented here.
+service (docs/design.md §1, §6); nothing of the algorithm is re-implemented here.
 
 Semantics
 ---------
@@ -328,7 +328,7 @@ class FederatedSim:
 
 
 def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict:
-    """`efmuon simulate` in federated mode; returns the report (DESIGN.md §8 plus federated fields)."""
+    """`efmuon simulate` in federated mode; returns the report (docs/design.md §8 plus federated fields)."""
     configure_torch(cfg.threads)
     out = stream or sys.stdout
     wall0 = time.perf_counter()

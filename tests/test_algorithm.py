@@ -67,7 +67,7 @@ def _run(cfg, n=3, rounds=None, seed=0):
 
 
 def _round(server, workers, targets, k):
-    """One round of DESIGN.md §1 driven exactly as the simulator and the service drive it."""
+    """One round of docs/design.md §1 driven exactly as the simulator and the service drive it."""
     frames = server.step()
     ups = {}
     for j, w in enumerate(workers):

@@ -9,7 +9,7 @@
 
 Each round k the worker applies the server's downlink S_k to its copy of W (W <- W + S_k),
 takes the gradient of `loss_fn(model, batch_k)` at W (`common.model.gradients`), and sends
-the compressed estimator difference R_j made by `WorkerState.make_uplink` (DESIGN.md section 1).
+the compressed estimator difference R_j made by `WorkerState.make_uplink` (docs/design.md §1).
 Its model must have the server's parameters (names, shapes, dtypes): Join refuses it otherwise.
 
 This module is the round loop (`Worker.run`, `exchange`); the pieces it drives are beside it:

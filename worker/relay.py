@@ -1,10 +1,10 @@
-"""Wire-byte counting and in-process link emulation for gRPC connections (DESIGN.md section 5).
+"""Wire-byte counting and in-process link emulation for gRPC connections (docs/design.md §5).
 
 `CountingRelay` is a TCP relay that runs in the caller's process. A gRPC client channel connects to
 the relay instead of the server, and the relay forwards every byte to the real target. Bytes are
 counted at the socket, so the counts include everything the connection carried: HTTP/2 and gRPC
 framing, and TLS records when TLS is on. IP/TCP headers are not included. This gives the "wire"
-figure of DESIGN.md section 5::
+figure of docs/design.md §5::
 
     with CountingRelay("127.0.0.1", server_port) as relay:
         host, port = relay.address

@@ -1,6 +1,6 @@
 """Linear minimisation oracles (LMOs) for the Muon / Scion / Gluon family, one per layer norm.
 
-Every layer i of the model carries a norm ||.||_(i) (chosen by a preset, DESIGN.md §3) and the
+Every layer i of the model carries a norm ||.||_(i) (chosen by a preset, docs/design.md §3) and the
 server's step is
 
     X_i  <-  X_i + t_i * lmo_i(G_i),      lmo_i(G) = scale_i * argmin_{||Z||_(i) <= 1} <G, Z>.

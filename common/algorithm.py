@@ -41,7 +41,7 @@ import torch
 
 from .compress import Compressor, parse_spec
 from .config import RunConfig
-from .errors import FrameError, ProtocolError
+from .errors import ConfigError, FrameError, ProtocolError
 from .lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
 
 UP, DOWN, INIT = 1, 2, 3
@@ -80,7 +80,15 @@ def lr_at(cfg: RunConfig, k: int) -> float:
 
 
 def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mapping[str, str]) -> list[Compressor]:
-    """Per-layer compressor: the first name pattern (fnmatch) that matches wins, else `default`."""
+    """Per-layer compressor: the first name pattern (fnmatch) that matches wins, else `default`.
+    A pattern that matches no parameter is a ConfigError listing the parameter names (a typo would
+    otherwise silently compress that layer with the default)."""
+    names = [s.name for s in specs]
+    unused = [pat for pat in patterns if not any(fnmatchcase(n, pat) for n in names)]
+    if unused:
+        shown = ", ".join(names[:40]) + (f", ... ({len(names) - 40} more)" if len(names) > 40 else "")
+        raise ConfigError(f"per-layer compressor pattern(s) {', '.join(map(repr, unused))} match no parameter; "
+                          f"the model's parameters are: {shown}")
     out = []
     for s in specs:
         chosen = default

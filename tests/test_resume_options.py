@@ -104,6 +104,8 @@ def test_resume_keeps_tls_tokens_and_checkpoint_every_and_refuses_a_stranger(tmp
         first.wait(30)
         named = latest_checkpoint(ckpt)
         killed_at = int(named.name.split("-")[1])
+        time.sleep(3.0)  # an outage: the resumed rounds must not count it
+        t_resumed = time.monotonic()
         second = secure_server(port, tmp_path, certs, "--resume", str(named))
         wait_for(lambda: "listening on" in (tmp_path / "server.log").read_text().split("resum")[-1], second,
                  tmp_path / "server.log", what="the resumed server listening")
@@ -115,6 +117,7 @@ def test_resume_keeps_tls_tokens_and_checkpoint_every_and_refuses_a_stranger(tmp
         assert asyncio.run(status_code(port, tls, auth_metadata("x" * 32))) == grpc.StatusCode.UNAUTHENTICATED
         assert asyncio.run(status_code(port, tls, auth_metadata(token))) == grpc.StatusCode.OK
         codes = [w.wait(180) for w in workers] + [second.wait(60)]
+        resumed_lifetime = time.monotonic() - t_resumed
     finally:
         for p in [first, *workers] + ([second] if second else []):
             if p.poll() is None:
@@ -125,6 +128,10 @@ def test_resume_keeps_tls_tokens_and_checkpoint_every_and_refuses_a_stranger(tmp
     report = json.loads((tmp_path / "net.json").read_text())
     assert report["summary"]["rounds"] == 40
     assert report["summary"]["resilience"]["resumed_from"] == str(named)
+    # the outage before the resume is in no round's seconds: each resumed round took at most the resumed
+    # server's own lifetime (a relation between two clocks of this run, not a wall-clock figure)
+    resumed = [r for r in report["rounds"] if r["round"] > killed_at]
+    assert resumed and all(0 <= r["seconds"] <= resumed_lifetime for r in resumed)
     # --checkpoint-every 1 came back with the run: the kept checkpoints are consecutive, up to the last round,
     # and they are in the run directory, none inside the checkpoint the run was resumed from
     kept = [r for r, _ in list_checkpoints(ckpt)]

@@ -138,7 +138,8 @@ class Compressor:
             cname = _CODEC_NAMES.get(cid, f"<unknown codec id {cid}>")
             raise FrameError(
                 f"codec mismatch: frame is structure {sname} with value codec {cname} "
-                f"(bits={bits}, block={block}) but this compressor is {self.spec!r}"
+                f"(bits={bits}, block={block}) but this compressor is {self.spec!r}, which expects structure "
+                f"{self.struct_name} with codec {_CODEC_NAMES.get(c.cid, c.cid)} (bits={c.bits}, block={c.block})"
             )
         if n != numel:
             raise FrameError(f"{what}: header says {n} entries but shape {tuple(shape)} has {numel}")

@@ -1,6 +1,8 @@
 """The shared server harness: a tiny torch model and its data, the run config the service tests use,
 a live grpc.aio server in the test's event loop on 127.0.0.1 (port 0) with `Worker`s in threads, and
-the reference W of `efmuon simulate` driven in-process with the same model, data and order.
+the reference W of `efmuon simulate` driven in-process with the same model, data and order. Also a
+fake clock for the relay's link shaping (fixture `relay_clock`), so shaping is checked by its
+arithmetic, exactly, and not by wall-clock rates that a loaded machine cannot keep.
 
 Test modules import these helpers from here (`from conftest import Harness, make_cfg, ...`), never
 from one another.
@@ -8,8 +10,11 @@ from one another.
 from __future__ import annotations
 
 import asyncio
+import time
+import types
 
 import grpc
+import pytest
 import torch
 from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
 from efmuon.common.config import RunConfig, resolve
@@ -21,11 +26,11 @@ from efmuon.server.model import ServerModel
 from efmuon.server.options import ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
-from efmuon.worker import Worker
+from efmuon.worker import Worker, relay
 from torch import nn
 
-__all__ = ["Harness", "batches_of", "loss_fn", "make_cfg", "reference_w", "run_workers", "server_model",
-           "tiny_model"]
+__all__ = ["Harness", "RelayClock", "batches_of", "loss_fn", "make_cfg", "reference_w", "run_workers",
+           "server_model", "tiny_model"]
 
 
 def tiny_model(hidden: int = 8) -> nn.Module:
@@ -128,3 +133,46 @@ def reference_w(cfg: RunConfig) -> str:
 
 async def run_workers(*workers: Worker) -> list[dict]:
     return await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
+
+
+# ---------------------------------------------------------------------------------------------- relay clock
+class RelayClock:
+    """A fake clock for efmuon.worker.relay (see `relay_clock`): the relay's `time.monotonic()` reads
+    `t`, and its `asyncio.sleep(d)` records d in `sleeps`, moves `t` on by d and yields to the loop
+    once. Moving the clock by every sleep is exact while one task of the relay sleeps at a time: the
+    rate pump (its only sleeper is the token bucket) or a delay pump without a rate (only its writer
+    sleeps)."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += max(0.0, seconds)
+        await _real_sleep(0)
+
+
+_real_sleep = asyncio.sleep
+
+
+class _AsyncioWithSleep:
+    """asyncio as the relay module sees it under `relay_clock`: everything real but `sleep`."""
+
+    def __init__(self, sleep):
+        self.sleep = sleep
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+
+@pytest.fixture
+def relay_clock(monkeypatch) -> RelayClock:
+    """Puts efmuon.worker.relay on a RelayClock for the test (its `time` and `asyncio.sleep` only)."""
+    clock = RelayClock()
+    monkeypatch.setattr(relay, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=time.sleep))
+    monkeypatch.setattr(relay, "asyncio", _AsyncioWithSleep(clock.sleep))
+    return clock

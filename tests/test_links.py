@@ -413,8 +413,9 @@ async def _delay_pump_pings(r: CountingRelay, clock, pings: int, size: int = 16)
     try:
         for i in range(pings):
             feed.sendall(bytes([i]) * size)
-            got = b""
+            got, guard = b"", time.monotonic() + 30  # a hang guard, not a timing claim
             while len(got) < size:
+                assert time.monotonic() < guard and not task.done(), "the pump did not forward the ping"
                 await asyncio.sleep(0.001)  # the real loop's; the pump sleeps on the fake clock
                 try:
                     got += out.recv(size - len(got), socket.MSG_DONTWAIT)

@@ -15,7 +15,12 @@ from efmuon.server.certs import make_dev_certs
 TOK0 = "tok-client-0-" + "a" * 20
 TOK1 = "tok-client-1-" + "b" * 20
 TOKANY = "tok-any-client-" + "c" * 20
-TIMEOUT = 5.0
+# The only clock in this file. Every call here completes, or fails fast (a refused handshake is
+# UNAVAILABLE as soon as the connection attempt fails), in milliseconds; the deadline only guards
+# against a hang and must never decide a test. At 5 s it could: on a loaded machine the first call on
+# a fresh TLS channel (connect, handshake, the token plugin's thread) may outlive it and come back
+# DEADLINE_EXCEEDED instead of OK, UNAVAILABLE or UNAUTHENTICATED.
+TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="module")

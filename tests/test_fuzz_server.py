@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 
 import grpc
 import pytest
 import torch
+from conftest import make_cfg, server_model, tiny_model
 from efmuon.common.algorithm import WorkerState
 from efmuon.common.errors import FrameError
 from efmuon.common.model import model_specs, parameters_of
 from efmuon.common.wire import chunking, protocol
 from efmuon.server import service
-from efmuon.server.coordinator import Coordinator, ServerOptions
+from efmuon.server.coordinator import Coordinator
+from efmuon.server.options import ServerOptions
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
-from test_service_protocol import make_cfg, server_model, tiny_model
 
 N_CASES = 2400
 EXCHANGE = "/efmuon.v1.ParameterServer/Exchange"
@@ -236,7 +236,6 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
         # Execute
         codes: dict[str, set] = {}
         ok = []
-        t0 = time.monotonic()
         for n in range(N_CASES):
             kind, rpc, payload = case()
             if rpc == "x":
@@ -249,7 +248,6 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
             if code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
                 ok.append((n, kind, code.name, details))
-        elapsed = time.monotonic() - t0
         status = await stub.Status(pb.StatusRequest(), timeout=5)
         after = coordinator.state_sha256()
 
@@ -263,7 +261,7 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
         coordinator.executor.shutdown(wait=True)
 
     # Assert
-    print({k: sorted(v) for k, v in codes.items()}, f"{N_CASES} cases in {elapsed:.1f} s")
+    print({k: sorted(v) for k, v in codes.items()}, f"{N_CASES} cases")
     print([o for o in ok if o[2] != "UNKNOWN"][:6])
     assert not ok, ok[:10]  # every case answered with a definite error, none hung or was taken
     assert after == before  # X, W, G and every G_j bit-for-bit unchanged
@@ -271,4 +269,3 @@ async def test_fuzzed_requests_get_error_codes_and_change_nothing():
     assert sorted(status.joined) == [0, 1]
     assert all(code == grpc.StatusCode.OK for code, _, _ in results) and coordinator.collecting == 2
     assert "INVALID_ARGUMENT" in codes["flip"] and "INVALID_ARGUMENT" in codes["nan"]
-    assert elapsed < 60

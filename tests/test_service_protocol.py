@@ -4,118 +4,20 @@ wire figures from the transport, and the Worker API matching the core round bit 
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import grpc
 import pytest
 import torch
-from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
-from efmuon.common.config import RunConfig, resolve
-from efmuon.common.model import gradients, model_specs, parameters_of
+from conftest import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, server_model, tiny_model
+from efmuon.common.algorithm import WorkerState
+from efmuon.common.model import model_specs, parameters_of
 from efmuon.common.wire import chunking, protocol
-from efmuon.server import service
-from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
+from efmuon.server.coordinator import Coordinator
+from efmuon.server.options import ServerOptions
+from efmuon.server.plan import Plan
 from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
-from torch import nn
-
-
-def tiny_model(hidden: int = 8) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
-
-
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def batches_of(j: int):
-    def batch(k: int):
-        g = torch.Generator().manual_seed(100 * j + k)
-        return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-    return batch
-
-
-def make_cfg(workers: int = 2, rounds: int = 3, **kw) -> RunConfig:
-    base = dict(task="lsq", workers=workers, rounds=rounds, lr=0.05, beta=0.3, schedule="constant", warmup=0,
-                preset="muon", uplink="topk:0.5", downlink="topk:0.5")
-    base.update(kw)
-    return resolve(RunConfig(**base), {})
-
-
-def server_model(cfg: RunConfig, evaluate=None) -> ServerModel:
-    model = tiny_model()
-    names, params = parameters_of(model)
-    return ServerModel(names, params, model_specs(model, cfg), evaluate=evaluate)
-
-
-class Harness:
-    def __init__(self, cfg: RunConfig, evaluate=None, options: ServerOptions | None = None):
-        self.cfg = cfg
-        self.coordinator = Coordinator(cfg, server_model(cfg, evaluate), quiet=True, leave_timeout=5,
-                                       options=options)
-
-    async def __aenter__(self):
-        self.server, self.port = await service.start(self.coordinator)
-        self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.aio.insecure_channel(self.address, options=protocol.CHANNEL_OPTIONS)
-        self.stub = pb_grpc.ParameterServerStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.channel.close()
-        await self.server.stop(0)
-        self.coordinator.executor.shutdown(wait=True)
-
-    def worker(self, j: int | None, model: nn.Module | None = None, **kw) -> Worker:
-        return Worker(model or tiny_model(), loss_fn, batches_of(j if j is not None else 0), server=self.address,
-                      client_id=j, configure_threads=False, **kw)
-
-    async def raw_join(self, j: int, model: nn.Module | None = None, version: int = protocol.PROTOCOL_VERSION):
-        names, params = parameters_of(model or tiny_model())
-        req = pb.JoinRequest(client_id=j, protocol_version=version, parameters=protocol.fingerprint(names, params))
-        replies = [m async for m in self.stub.Join(req)]
-        return replies[0].header
-
-    async def raw_exchange(self, j: int, session: str, round_: int, frames: list[bytes]):
-        def requests():
-            yield pb.Submission(header=pb.SubmissionHeader(client_id=j, session=session, round=round_,
-                                                           frame_lengths=[len(f) for f in frames]))
-            for c in chunking.iter_chunks(frames):
-                yield pb.Submission(chunk=c)
-        replies = [m async for m in self.stub.Exchange(requests())]
-        return replies[0].header, b"".join(m.chunk for m in replies[1:])
-
-
-def reference_w(cfg: RunConfig) -> str:
-    """The round of efmuon simulate, driven in-process with the same model, data and order."""
-    model = tiny_model()
-    names, params = parameters_of(model)
-    specs = model_specs(model, cfg)
-    server = ServerState(params, specs, cfg, cfg.workers)
-    workers = [WorkerState(params, specs, cfg, j) for j in range(cfg.workers)]
-    models = [tiny_model() for _ in range(cfg.workers)]
-
-    def grads(j, k):
-        batch = batches_of(j)(k)
-        return gradients(models[j], workers[j].W, lambda m: loss_fn(m, batch))[1]
-
-    if cfg.init == "grad":
-        server.aggregate({j: workers[j].init_uplink(grads(j, 0)) for j in range(cfg.workers)}, init=True)
-    for k in range(1, cfg.rounds + 1):
-        frames = server.step()
-        ups = {}
-        for j in range(cfg.workers):
-            workers[j].apply_downlink(frames)
-            ups[j] = workers[j].make_uplink(grads(j, k))
-        server.aggregate(ups)
-    return params_sha256(server.W, names)
-
-
-async def run_workers(*workers: Worker) -> list[dict]:
-    return await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -223,27 +125,32 @@ async def test_bad_frame_is_invalid_argument_and_changes_nothing_then_duplicates
 
 
 async def test_status_answers_while_a_round_is_computed():
-    # Prepare: evaluation takes 1 s (on the server's compute thread)
-    def slow_eval(W, X):
-        time.sleep(1.0)
+    # Prepare: the evaluation (on the server's compute thread) holds that thread until the test has
+    # had a Status reply saying "evaluating". So Status must be answered while a round is computed:
+    # if it waited for the computation, the evaluation would wait in vain (and report it).
+    seen_evaluating = threading.Event()
+    waited = []
+
+    def blocking_eval(W, X):
+        waited.append(seen_evaluating.wait(60))
         return {"loss_w": 1.0, "loss_x": 2.0}
 
     cfg = make_cfg(workers=1, rounds=2)
-    async with Harness(cfg, evaluate=slow_eval) as h:
+    async with Harness(cfg, evaluate=blocking_eval) as h:
         run = asyncio.ensure_future(asyncio.to_thread(h.worker(0).run))
-        phases, latencies = set(), []
+        phases = set()
         # Execute: poll Status while the run goes on
         while not run.done():
-            t0 = time.perf_counter()
-            st = await h.stub.Status(pb.StatusRequest(), timeout=5)
-            latencies.append(time.perf_counter() - t0)
+            st = await h.stub.Status(pb.StatusRequest(), timeout=30)
             phases.add((st.phase, st.state))
+            if st.phase == "evaluating":
+                seen_evaluating.set()
             await asyncio.sleep(0.02)
         await run
 
     # Assert
     assert ("evaluating", pb.StatusReply.STATE_RUNNING) in phases
-    assert max(latencies) < 0.5, latencies
+    assert waited and all(waited), waited  # every evaluation was released by a Status reply given during it
     assert h.coordinator.report.summary["final_loss_w"] == 1.0
 
 
@@ -347,16 +254,12 @@ def test_chunk_message_size_arithmetic_equals_bytesize():
     odd = pb.Submission.FromString(data)
     assert chunking.received_chunk_size(odd, len(odd.chunk)) == odd.ByteSize() == len(data)
     # a Plan's chunk_message_bytes is the sum of its messages' ByteSize
-    from efmuon.server.coordinator import Plan
-
     plan = Plan.build(3, [b"a" * 1500000, b"b" * 7, b"c" * 700000])
     assert plan.chunk_message_bytes == sum(m.ByteSize() for m in plan.chunks)
     assert b"".join(m.chunk for m in plan.chunks) == b"a" * 1500000 + b"b" * 7 + b"c" * 700000
 
 
 def test_a_freed_last_reply_answers_a_stray_duplicate_with_resync_and_checkpoints_without_frames():
-    from efmuon.server.coordinator import Plan
-
     cfg = make_cfg(workers=2, rounds=3)
     c = Coordinator(cfg, server_model(cfg), quiet=True)
     c.collecting, c.last_applied = 1, {0: 0, 1: 0}

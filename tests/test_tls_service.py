@@ -10,6 +10,7 @@ import sys
 
 import grpc
 import pytest
+from conftest import batches_of, loss_fn, make_cfg, reference_w, server_model, tiny_model
 from efmuon.common.wire import protocol
 from efmuon.common.wire.credentials import auth_metadata, read_token
 from efmuon.server import service
@@ -19,14 +20,6 @@ from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
 from efmuon.worker.security import Security
-from test_service_protocol import (
-    batches_of,
-    loss_fn,
-    make_cfg,
-    reference_w,
-    server_model,
-    tiny_model,
-)
 
 
 @pytest.fixture(scope="module")

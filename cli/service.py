@@ -126,7 +126,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg, resume = config_and_resume(args)
-    report = run_server(cfg, args.host, args.port, options=options_from_args(args, resume), resume=resume)
+    report = run_server(cfg, args.host, args.port, options=options_from_args(args, resume), resume=resume,
+                        insecure=args.insecure)
     return 130 if report["summary"].get("partial") else 0
 
 
@@ -153,7 +154,10 @@ def add_server_parser(sub) -> None:
     add_common_flags(p)
     n = p.add_argument_group("network")
     n.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface; "
-                   "without --tls-cert and --token-file, expose it on trusted networks only)")
+                   "an address other than loopback needs --tls-cert/--tls-key, or --insecure)")
     n.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free)")
+    n.add_argument("--insecure", action="store_true",
+                   help="allow plaintext (no --tls-cert) on an address other than loopback (127.0.0.0/8, ::1, "
+                        "localhost); the model, the updates and any tokens then cross the network unencrypted")
     add_server_flags(p)
     p.set_defaults(func=cmd_server)

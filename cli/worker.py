@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from ..common.errors import ConfigError
+
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     """The worker takes the run configuration from the server at Join, so it has only these flags."""
@@ -36,12 +38,14 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                    "this CA signed")
     r.add_argument("--tls-cert", default=None, metavar="CERT.pem", help="client certificate (mutual TLS)")
     r.add_argument("--tls-key", default=None, metavar="KEY.pem", help="client key (mutual TLS)")
+    r.add_argument("--insecure", action="store_true",
+                   help="allow sending the token without --tls-ca to a server off loopback (127.0.0.0/8, ::1, "
+                        "localhost); anyone on the path can then read and reuse it")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def security_from_args(args: argparse.Namespace):
     """The worker's TLS/token settings, or None when none is given."""
-    from ..common.errors import ConfigError
     from ..worker.security import Security
 
     if args.token and args.token_file:
@@ -57,12 +61,16 @@ def security_from_args(args: argparse.Namespace):
         raise ConfigError("--tls-cert/--tls-key (mutual TLS) need --tls-ca to trust the server")
     if not (token or args.tls_ca):
         return None
-    return Security(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token)
+    return Security(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
+                    insecure=args.insecure)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..worker import for_task
 
+    if args.client_id is not None and args.client_id < 0:
+        raise ConfigError(f"--client-id {args.client_id} is not a client id: give 0..n-1 (n = the server's "
+                          "--workers), or leave it out to be given the lowest free one")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     link = None

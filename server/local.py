@@ -125,6 +125,8 @@ def local_worker_flags(options, j: int) -> list[str]:
     out = []
     if options.token_file:
         out += ["--token-file", str(options.token_file)]
+        if not options.tls_cert:  # --shaping netns: plaintext off loopback, on this machine's own bridge
+            out.append("--insecure")
     if options.tls_cert:
         ca = options.tls_ca or str(Path(options.tls_cert).with_name("ca.pem"))
         out += ["--tls-ca", ca]

@@ -11,12 +11,13 @@ import time
 
 import grpc
 
-from ..common.errors import FrameError
+from ..common.errors import ConfigError, FrameError
 from ..common.wire import chunking, protocol
 from ..common.wire.credentials import load_tokens
 from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
 from .auth import (
+    ClientCertificateInterceptor,
     TokenAuthInterceptor,
     authenticated_client,
     is_authenticated,
@@ -265,13 +266,21 @@ def grpc_options(max_message_bytes: int = protocol.MAX_MESSAGE_BYTES) -> list:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+LISTEN_HELP = ("the port is in use (by another efmuon server or another program) or the host is not an address "
+               "of this machine: stop what holds the port or pick another --port (0: any free port), and check --host")
+
+
 async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for `coordinator`; returns it and the bound port (port 0 = any free).
 
     TLS (`--tls-cert/--tls-key`, mutual with `--tls-ca`) and bearer tokens (`--token-file`) come
-    from `coordinator.opts`.
+    from `coordinator.opts`; under mutual TLS each call must act as the client its certificate names
+    (`auth.ClientCertificateInterceptor`). The port is never shared (no SO_REUSEPORT): a port in use
+    raises ConfigError, as do a port outside 0..65535 and bad TLS files.
     """
     opts = coordinator.opts
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a TCP port: give 0..65535 (0: any free port)")
     interceptors = []
     if opts.token_file:
         tokens = load_tokens(opts.token_file)
@@ -280,15 +289,23 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
             log.warning("token file %s has tokens for client ids %s outside this run's 0..%d", opts.token_file, bad,
                         coordinator.n - 1)
         interceptors.append(TokenAuthInterceptor(tokens))
-    server = grpc.aio.server(options=grpc_options(opts.max_message_bytes), interceptors=interceptors or None)
+    if opts.tls_ca:
+        interceptors.append(ClientCertificateInterceptor())
+    credentials = server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca) if opts.tls_cert else None
+    # without SO_REUSEPORT a second server cannot bind this port (workers would split between two runs)
+    options = [*grpc_options(opts.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options, interceptors=interceptors or None)
     add_servicer(ParameterServer(coordinator), server)
     address = f"{host}:{port}"
-    if opts.tls_cert:
-        bound = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind to address"
+        bound = 0
     if not bound:
-        raise OSError(f"could not listen on {host}:{port}")
+        raise ConfigError(f"could not listen on {address}: {LISTEN_HELP}")
     await server.start()
     coordinator.start()
     return server, bound

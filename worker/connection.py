@@ -15,7 +15,7 @@ from ..common.errors import EfmuonError
 from ..v1 import service_pb2 as pb
 from .stub import client_stub
 from .relay import CountingRelay
-from .security import make_channel
+from .security import check_transport, make_channel
 
 if TYPE_CHECKING:
     from ..common.links import LinkProfile
@@ -33,8 +33,8 @@ class WorkerError(EfmuonError):
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise WorkerError(f"server address {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) <= 65535:
+        raise WorkerError(f"server address {address!r} is not HOST:PORT with a port 1..65535 (e.g. 127.0.0.1:50051)")
     return host.strip("[]"), int(port)
 
 
@@ -54,6 +54,7 @@ class Connection:
         self.server = server
         self.security = security  # TLS and/or a bearer token (None: neither)
         host, port = split_address(server)
+        check_transport(host, security)  # no token in plaintext off loopback without --insecure
         self.relay = None
         self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)
         self.transfers: list[dict] = []  # per call: {"exchange", "up": [bytes, s] | None, "down": ...}

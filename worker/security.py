@@ -3,6 +3,11 @@
     Security(tls_ca="ca.pem")                                   TLS, trust this CA
     Security(tls_ca="ca.pem", tls_cert="c.pem", tls_key="c.key") mutual TLS
     Security(token="...")                                       a bearer token (with or without TLS)
+    Security(token="...", insecure=True)                        a token without TLS to a remote server
+
+A token without TLS goes to a server on a loopback address (127.0.0.0/8, ::1, localhost) only, unless
+`insecure` allows it elsewhere (with a warning): in plaintext anyone on the path can read and reuse it
+(`check_transport`).
 
 The token travels as per-call metadata ``authorization: Bearer <token>`` (`auth.auth_metadata`), which
 works on secure and insecure channels alike. When the channel goes through the worker's
@@ -11,12 +16,17 @@ bytes, and `grpc.ssl_target_name_override` names the real host.
 """
 from __future__ import annotations
 
+import ipaddress
+import logging
 from dataclasses import dataclass
 
 import grpc
 
+from ..common.errors import ConfigError
 from ..common.wire import protocol
 from ..common.wire.credentials import auth_metadata, channel_credentials
+
+log = logging.getLogger("efmuon.worker")
 
 
 @dataclass
@@ -27,6 +37,7 @@ class Security:
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None
+    insecure: bool = False  # allow a token without TLS to a server off loopback (`check_transport`)
 
     @property
     def tls(self) -> bool:
@@ -47,3 +58,27 @@ def make_channel(target: str, server_host: str, security: Security | None) -> gr
     if not target.startswith(server_host + ":"):
         options.append(("grpc.ssl_target_name_override", server_host))
     return grpc.secure_channel(target, creds, options=options)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or the name localhost; names are not resolved."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(server_host: str, security: Security | None) -> None:
+    """Refuse (ConfigError) a bearer token sent without TLS to a server that is not on loopback,
+    unless `security.insecure`; then warn."""
+    if security is None or not security.token or security.tls or is_loopback_host(server_host):
+        return
+    risk = (f"the bearer token would cross the network to {server_host} in plaintext, where anyone on the path "
+            "can read and reuse it")
+    if not security.insecure:
+        raise ConfigError(f"refusing to send a token without TLS: {risk}. Give --tls-ca CA.pem (the server then "
+                          "needs --tls-cert/--tls-key), or pass --insecure to accept the risk")
+    log.warning("sending the token in PLAINTEXT (--insecure): %s; use --tls-ca outside a trusted network", risk)

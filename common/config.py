@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .compress import parse_spec
 from .errors import ConfigError
 from .links import parse_link, parse_link_mix
-from .lmo import PRESETS
-from .tasks import TASKS
+
+# The values the config accepts for `task` and `preset` (common.tasks.TASKS and common.lmo.PRESETS name
+# the same; tests/test_tasks.py checks that they agree). Spelled here so that building the command line
+# (`efmuon --help`) needs no torch.
+TASKS = ("lsq", "digits", "gpt-char")
+PRESETS = ("muon", "scion", "gluon", "muonmax")
 
 METHODS = ("ef21", "ef14")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -193,6 +196,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ConfigError(f"{name} must be a compressor spec string such as 'topk:0.1'")
     # Compressor specs are checked by parsing them (the parser names the valid forms).
+    from .compress import parse_spec  # lazy: the codecs need torch; `efmuon --help` builds flags without it
+
     for spec in [cfg.uplink, cfg.downlink, *cfg.uplink_layers.values(), *cfg.downlink_layers.values()]:
         parse_spec(spec)
     return cfg

@@ -403,3 +403,14 @@ def test_gpt_char_learns_quickly():
     assert abs(start - math.log(t.vocab_size)) < 0.1
     m = reference_train(t, rounds=40)
     assert t.eval_loss(m) < start - 1.0
+
+
+def test_the_config_accepts_exactly_the_tasks_and_presets_that_exist():
+    """common.config spells the task and preset names (so `efmuon --help` needs no torch); they must be the
+    ones common.tasks and common.lmo implement."""
+    from efmuon.common import config, lmo, tasks
+
+    assert config.TASKS == tuple(tasks.TASKS)
+    assert config.PRESETS == tuple(lmo.PRESETS)
+    for name in config.TASKS:
+        assert tasks.make_task(name, 2) is not None

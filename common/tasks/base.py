@@ -2,20 +2,16 @@
 interface, and building a module without touching the global RNG."""
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from ..seeds import derive_seed  # noqa: F401 - tasks' seeds are derived here
 import torch.nn as nn
 
 from ..errors import ConfigError
 
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (ints, strings). Stable across processes, unlike ``hash()``."""
-    text = "\x1f".join(repr(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def _generator(*parts: Any) -> torch.Generator:

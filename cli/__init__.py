@@ -14,6 +14,7 @@ parser loads neither torch nor grpc, and `efmuon simulate` never loads grpc.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from ..common.errors import EfmuonError
@@ -25,8 +26,11 @@ from .worker import add_worker_parser
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from ..simulate import simulate  # lazy: torch only when a command runs
+    from .inspect import print_config  # lazy: torch only when a command runs
 
     cfg = config_from_args(args)
+    if args.print_config:
+        return print_config(cfg) or 0
     simulate(cfg)
     return 0
 
@@ -37,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="EF21-Muon parameter server: workers send compressed estimator differences up, "
                     "the server takes the Muon LMO step and sends compressed model differences down.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'efmuon COMMAND --help' for a command's flags. With no arguments, 'efmuon run' trains "
-               "the built-in gpt-char model with 4 local workers and compression both ways.",
+        epilog="Run 'efmuon COMMAND --help' for a command's flags. Start with 'efmuon run': it trains the "
+               "built-in gpt-char model with 4 local workers and compression both ways (about a minute on 2 cores).",
     )
+    parser.add_argument("--version", action="version", version=f"efmuon {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="one process, n virtual workers, no gRPC (exact payload bytes)",
@@ -70,7 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_parser(sub)
     add_worker_parser(sub)
     add_certs_parser(sub)
+    for command in sub.choices.values():
+        _state_defaults(command)
     return parser
+
+
+# The default of every option whose own help text does not say it (tests/test_cli_help.py checks that
+# every option of every command states one).
+DEFAULTS = {
+    "--config": "none", "--report": "none; `efmuon run`: runs/<time>-<task>/report.json",
+    "--metrics": "none", "--lr": "the task's: gpt-char 0.05, digits 0.05, lsq 0.03",
+    "--schedule": "the task's, usually cosine", "--warmup": "the task's, usually 0", "--weight-decay": "0",
+    "--ef14-variant": "classic", "--ef14-bits": "8", "--clients": "none: the synchronous --workers clients",
+    "--participation": "1: every client every round", "--link": "none: unshaped", "--link-mix": "none",
+    "--link-trace": "none", "--deadline": "none: no stragglers dropped", "--markdown": "none",
+    "--checkpoint-dir": "none: no checkpoints", "--resume": "none: a new run",
+    "--tls-cert": "none: plaintext", "--tls-key": "none", "--tls-ca": "none: no client certificates",
+    "--token-file": "none: no tokens", "--token": "none", "--stats": "none", "--save-model": "none",
+    "--metrics-port": "none: no metrics endpoint",
+}
+
+
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk of its options
+        flag = action.option_strings[0] if action.option_strings else None
+        if flag in DEFAULTS and "default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: {DEFAULTS[flag]})".lstrip()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -88,12 +118,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("efmuon")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        argv = ["run"] + list(argv or [])
-        args = parser.parse_args(argv)
+        parser.print_help(sys.stderr)
+        print("\nefmuon: no command given; `efmuon run` trains the embedded default", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except EfmuonError as exc:

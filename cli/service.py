@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from ..common.config import RunConfig, from_mapping
 from ..common.flags import add_common_flags, config_from_args
@@ -106,6 +107,17 @@ def config_and_resume(args: argparse.Namespace):
     return config_from_args(args, base=base), loaded
 
 
+def default_run_report(cfg: RunConfig) -> str:
+    """runs/<YYYYmmdd-HHMMSS>-<task>/report.json under the current directory (a new one per run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{stamp}-{cfg.task}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return os.path.join(path, "report.json")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..server.local import (
         run_local,  # lazy: torch and grpc only when the command runs
@@ -115,6 +127,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, resume = config_and_resume(args)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
+    if args.print_config:
+        from .inspect import print_config  # lazy: torch only when a command runs
+
+        return print_config(cfg) or 0
+    if cfg.report is None:  # a newcomer's run leaves something to look at: the report and its plots
+        cfg = cfg.replace(report=default_run_report(cfg))
+    rounds = cfg.rounds or "the task's"
+    print(f"efmuon run: task {cfg.task}, {cfg.workers} workers, {rounds} rounds; starting the server and the "
+          f"workers (the first progress line follows round 1); report: {cfg.report}", flush=True)
     report = run_local(cfg, options=options_from_args(args, resume), resume=resume)
     return 130 if report["summary"].get("partial") else 0
 
@@ -126,6 +147,10 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg, resume = config_and_resume(args)
+    if args.print_config:
+        from .inspect import print_config  # lazy: torch only when a command runs
+
+        return print_config(cfg) or 0
     report = run_server(cfg, args.host, args.port, options=options_from_args(args, resume), resume=resume,
                         insecure=args.insecure)
     return 130 if report["summary"].get("partial") else 0

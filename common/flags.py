@@ -58,6 +58,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                         "process may use once a step is >= 1 GFLOP, else --threads); set 1 on a machine shared "
                         "with the workers")
     g.add_argument("--report", metavar="PATH.json", help="write the JSON report here")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (defaults < task < --config < flags) and every parameter "
+                        "with its shape, norm and compressors (the names per-layer patterns match), then exit")
     g.add_argument("--metrics", metavar="PATH.jsonl", help="stream one JSON line per round here")
     g.add_argument("--eval-every", type=int, help="evaluate loss at W and X every N rounds (default 1)")
     g.add_argument("--log-every", type=int, help="print a progress line every N rounds (default 10)")

@@ -48,6 +48,16 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.2f} TB"
 
 
+def human_seconds(s: float) -> str:
+    """12s, 3m05s, 2h07m: for a person reading a progress line."""
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _clean(x: Any) -> Any:
     """JSON cannot carry NaN/Inf: write them as null."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -103,8 +113,11 @@ class Report:
         lx = "-" if e["loss_x"] is None else f"{e['loss_x']:.4f}"
         up = self.totals["up"]["wire" if self.transport else "payload"]
         down = self.totals["down"]["wire" if self.transport else "payload"]
+        eta = ""
+        if self.total_rounds and rate > 0 and e["round"] < self.total_rounds:
+            eta = f"  ETA {human_seconds((self.total_rounds - e['round']) / rate)}"
         print(f"round {e['round']:>5}{total}  loss_w {lw}  loss_x {lx}  "
-              f"up {human_bytes(up)}  down {human_bytes(down)}  {rate:.1f} rounds/s", file=self.stream, flush=True)
+              f"up {human_bytes(up)}  down {human_bytes(down)}  {rate:.1f} rounds/s{eta}", file=self.stream, flush=True)
 
     def finish(self, **summary) -> dict:
         last = self.rounds[-1] if self.rounds else {}

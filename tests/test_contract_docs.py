@@ -62,3 +62,27 @@ def test_per_layer_patterns_that_match_no_parameter_are_an_error_listing_the_nam
         layer_compressors(specs, "identity", {"embd.*": "topk:0.1"})
     assert "'embd.*'" in str(err.value) and "embed.weight" in str(err.value) and "head.bias" in str(err.value)
     assert len(layer_compressors(specs, "identity", {"embed.*": "topk:0.1"})) == 2
+
+
+def test_the_proto_documents_seeds_hashes_defaults_and_limits_as_the_code_has_them():
+    import hashlib
+
+    from efmuon.common.algorithm import DOWN, UP, frame_seed, params_sha256
+    from efmuon.common.wire import protocol
+
+    text = " ".join(PROTO.read_text().replace("//", " ").split())
+    # seeds: blake2b-64 of "SEED/DIRECTION/ROUND/LAYER/CLIENT", little-endian, top bit cleared
+    assert 'blake2b-64 of "SEED/DIRECTION/ROUND/LAYER/CLIENT"' in text and "DIRECTION 1 = uplink, 2 = downlink" in text
+    for seed, direction, k, layer, client in [(0, UP, 3, 1, 2), (7, DOWN, 10, 0, 0)]:
+        digest = hashlib.blake2b(f"{seed}/{direction}/{k}/{layer}/{client}".encode(), digest_size=8).digest()
+        assert frame_seed(seed, direction, k, layer, client) == int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    # w_sha256: float32 little-endian bytes in SORTED NAME order
+    assert "SORTED NAME order" in text
+    a, b = torch.randn(2, 3), torch.randn(4)
+    by_hand = hashlib.sha256(a.numpy().astype("<f4").tobytes() + b.numpy().astype("<f4").tobytes()).hexdigest()
+    assert params_sha256([b, a], ["z.bias", "a.weight"]) == by_hand
+    # quant's default block and the 64 MiB limit
+    assert '"quant:B" alone means BLOCK = 128' in text and parse_spec("quant:4").codec.block == 128
+    assert "64 MiB (67,108,864 bytes)" in text and protocol.MAX_MESSAGE_BYTES == 67_108_864
+    # a resent, already-applied round whose reply was freed: duplicate + resync, never applied twice
+    assert "already applied but the server no longer holds that reply's frames" in text

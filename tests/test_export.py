@@ -4,17 +4,21 @@ run's model: it hashes to the report's w_sha256 and evaluates to the report's lo
 checkpoints that are not a server's are refused."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import Harness, make_cfg, run_workers
 from efmuon.common.algorithm import params_sha256
 from efmuon.common.config import RunConfig, from_mapping
 from efmuon.common.errors import ConfigError
 from efmuon.common.export import check_output, read_model, save_model
 from efmuon.common.model import Setup
+from efmuon.server.errors import RunAborted
+from efmuon.server.options import ServerOptions
 from safetensors.torch import load_file
 
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "3", "--uplink", "topk:0.5", "--downlink", "natural"]
@@ -153,3 +157,28 @@ def test_save_model_read_model_round_trip_and_refusals(tmp_path):
         check_output(tmp_path / "missing" / "m.safetensors")
     with pytest.raises(ConfigError, match="is a directory"):
         check_output(tmp_path)
+
+
+async def test_coordinator_saves_w_at_the_end_and_a_failed_save_fails_the_run_but_keeps_the_report(tmp_path):
+    # Prepare: two runs of the service harness; the second one's path exists already (the CLI refuses that
+    # before training; here it stands for a file that appeared during the run)
+    cfg = make_cfg(workers=2, rounds=2)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"someone else's")
+    results = []
+    for path in (tmp_path / "w.safetensors", taken):
+        # Execute
+        async with Harness(cfg, options=ServerOptions(save_model=str(path))) as h:
+            await run_workers(h.worker(0), h.worker(1))
+            await asyncio.wait_for(h.coordinator.finished.wait(), 30)
+        results.append(h.coordinator)
+
+    # Assert
+    ok, failed = results
+    tensors, meta = read_model(tmp_path / "w.safetensors")
+    assert ok.failed is None and meta["w_sha256"] == ok.report.summary["w_sha256"] == meta["sha256"]
+    assert params_sha256(list(tensors.values()), list(tensors)) == ok.report.summary["w_sha256"]
+    assert sorted(tensors) == sorted(ok.model.names) and meta["round"] == str(ok.state.round)
+    assert isinstance(failed.failed, RunAborted) and f"--save-model {taken} failed" in str(failed.failed)
+    assert "already exists" in str(failed.failed) and taken.read_bytes() == b"someone else's"
+    assert failed.report.summary["w_sha256"]  # the report was written before the model

@@ -6,6 +6,7 @@
     efmuon simulate  [flags]                      one process, virtual workers, no gRPC
     efmuon compare   A.json B.json                overlay reports
     efmuon certs     DIR                          development TLS certificates and tokens
+    efmuon export    CKPT OUT.safetensors         a server checkpoint's W (or X) as a safetensors model file
     efmuon bench     NAME                         a benchmark (where efmuon.benchmarks is installed)
 
 Each command's driver is imported when that command runs (lazy imports below, marked so): building the
@@ -71,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the file names)")
     c.set_defaults(func=cmd_compare)
 
+    e = sub.add_parser("export", help="a server checkpoint's model as a safetensors file",
+                       description="Write W (the model the workers hold; --which x: the server's X) of a server "
+                                   "checkpoint as safetensors, keyed by the model's parameter names, with the task, "
+                                   "config (JSON), round, w_sha256 and x_sha256 as metadata. Loads with "
+                                   "safetensors.torch.load_file + model.load_state_dict(strict=True).")
+    e.add_argument("checkpoint", metavar="CKPT", help="a server checkpoint directory (round-NNNNNN), or a "
+                   "--checkpoint-dir DIR (its newest checkpoint)")
+    e.add_argument("out", metavar="OUT.safetensors", help="the file to write")
+    e.add_argument("--which", choices=("w", "x"), default="w",
+                   help="w: the model the workers hold (default; the report's w_sha256); x: the server's iterate")
+    e.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    e.set_defaults(func=cmd_export)
+
     add_run_parser(sub)
     add_server_parser(sub)
     add_worker_parser(sub)
@@ -107,6 +121,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..common.compare import compare  # lazy: matplotlib only for this command
 
     compare(args.reports, out=args.out, labels=args.label)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..common.export import export_checkpoint  # lazy: torch and safetensors only for this command
+
+    meta = export_checkpoint(args.checkpoint, args.out, which=args.which, force=args.force)
+    print(f"efmuon export: wrote {meta['tensors']} of round {meta['round']} (task {meta['task']}, "
+          f"sha256 {meta['sha256']}) to {args.out}")
     return 0
 
 

@@ -36,6 +36,12 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--on-deadline", choices=("fail", "proceed"), default=None,
                    help="at the deadline: fail the run loudly (default) or proceed with the clients present "
                         "(G += (1/n) sum over them; the others re-sync when they come back)")
+    m = p.add_argument_group("the trained model")
+    m.add_argument("--save-model", metavar="PATH.safetensors", default=None,
+                   help="when the run has finished, write W (the model the workers hold) here as safetensors, "
+                        "keyed by the model's parameter names, with the task, config, round and w_sha256 as "
+                        "metadata (an existing file is refused; not written for an interrupted run: use "
+                        "`efmuon export CKPT` on its checkpoint, which also writes X with --which x)")
     v = p.add_argument_group("validation and bounds")
     v.add_argument("--nan-policy", choices=("reject", "zero"), default=None,
                    help="uplink frames with NaN/Inf: refuse them (INVALID_ARGUMENT, default) or replace the "
@@ -62,7 +68,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
 _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "round_deadline",
                  "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
-                 "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file"}
+                 "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):
@@ -80,6 +86,10 @@ def options_from_args(args: argparse.Namespace, resume=None):
         opts = so.resumed_options(opts, (resume[1].get("extra") or {}).get("server_options"), set(given), where)
         logging.getLogger("efmuon.server").warning("resuming %s; new checkpoints go to %s", where, opts.checkpoint_dir)
     so.check_checkpoint_dir(opts.checkpoint_dir, resuming=resume is not None, fresh=getattr(args, "fresh", False))
+    if opts.save_model:
+        from ..common.export import check_output  # lazy: safetensors only when the command runs
+
+        check_output(opts.save_model, force_flag=None)  # refused now, not after the training
     return opts.validate()
 
 

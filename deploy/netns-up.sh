@@ -26,7 +26,7 @@ add_host() {  # NS PORT ADDR
   ip -n "$1" link set eth0 up
 }
 
-trap 'echo "$0: failed; cleaning up" >&2; "$(dirname "$0")/netns-down.sh" "$P"' ERR
+trap 'echo "$0: failed; cleaning up" >&2; "$(dirname "$0")/netns-down.sh" --force "$P"' ERR
 add_ns "$P-sw"
 ip -n "$P-sw" link add br0 type bridge
 ip -n "$P-sw" link set br0 up

@@ -58,6 +58,7 @@ import torch
 from ..common.algorithm import ServerState, params_sha256
 from ..common.config import RunConfig
 from ..common.errors import ConfigError
+from ..common.export import save_model
 from ..common.outputs import write_outputs
 from ..common.report import Report
 from ..common.runtime import return_freed_memory, trim_heap
@@ -298,7 +299,24 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
             log.warning("clients %s did not Leave within %.0f s; their last wire figures are missing",
                         missing, self.leave_timeout)
         await self.write_summary()
+        await self._save_model()
         self.finished.set()
+
+    async def _save_model(self) -> None:
+        """--save-model PATH: write the final W (common.export) once the report is written. A failure fails
+        the run (the CLI names it) but keeps the report and the checkpoints."""
+        path = self.opts.save_model
+        if not path or self.failed is not None:
+            return
+        try:
+            await self._run(lambda: save_model(path, self.model.names, self.state.W, self.state.X,
+                                               cfg=self.cfg.to_dict(), round_=self.state.round, force_flag=None))
+        except Exception as exc:  # noqa: BLE001 - any failure must end the run loudly, not hang it
+            log.error("--save-model %s failed: %s", path, exc)
+            self.failed = RunAborted(f"the run finished, but --save-model {path} failed: {exc}")
+            return
+        if not self.quiet:
+            print(f"efmuon: saved W to {path} (safetensors)", file=self.report.stream, flush=True)
 
     async def write_summary(self, partial: bool = False) -> dict:
         """Finish the report (also after an interrupted run, with partial=True) and write it."""

@@ -43,6 +43,7 @@ class ServerOptions:
     tls_key: str | None = None
     tls_ca: str | None = None
     token_file: str | None = None
+    save_model: str | None = None  # write W here (safetensors, common.export) when the run has finished
 
     def validate(self) -> "ServerOptions":
         if self.on_deadline not in ON_DEADLINE:

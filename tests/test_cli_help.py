@@ -57,3 +57,30 @@ def test_print_config_shows_the_resolved_configuration_and_every_parameter(capsy
     assert cfg["task"] == "lsq" and cfg["uplink"] == "topk:0.1" and cfg["rounds"] and cfg["preset"] == "muon"
     assert "parameters (name, shape, norm, uplink, downlink)" in out
     assert "topk:0.1" in out.split("parameters")[1]
+
+
+def test_run_leaves_its_report_and_plots_in_a_run_directory_and_speaks_at_once(tmp_path):
+    out = subprocess.run(CLI + ["run", "--task", "lsq", "--workers", "2", "--rounds", "3"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("efmuon run: task lsq, 2 workers, 3 rounds; starting") and "runs/" in first
+    reports = list((tmp_path / "runs").glob("*-lsq/report.json"))
+    assert len(reports) == 1
+    assert json.loads(reports[0].read_text())["summary"]["rounds"] == 3
+    assert list(reports[0].parent.glob("*.png"))  # and its plots beside it
+
+
+def test_progress_lines_carry_an_eta():
+    import io
+
+    from efmuon.common.report import Report, human_seconds
+
+    stream = io.StringIO()
+    rep = Report({}, transport=False, log_every=1, total_rounds=10, stream=stream)
+    for k in (1, 2):
+        rep.add_round(k, 1.0, 1.0, 0.1, {"up": {"payload": 10}, "down": {"payload": 10}})
+    rep.add_round(10, 1.0, 1.0, 0.1, {"up": {"payload": 10}, "down": {"payload": 10}})
+    lines = stream.getvalue().splitlines()
+    assert all(" ETA " in line for line in lines[:2]) and " ETA " not in lines[2]  # none after the last round
+    assert [human_seconds(s) for s in (5, 65, 7260)] == ["5s", "1m05s", "2h01m"]

@@ -14,7 +14,7 @@ DEFAULT_PORT = 50051
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    """Resilience, validation, bounds and security flags of `efmuon server` and `efmuon run`."""
+    """Resilience, validation, bounds, security and operations flags of `efmuon server` and `efmuon run`."""
     r = p.add_argument_group("resilience (checkpoints, deadlines)")
     r.add_argument("--checkpoint-dir", metavar="DIR", default=None,
                    help="write server checkpoints here (atomically; DIR/LATEST names the newest): X, W, G, every "
@@ -61,6 +61,10 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--token-file", metavar="FILE", default=None,
                    help="bearer tokens, one 'CLIENT_ID TOKEN' (or '* TOKEN') per line; calls without a listed "
                         "token get UNAUTHENTICATED. `efmuon certs DIR` makes certificates and tokens")
+    o = p.add_argument_group("operations (health checks and reflection are always on)")
+    o.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics, on the gRPC server's host (HTTPS "
+                        "with --tls-cert; 0: any free port, printed; default: off)")
 
 
 # server option field <- flag (argparse dest); a flag left unset (None) keeps the dataclass default, or on
@@ -68,7 +72,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
 _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "round_deadline",
                  "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
-                 "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model"}
+                 "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model",
+                 "metrics_port": "metrics_port"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):

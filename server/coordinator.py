@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..v1 import service_pb2 as pb
+    from .observability import Observability
 
 __all__ = ["Coordinator", "Phase", "Plan", "Rejected", "ServerModel", "ServerOptions", "Session", "SubmissionKind"]
 
@@ -95,9 +96,13 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         events("record_down", round, t, t)                a reply was streamed to a client
                                                           (round = plan.round - 1)
     with `time.perf_counter()` times, on the event loop's thread. When it is None nothing is timed.
+
+    `observer` (health and metrics, server.observability; `service.start` sets it) is told when a
+    round ends and when the run stops or fails.
     """
 
     events: Callable[[str, int, float, float], None] | None = None
+    observer: Observability | None = None
 
     def __init__(self, cfg: RunConfig, model: ServerModel, device: str | torch.device = "cpu",
                  quiet: bool = False, stream=None, leave_timeout: float = LEAVE_TIMEOUT,
@@ -156,6 +161,11 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def _observe(self) -> None:
+        """The run's state changed (stopping, failed): tell the observer (health, metrics)."""
+        if self.observer is not None:
+            self.observer.update(self)
+
     def _spawn(self, coro) -> asyncio.Task:
         """Run `coro` as a task the loop keeps (asyncio holds only weak references to tasks)."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -179,12 +189,16 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
                 try:
                     await self._aggregate(k, present, decoded, zeroed)
                     del decoded
-                    self.ledger.set_facts(k, await self._evaluate(k, missing, losses))
+                    facts = await self._evaluate(k, missing, losses)
+                    self.ledger.set_facts(k, facts)
                     self.ledger.report_upto(k - 1)
                     plan = await self._next_plan(k, missing)
                     await self._publish(k, plan, fut)
                 except BaseException as exc:  # a bug or an exhausted machine: stop the run loudly
                     self._round_failed(k, exc, fut)
+                else:
+                    if self.observer is not None:
+                        self.observer.round_end(self, facts.get("seconds"))
         finally:
             if self.events is not None:
                 self.events("process", k, t0, time.perf_counter())
@@ -260,6 +274,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         if not fut.done():
             fut.set_exception(Rejected("INTERNAL", str(self.failed)))
         self.finished.set()
+        self._observe()
 
     def record_down(self, plan: Plan, j: int, message: int) -> None:
         """The reply `plan` (S_{plan.round}, or the final `done`) was streamed to client j."""
@@ -279,6 +294,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
             if not fut.done():
                 fut.set_exception(Rejected("ABORTED", f"the run was aborted: {why}"))
         self.finished.set()
+        self._observe()
 
     def start(self) -> None:
         """Called once the server listens: arm the deadline of a resumed run's open round. A resumed round's
@@ -363,6 +379,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         """Interrupted: checkpoint (between rounds) and write what we have (a partial report)."""
         self.stopping = True
         self.phase = Phase.STOPPING
+        self._observe()
         if self._deadline_task is not None:
             self._deadline_task.cancel()
         if self.opts.checkpoint_dir and not self.state_broken and self.checkpoint_round != self.collecting:

@@ -44,6 +44,7 @@ class ServerOptions:
     tls_ca: str | None = None
     token_file: str | None = None
     save_model: str | None = None  # write W here (safetensors, common.export) when the run has finished
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one); None: off
 
     def validate(self) -> "ServerOptions":
         if self.on_deadline not in ON_DEADLINE:
@@ -69,6 +70,8 @@ class ServerOptions:
             raise ConfigError("give both --tls-cert and --tls-key (the server's certificate and key), or neither")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port: give 0..65535 (0: any free port)")
         return self
 
 

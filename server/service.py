@@ -25,6 +25,7 @@ from .auth import (
 )
 from .coordinator import Coordinator
 from .errors import Rejected
+from .observability import HEALTH_METHODS, Observability
 from .rounds import SubmissionKind
 
 log = logging.getLogger("efmuon.server")
@@ -33,6 +34,8 @@ log = logging.getLogger("efmuon.server")
 async def _abort(context: grpc.aio.ServicerContext, exc: Rejected, coordinator: Coordinator | None = None) -> None:
     if coordinator is not None:
         coordinator.rejected += 1
+        if coordinator.observer is not None:
+            coordinator.observer.rejected(exc.code)
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
@@ -52,6 +55,12 @@ def _check_token_client(context, client_id: int | None) -> int | None:
         raise Rejected("PERMISSION_DENIED", f"this token belongs to client {bound}; it cannot act as client "
                        f"{client_id} (start the worker with --client-id {bound}, or use that client's token)")
     return client_id
+
+
+def _is_resync(fields: dict) -> bool:
+    """A Join answered with the server's current W (and G_j): not the initial W of round 0, nor a client that
+    resumes with its own state (of `Coordinator.join_payload`'s replies only a re-sync names `submitted`)."""
+    return bool(fields.get("resync")) and "submitted" in fields
 
 
 class Undecodable:
@@ -155,6 +164,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             del chunks
             c.confirm_join(s, request.ByteSize(), sent, payload)
             ok = True
+            if c.observer is not None and _is_resync(fields):
+                c.observer.resynced("Join")
         finally:
             if not ok:
                 c.abort_join(s)
@@ -176,6 +187,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             await _abort(context, exc, c)
             return
         if plan is None:  # tell the client to re-join: its estimator on the server did not take this round
+            if c.observer is not None:
+                c.observer.resynced("Exchange")
             yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, duplicate=True, resync=True))
             return
         duplicate = kind != SubmissionKind.NEW
@@ -276,7 +289,9 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     TLS (`--tls-cert/--tls-key`, mutual with `--tls-ca`) and bearer tokens (`--token-file`) come
     from `coordinator.opts`; under mutual TLS each call must act as the client its certificate names
     (`auth.ClientCertificateInterceptor`). The port is never shared (no SO_REUSEPORT): a port in use
-    raises ConfigError, as do a port outside 0..65535 and bad TLS files.
+    raises ConfigError, as do a port outside 0..65535 and bad TLS files. The server also answers
+    health checks (no token needed) and reflection, and with `opts.metrics_port` serves Prometheus
+    metrics on `host` (server.observability; `coordinator.observer`).
     """
     opts = coordinator.opts
     if not 0 <= port <= 65535:
@@ -288,7 +303,7 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
         if bad:
             log.warning("token file %s has tokens for client ids %s outside this run's 0..%d", opts.token_file, bad,
                         coordinator.n - 1)
-        interceptors.append(TokenAuthInterceptor(tokens))
+        interceptors.append(TokenAuthInterceptor(tokens, exempt=HEALTH_METHODS))  # probes send no token
     if opts.tls_ca:
         interceptors.append(ClientCertificateInterceptor())
     credentials = server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca) if opts.tls_cert else None
@@ -296,6 +311,8 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     options = [*grpc_options(opts.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=interceptors or None)
     add_servicer(ParameterServer(coordinator), server)
+    observer = Observability(coordinator)
+    await observer.install(server)  # health checking and reflection
     address = f"{host}:{port}"
     try:
         if credentials is not None:
@@ -306,6 +323,9 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
         bound = 0
     if not bound:
         raise ConfigError(f"could not listen on {address}: {LISTEN_HELP}")
+    if opts.metrics_port is not None:
+        observer.serve_metrics(host, opts.metrics_port, opts.tls_cert, opts.tls_key)
+    coordinator.observer = observer
     await server.start()
     coordinator.start()
     return server, bound
@@ -356,6 +376,7 @@ async def serve(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
         for sig in installed:
             loop.remove_signal_handler(sig)
         await server.stop(grace)
+        await coordinator.observer.close()
         coordinator.executor.shutdown(wait=True, cancel_futures=True)
     if watcher is not None and watcher.done() and watcher.exception() is not None and not interrupted.is_set():
         raise watcher.exception()

@@ -56,7 +56,8 @@ INET_DIAG_REQ_BYTECODE = 1  # request attribute
 INET_DIAG_INFO = 2  # reply attribute: struct tcp_info
 INET_DIAG_BC_S_EQ, INET_DIAG_BC_D_EQ = 11, 12
 TCP_LISTEN = 10
-CONNECTED_STATES = 0xFFF & ~((1 << 7) | (1 << 6) | (1 << TCP_LISTEN) | (1 << 12))  # not CLOSE/TIME_WAIT/LISTEN/NEW_SYN_RECV
+# the states of a connected socket: all but TIME_WAIT (6), CLOSE (7) and LISTEN (10)
+CONNECTED_STATES = 0xFFF & ~((1 << 6) | (1 << 7) | (1 << TCP_LISTEN))
 TCPI_BYTES_ACKED, TCPI_BYTES_RECEIVED = 120, 128  # offsets in struct tcp_info (Linux >= 4.2)
 TCPI_MIN_LEN = TCPI_BYTES_RECEIVED + 8
 MSG_HEADER = struct.Struct("<IHHII")  # struct nlmsghdr

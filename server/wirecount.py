@@ -64,7 +64,7 @@ MSG_HEADER = struct.Struct("<IHHII")  # struct nlmsghdr
 DIAG_MSG_LEN = 72  # struct inet_diag_msg
 SOCKID = slice(4, 52)  # struct inet_diag_sockid in inet_diag_msg: ports, addresses, interface, cookie
 NETLINK_TIMEOUT = 1.0  # seconds a netlink reply may take (it takes microseconds)
-MAX_CONNECTIONS = 16384  # connections remembered (least recently used forgotten first)
+MAX_CONNECTIONS = 16384  # connections remembered beyond the clients' own (least recently used forgotten)
 
 
 def parse_peer(peer: str) -> tuple[int, bytes, int] | None:
@@ -215,6 +215,7 @@ class Call:
     conn: Connection | None
     rx: int = 0
     key: str = ""
+    renewed: bool = False  # the peer's earlier connection is gone: what it carried last was not read
 
 
 class WireMeter:
@@ -254,11 +255,6 @@ class WireMeter:
                         "report's wire figures are the workers' own WireReports (summary.wire_source = client)", why)
         return ok
 
-    def close(self) -> None:
-        if self.info is not None:
-            self.info.close()
-            self.info = None
-
     def _connection(self, key: str) -> Connection | None:
         conn = self.conns.get(key)
         if conn is not None:
@@ -269,8 +265,11 @@ class WireMeter:
         if found is None:
             return None
         conn = self.conns[key] = Connection(*found)
-        while len(self.conns) > MAX_CONNECTIONS:
-            self.conns.popitem(last=False)
+        if len(self.conns) > MAX_CONNECTIONS:  # forget the oldest that is no client's connection (refused calls)
+            current = set(self.client_conn.values())
+            old = next((k for k in self.conns if k not in current), None)
+            if old is not None:
+                del self.conns[old]
         return conn
 
     def start(self, peer: str) -> Call | None:
@@ -280,15 +279,19 @@ class WireMeter:
             return None
         conn = self._connection(peer)
         now = self.info.read(conn.family, conn.sockid) if conn is not None else None
+        renewed = now is None and self.conns.pop(peer, None) is not None
+        if renewed:  # that connection is gone: its address may be a new connection's
+            conn = self._connection(peer)
+            now = self.info.read(conn.family, conn.sockid) if conn is not None else None
         if now is None:
             self.conns.pop(peer, None)
-            return Call(None, key=peer)
+            return Call(None, key=peer, renewed=renewed)
         rx, acked = now
         if conn.pending is not None:  # else what was acked since (a new connection's first bytes, the
             k, j = conn.pending  # reply to a refused call) counts with the next call's reply
             self.ledger.record_measured(k, j, "down", max(0, acked - conn.acked))
             conn.pending, conn.acked = None, max(conn.acked, acked)
-        return Call(conn, rx, peer)
+        return Call(conn, rx, peer, renewed)
 
     def uplink(self, call: Call | None, round_: int, client: int, down_round: int, now: bool = False) -> None:
         """The call's request is complete (`now`: read the counters again; else its start's snapshot
@@ -297,10 +300,11 @@ class WireMeter:
         if call is None:
             return
         old = self.client_conn.get(client)
-        if old is not None and old != call.key:  # a new connection: the old one's last bytes may be lost
-            self.ledger.unmeasured(client, count=False)
-            self._retire(old)
+        if call.renewed or (old is not None and old != call.key):  # a new connection: the old one's last
+            self.ledger.unmeasured(client, count=False)  # bytes may be lost to the count
         self.client_conn[client] = call.key
+        if old is not None and old != call.key and old not in self.client_conn.values():
+            self._retire(old)
         conn, rx = call.conn, call.rx
         if conn is not None and now:
             got = self.info.read(conn.family, conn.sockid)

@@ -4,7 +4,7 @@ Levels (docs/design.md §5): `payload` = compressor frame bytes, `message` = ser
 bytes (ByteSize summed over the messages of the exchange), `wire` = bytes the client's TCP
 connection carried, counted by the server from its own sockets (`wirecount.WireMeter`,
 `record_measured`). A worker that counts too (its relay) sends a `WireReport` with its next call:
-kept per client and round as `wire_client`, a cross-check (`compare`). Without sock_diag the
+kept per client and round as `wire_client`, a cross-check (`seen_since`, `_compare`). Without sock_diag the
 clients' reports are the `wire` level (`wire_source` "client"). Round 0 is the initial exchange
 (Join's W down, the 'grad' initialisation up). Client reports arrive one call late, so a round is
 complete only when the next round's submissions (or the Leaves, for the last) are in.
@@ -28,12 +28,14 @@ MISMATCH_LOGGED = 10  # mismatches logged one by one; later ones are only counte
 
 @dataclass
 class Seen:
-    """What the server counted for one client since its previous call began (`ByteLedger.begin_call`):
-    wire bytes (message bytes where the server cannot count), and whether that is all it carried."""
+    """What the server counted for one client since its last accepted WireReport (`ByteLedger.seen_since`):
+    wire bytes (message bytes where the server cannot count), whether that is all its connections
+    carried, and the running totals this span ends at."""
 
     up: int = 0
     down: int = 0
     complete: bool = True
+    end: tuple[int, int, int] = (0, 0, 0)
 
 
 def empty() -> dict:
@@ -49,7 +51,9 @@ class ByteLedger:
         self.client_bytes: dict[str, dict] = {}  # per-client totals over the run
         self.init_clients: dict[str, dict] = {}
         self.wire_source = "client"  # "server" once the servicer reads its own sockets (WireMeter.listening)
-        self.seen: dict[int, Seen] = {}  # client -> counted since its previous call began
+        self.counted: dict[int, list[int]] = {}  # client -> [up, down, gaps] the server counted (this process)
+        self.marks: dict[int, tuple[int, int, int]] = {}  # client -> `counted` at its last accepted report
+        self.checked: dict[int, Seen] = {}  # client -> the span its report in flight was checked against
         self.wire_mismatches = 0  # client reports further from the server's count than the tolerance
         self.wire_unmeasured = 0  # calls whose connection the server could not read
 
@@ -60,49 +64,47 @@ class ByteLedger:
         slot = self.open.setdefault(k, {}).setdefault(j, empty())[direction]
         slot[level] = (slot.get(level) or 0) + int(value)
         if level == "message" and self.wire_source == "client":  # the bound on a client's report
-            self._seen(j, direction, int(value))
+            self._count(j, direction, int(value))
 
     def _record_late(self, k: int, j: int, direction: str, level: str, value: int) -> None:
         """Like `record`, but a round already reported counts in the oldest round still open (e.g. the
         join phase of a client that re-joined mid-run)."""
         self.record(max(k, self.reported_upto + 1), j, direction, level, value)
 
-    def _seen(self, j: int, direction: str, value: int) -> None:
-        s = self.seen.setdefault(j, Seen())
-        if direction == "up":
-            s.up += value
-        else:
-            s.down += value
+    def _count(self, j: int, direction: str, value: int) -> None:
+        self.counted.setdefault(j, [0, 0, 0])[0 if direction == "up" else 1] += value
 
     # ------------------------------------------------------------------ wire: the server's count and the clients'
     def record_measured(self, k: int, j: int, direction: str, value: int) -> None:
         """Bytes the server's socket of client j carried (`wirecount.WireMeter`): round k's `wire`."""
         self._record_late(k, j, direction, "wire", value)
-        self._seen(j, direction, value)
+        self._count(j, direction, value)
 
     def unmeasured(self, j: int, count: bool = True) -> None:
         """Client j carried bytes the server could not read (a connection gone or not found; `count`:
         one of its calls was not counted at all): its next report is not compared."""
-        self.seen.setdefault(j, Seen()).complete = False
+        self.counted.setdefault(j, [0, 0, 0])[2] += 1
         self.wire_unmeasured += int(count)
 
     def seen_since(self, j: int) -> Seen:
-        """What the server counted for client j since its previous call began (its report's span)."""
-        return self.seen.get(j) or Seen()
+        """What the server counted for client j since its last accepted report: the span its next
+        report covers (the client counts from the end of the call that report was of)."""
+        c, m = self.counted.get(j, [0, 0, 0]), self.marks.get(j, (0, 0, 0))
+        return Seen(c[0] - m[0], c[1] - m[1], c[2] == m[2], tuple(c))
 
-    def begin_call(self, j: int) -> None:
-        """Client j's call was taken (its report checked): a new span begins."""
-        self.seen.pop(j, None)
+    def hold(self, j: int, seen: Seen) -> None:
+        """Client j's report passed its check against `seen`; it is compared when it is recorded."""
+        self.checked[j] = seen
 
-    def compare(self, j: int, report: pb.WireReport, seen: Seen) -> bool:
-        """Client j's WireReport against the server's own count of the same call; a mismatch (beyond
-        5% + 4 KiB, either direction) is logged and counted. True when they agree or cannot be compared."""
+    def _compare(self, j: int, report: pb.WireReport, seen: Seen) -> None:
+        """Client j's WireReport against the server's own count of the same calls; a mismatch (beyond
+        5% + 4 KiB, either direction) is logged and counted."""
         if self.wire_source != "server" or not seen.complete:
-            return True
+            return
         far = [(d, got, ours) for d, got, ours in (("up", report.up, seen.up), ("down", report.down, seen.down))
                if abs(got - ours) > MISMATCH_SHARE * ours + MISMATCH_BYTES]
         if not far:
-            return True
+            return
         self.wire_mismatches += 1
         if self.wire_mismatches <= MISMATCH_LOGGED:
             log.warning("client %d: its WireReport of exchange %d disagrees with the server's count: %s (tolerance "
@@ -110,14 +112,18 @@ class ByteLedger:
                         ", ".join(f"{d} {got} B reported, {ours} B counted" for d, got, ours in far),
                         "; further mismatches are only counted (summary.resilience.wire_mismatches)"
                         if self.wire_mismatches == MISMATCH_LOGGED else "")
-        return False
 
     def record_client_report(self, j: int, report: pb.WireReport | None) -> None:
         """A WireReport of exchange e as `wire_client` (and as `wire` where the server cannot count):
         its up bytes are round e's uplink (the join phase and round 0 both belong to the initial
-        exchange), its down bytes carried S_{e+1}."""
+        exchange), its down bytes carried S_{e+1}. It is compared with the server's count of the span
+        it was checked against (`hold`), and the next report's span begins where that one ended."""
         if report is None:
             return
+        seen = self.checked.pop(j, None)
+        if seen is not None:
+            self._compare(j, report, seen)
+            self.marks[j] = seen.end
         e = int(report.exchange)
         levels = ("wire_client", "wire") if self.wire_source == "client" else ("wire_client",)
         for level in levels:

@@ -100,10 +100,11 @@ class RoundBarrier:
     def check_wire_report(self, round_: int | None, report: pb.WireReport | None, j: int) -> None:
         """Client j's WireReport, sent with its Exchange of `round_` (None: with Leave). Refused with
         INVALID_ARGUMENT when it is of no earlier call, or counts more than the client's connection
-        could have carried: twice what the server counted for it since its previous call began (wire
+        could have carried: twice what the server counted for it since its last accepted report (wire
         bytes; message bytes where the server cannot count) plus one call the server did not see (cut
         off with a broken connection, or sent to this server before a restart). Else it is compared
-        with the server's own count (`ByteLedger.compare`). Changes nothing when it refuses."""
+        with the server's own count when it is recorded (`ByteLedger.hold`). Changes nothing when it
+        refuses."""
         if report is None:
             return
         where = "Leave" if round_ is None else f"round {round_}"
@@ -120,9 +121,9 @@ class RoundBarrier:
             what = "counted" if self.ledger.wire_source == "server" else "sent as messages"
             raise Rejected("INVALID_ARGUMENT", f"{where}: the WireReport counts are implausible (up {report.up}, "
                            f"down {report.down}): more than client {j}'s connection could have carried; the server "
-                           f"{what} {seen.up} B up and {seen.down} B down since its previous call, and a report may "
+                           f"{what} {seen.up} B up and {seen.down} B down since its last report, and a report may "
                            f"exceed twice that by one call it did not see, at most {lost} B")
-        self.ledger.compare(j, report, seen)
+        self.ledger.hold(j, seen)
 
     def release_last_reply(self, s: Session, round_: int) -> None:
         """Client j starts a new submission of the round being collected: once every client has done

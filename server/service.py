@@ -146,8 +146,9 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             log.warning("refused Join (client %s): %s", "?" if asked is None else asked, exc)
             await _abort(context, exc, c)
             return
-        c.ledger.begin_call(s.client_id)
         self.wire.uplink(call, c.collecting, s.client_id, c.collecting)  # the join phase: both in one round
+        if c.collecting > 0:  # a re-join: its next WireReport may count bytes sent before, to a server or
+            c.ledger.unmeasured(s.client_id, count=False)  # connection this one could not read
         ok = False
         try:
             resume = request.resume_round if request.HasField("resume_round") else None
@@ -212,8 +213,6 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         previous = h.previous if h.HasField("previous") else None
         if kind == SubmissionKind.NEW:
             c.check_wire_report(h.round, previous, s.client_id)
-        c.ledger.begin_call(s.client_id)
-        if kind == SubmissionKind.NEW:
             c.release_last_reply(s, h.round)
             frames, total, message = await self._receive(h, it, first.ByteSize())
             self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
@@ -271,7 +270,6 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         except Rejected as exc:
             await _abort(context, exc, c)
             return pb.LeaveReply()
-        c.ledger.begin_call(s.client_id)
         self.wire.uplink(call, c.collecting, s.client_id, c.collecting)
         c.leave(s, last, request.reason)
         return pb.LeaveReply()

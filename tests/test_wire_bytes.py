@@ -176,6 +176,27 @@ async def test_absurd_wire_reports_are_refused_in_exchange_and_leave_and_leave_n
     assert report["summary"]["resilience"]["rejected_requests"] == 2
 
 
+async def test_a_report_far_from_the_servers_count_is_kept_as_wire_client_and_counted_as_a_mismatch(caplog):
+    # Prepare: a raw client whose report of its join phase says 200 kB up (it sent ~1 kB)
+    cfg = make_cfg(workers=1, rounds=1, uplink="identity", downlink="identity")
+    init, up1 = _uplinks(cfg)
+    async with Harness(cfg) as h:
+        session = (await h.raw_join(0)).session
+        # Execute
+        await _raw_exchange(h, 0, session, 0, init, previous=pb.WireReport(exchange=-1, up=200_000, down=0))
+        await _raw_exchange(h, 0, session, 1, up1)
+        await h.stub.Leave(pb.LeaveRequest(client_id=0, session=session))
+        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+    report = h.coordinator.report.to_dict()
+
+    # Assert: accepted (plausible), kept apart from the server's figure, counted and logged
+    joined = report["summary"]["init_clients"]["0"]
+    assert joined["up"]["wire_client"] == 200_000 and joined["down"]["wire_client"] == 0
+    assert joined["up"]["message"] < joined["up"]["wire"] < 20_000 and joined["down"]["wire"] > 0
+    assert report["summary"]["resilience"]["wire_mismatches"] == 1
+    assert "disagrees with the server's count" in caplog.text and "up 200000 B reported" in caplog.text
+
+
 async def test_a_client_that_sends_no_wire_report_still_gets_the_servers_figures():
     # Prepare: a raw client: Join, round 0, round 1, Leave, never a WireReport
     cfg = make_cfg(workers=1, rounds=1, uplink="identity", downlink="identity")

@@ -2,9 +2,11 @@
 
 The push goes the worker's chunk path (`stub.client_stub`: header + `chunking.iter_chunk_messages`
 -> grpc) to a minimal grpc.aio servicer in a helper process (`service` mode sink) that receives
-exactly as `service.ParameterServer.Exchange` does, through the worker's `CountingRelay` (wire
-bytes) and directly, vs a raw TCP `sendall` of the same bytes into a preallocated buffer on the same
-loopback, interleaved. Every speed figure is a ratio to that baseline (these machines are noisy).
+exactly as `service.ParameterServer.Exchange` does, directly (the worker's default) and through the
+worker's `CountingRelay` (its own wire count, for --link and --client-wire), vs a raw TCP `sendall`
+of the same bytes into a preallocated buffer on the same loopback, interleaved. Every speed figure
+is a ratio to that baseline (these machines are noisy). The sink counts each request's wire bytes
+as the server does (`wirecount.TcpInfo`: its socket's TCP_INFO) and answers with the figure.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 from ..common.errors import FrameError
 from ..common.wire import chunking, protocol
 from ..server.service import Undecodable, add_servicer, grpc_options
+from ..server.wirecount import TcpInfo, parse_peer
 from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
 from ..worker import stub
@@ -68,6 +71,36 @@ def _raw_server(lsock: socket.socket) -> None:
 
 
 class _Sink(pb_grpc.ParameterServerServicer):
+    """Exchange as the server receives it; the reply's frame_lengths[0] is the request's wire bytes as
+    the sink's socket counted them (TCP_INFO, the server's way: since the previous request on the
+    connection ended), -1 where the kernel does not say."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.info = TcpInfo()
+        try:
+            self.info.open()
+        except OSError:
+            self.info = None
+        self.conns: dict[str, list] = {}  # peer -> [family, sockid, bytes received when the last request ended]
+
+    def received(self, peer: str) -> int:
+        """Bytes the connection `peer` received since its previous request ended (-1: unknown)."""
+        if self.info is None:
+            return -1
+        conn = self.conns.get(peer)
+        if conn is None:
+            addr = parse_peer(peer)
+            found = self.info.find(self.port, addr) if addr is not None else None
+            if found is None:
+                return -1
+            conn = self.conns[peer] = [*found, 0]
+        now = self.info.read(conn[0], conn[1])
+        if now is None:
+            return -1
+        up, conn[2] = now[0] - conn[2], now[0]
+        return up
+
     async def Exchange(self, request_iterator, context):  # noqa: N802 - the servicer's method name
         it = request_iterator.__aiter__()
         first = await it.__anext__()
@@ -86,7 +119,7 @@ class _Sink(pb_grpc.ParameterServerServicer):
             parts.add(chunk)
         frames = parts.frames()
         del frames, parts
-        yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1))
+        yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, frame_lengths=[self.received(context.peer())]))
 
 
 async def _bare_unary(request: bytes, context) -> bytes:
@@ -101,11 +134,12 @@ async def _bare_stream(request_iterator, context):
 
 async def _sink_serve() -> None:
     server = grpc.aio.server(options=grpc_options())
-    add_servicer(_Sink(), server)
+    sink = _Sink()
+    add_servicer(sink, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(BARE_SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(_bare_unary),
         "Stream": grpc.stream_stream_rpc_method_handler(_bare_stream)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = sink.port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -150,21 +184,24 @@ class _Pusher:
         self.relay_ch = grpc.insecure_channel(f"{lhost}:{lport}", options=protocol.CHANNEL_OPTIONS)
         self.direct_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}", options=protocol.CHANNEL_OPTIONS)
         self.stubs = {"relay": stub.client_stub(self.relay_ch), "direct": stub.client_stub(self.direct_ch)}
-        self.unary = self.direct_ch.unary_unary(f"/{BARE_SERVICE}/Unary")
-        self.stream = self.direct_ch.stream_stream(f"/{BARE_SERVICE}/Stream")
+        # the bare calls on a connection of their own: the sink counts each Exchange's connection
+        self.bare_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}", options=protocol.CHANNEL_OPTIONS)
+        self.unary = self.bare_ch.unary_unary(f"/{BARE_SERVICE}/Unary")
+        self.stream = self.bare_ch.stream_stream(f"/{BARE_SERVICE}/Stream")
         self.raw = socket.create_connection(("127.0.0.1", ports["raw"]))
         self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def grpc(self, kind: str, frames: list) -> tuple[float, int, int, int]:
-        """One Exchange: (seconds, message bytes, wire bytes up, wire bytes down)."""
+    def grpc(self, kind: str, frames: list) -> tuple[float, int, int, int, int | None]:
+        """One Exchange: (seconds, message bytes, the relay's wire bytes up and down, the sink's count up)."""
         gen, msg_sizes = _submission_messages(1, frames)
         c0 = self.relay.counters()
         t0 = time.perf_counter()
-        for _ in self.stubs[kind].Exchange(gen()):
+        for reply in self.stubs[kind].Exchange(gen()):
             pass
         dt = time.perf_counter() - t0
         c1 = self.relay.counters()
-        return dt, sum(msg_sizes), c1["up"] - c0["up"], c1["down"] - c0["down"]
+        counted = reply.header.frame_lengths[0] if reply.header.frame_lengths else -1
+        return dt, sum(msg_sizes), c1["up"] - c0["up"], c1["down"] - c0["down"], counted if counted >= 0 else None
 
     def bare_unary(self, payload: bytes) -> float:
         t0 = time.perf_counter()
@@ -190,6 +227,7 @@ class _Pusher:
         self.raw.close()
         self.relay_ch.close()
         self.direct_ch.close()
+        self.bare_ch.close()
         self.relay.stop()
 
 
@@ -210,24 +248,28 @@ def _measure_size(p: _Pusher, n: int, reps: int, rng) -> dict:
     t_raw, t_rel, t_dir, t_una, t_str, wires = [], [], [], [], [], []
     for _ in range(reps):  # interleaved: drift hits all of them alike
         t_raw.append(p.raw_push(frames[0]))
-        dt, message, up, down = p.grpc("relay", frames)
+        dt, message, up, down, relay_counted = p.grpc("relay", frames)
         t_rel.append(dt)
-        wires.append((up, down))
-        t_dir.append(p.grpc("direct", frames)[0])
+        dt, _, _, _, counted = p.grpc("direct", frames)
+        t_dir.append(dt)
+        wires.append((up, down, relay_counted, counted))
         t_str.append(p.bare_stream(frames[0]))
         if n <= UNARY_MAX:
             t_una.append(p.bare_unary(frames[0]))
-    up, down = wires[-1]
+    up, down, relay_counted, counted = wires[-1]
     mr, mg, md = statistics.median(t_raw), statistics.median(t_rel), statistics.median(t_dir)
     ms = statistics.median(t_str)
     mu = statistics.median(t_una) if t_una else None
     row = {"size": _size_name(n), "payload": n, "message": message, "wire_up": up, "wire_down": down,
+           "server_up": counted, "server_up_relayed": relay_counted,
            "message/payload": message / n, "wire/payload": up / n,
+           "server/payload": counted / n if counted is not None else None,
            "raw_MBps": n / mr / 1e6, "grpc_relay_MBps": n / mg / 1e6, "grpc_direct_MBps": n / md / 1e6,
            "x_raw_relay": mr / mg, "x_raw_direct": mr / md,
            "x_raw_bare_unary": mr / mu if mu else None, "x_raw_bare_stream": mr / ms, "reps": reps}
     unary = f"{row['x_raw_bare_unary']:.2f}x" if mu else "-"
-    print(f"  {row['size']:>8s}: wire/payload {row['wire/payload']:.4f}  raw {row['raw_MBps']:8.1f} MB/s  "
+    server = f"{row['server/payload']:.4f}" if counted is not None else "-"
+    print(f"  {row['size']:>8s}: wire/payload {row['wire/payload']:.4f} (server {server})  raw {row['raw_MBps']:8.1f} MB/s  "
           f"grpc+relay {row['grpc_relay_MBps']:8.1f} ({row['x_raw_relay']:.2f}x)  "
           f"grpc direct {row['grpc_direct_MBps']:8.1f} ({row['x_raw_direct']:.2f}x)  "
           f"bare unary {unary}  bare stream {row['x_raw_bare_stream']:.2f}x", flush=True)
@@ -288,44 +330,58 @@ def bench_transport(level: str) -> dict:
     eth = _tcpip_overhead(1500, True)
     lo = _tcpip_overhead(lo_mtu, False)
     for r in rows:
-        r["+ip/tcp_eth1500"] = r["wire/payload"] * (1 + eth)
-        r["+ip/tcp_lo"] = r["wire/payload"] * (1 + lo)
-    big = [r for r in rows if r["payload"] >= (1 << 20)]
-    worst_wire = max(r["wire/payload"] for r in big)
-    worst_x = min(r["x_raw_relay"] for r in big)
-    goals = [
-        goal("wire/payload from 1 MB up (worst size, TCP payload bytes)", round(worst_wire, 4), "<= 1.01",
-             worst_wire <= 1.01),
-        goal("goodput vs raw TCP sendall from 1 MB up, through the worker's CountingRelay (worst size)",
-             round(worst_x, 3), ">= 0.7x", worst_x >= 0.7),
-        goal("goodput vs raw TCP sendall from 1 MB up, direct gRPC channel (measure_wire=False; worst size)",
-             round(min(r["x_raw_direct"] for r in big), 3), ">= 0.7x",
-             min(r["x_raw_direct"] for r in big) >= 0.7),
-    ]
-    cols = ["size", "payload", "message", "wire_up", "message/payload", "wire/payload", "+ip/tcp_eth1500",
-            "+ip/tcp_lo", "raw_MBps", "grpc_relay_MBps", "x_raw_relay", "grpc_direct_MBps", "x_raw_direct",
-            "x_raw_bare_unary", "x_raw_bare_stream", "reps"]
-    notes = (f"One Exchange per push, sent as the worker sends it (`stub.client_stub`): header + "
-             f"`chunking.iter_chunk_messages` (1 MiB chunk messages serialized by one join) -> grpc -> "
-             f"a grpc.aio servicer "
-             f"registered by `service.add_servicer` and receiving exactly as `ParameterServer.Exchange` (chunk "
-             f"messages as `chunking.ReceivedChunk` views, `chunking.received_chunk_size`, `Reassembler.add`, "
-             f"`frames()`), reply = "
-             f"one Downlink header. Timed from the call to the reply (median of `reps`, interleaved with the "
-             f"baseline). Baseline: raw TCP `sendall` of the same bytes to a receiver that `recv_into`s a "
-             f"buffer allocated once and reused (no allocation, no page faults: the socket's own speed) and acks "
-             f"1 byte; the receivers run in one subprocess, the senders (and the relay) in this one, all on "
-             f"127.0.0.1. x_raw_* = raw time / gRPC time. wire_up = bytes the relay "
-             f"read from the client's TCP connection (HTTP/2 + gRPC framing + protobuf tags; wire_down = the "
-             f"reply + WINDOW_UPDATE/PING frames). IP/TCP headers are not on the wire count: estimated per full "
-             f"segment as IPv4 20 + TCP 20 + timestamps 12 (+ Ethernet 14) bytes per MSS = MTU - 52, i.e. "
-             f"{eth:.2%} at MTU 1500 on Ethernet and {lo:.3%} on this loopback (MTU {lo_mtu}); the +ip/tcp "
-             f"columns are wire/payload including them (ACKs in the other direction not counted). "
-             f"Reference (what gRPC itself allows here, direct channel, same sink process, interleaved): "
-             f"x_raw_bare_unary = one unary call carrying the payload as one raw message (no protobuf; '-' above "
-             f"the 64 MiB message limit), x_raw_bare_stream = a stream-stream call of raw 1 MiB messages answered "
-             f"by one message (Exchange's shape without protobuf or reassembly).")
+        wire = r["server/payload"] if r["server/payload"] is not None else r["wire/payload"]
+        r["+ip/tcp_eth1500"] = wire * (1 + eth)
+        r["+ip/tcp_lo"] = wire * (1 + lo)
+    cols = ["size", "payload", "message", "server_up", "wire_up", "message/payload", "server/payload",
+            "wire/payload", "+ip/tcp_eth1500", "+ip/tcp_lo", "raw_MBps", "grpc_direct_MBps", "x_raw_direct",
+            "grpc_relay_MBps", "x_raw_relay", "x_raw_bare_unary", "x_raw_bare_stream", "reps"]
+    notes = _transport_notes(eth, lo, lo_mtu)
+    goals = _transport_goals([r for r in rows if r["payload"] >= (1 << 20)])
     return {"result": rows, "goals": goals, "table": notes + "\n\n" + table(rows, cols) + TRANSPORT_NOTES}
+
+
+def _transport_goals(big: list[dict]) -> list[dict]:
+    """The goals over the rows of 1 MB and more."""
+    counted = [r for r in big if r["server_up"] is not None and r["server_up_relayed"] is not None]
+    worst_wire = max((r["server/payload"] if r in counted else r["wire/payload"]) for r in big)
+    worst_diff = max((abs(r["server_up_relayed"] - r["wire_up"]) / r["payload"] for r in counted), default=None)
+    worst_direct, worst_relay = min(r["x_raw_direct"] for r in big), min(r["x_raw_relay"] for r in big)
+    return [
+        goal("wire/payload from 1 MB up, the server's own count of a direct push (worst size, TCP payload bytes)",
+             round(worst_wire, 4), "<= 1.01", worst_wire <= 1.01),
+        goal("the server's count vs the worker relay's count of the same relayed push, from 1 MB up "
+             "(worst |difference| / payload)", None if worst_diff is None else round(worst_diff, 6), "<= 0.001",
+             worst_diff is not None and worst_diff <= 0.001),
+        goal("goodput vs raw TCP sendall from 1 MB up, direct gRPC channel (the worker's default: the server "
+             "counts; worst size)", round(worst_direct, 3), ">= 0.7x", worst_direct >= 0.7),
+        goal("goodput vs raw TCP sendall from 1 MB up, through the worker's CountingRelay (--link, --client-wire; "
+             "worst size)", round(worst_relay, 3), ">= 0.7x", worst_relay >= 0.7),
+    ]
+
+
+def _transport_notes(eth: float, lo: float, lo_mtu: int) -> str:
+    return (f"One Exchange per push, sent as the worker sends it (`stub.client_stub`): header + "
+            f"`chunking.iter_chunk_messages` (1 MiB chunk messages serialized by one join) -> grpc -> a grpc.aio "
+            f"servicer registered by `service.add_servicer` and receiving exactly as `ParameterServer.Exchange` "
+            f"(chunk messages as `chunking.ReceivedChunk` views, `chunking.received_chunk_size`, `Reassembler.add`, "
+            f"`frames()`), reply = one Downlink header. Timed from the call to the reply (median of `reps`, "
+            f"interleaved with the baseline). Baseline: raw TCP `sendall` of the same bytes to a receiver that "
+            f"`recv_into`s a buffer allocated once and reused (no allocation, no page faults: the socket's own "
+            f"speed) and acks 1 byte; the receivers run in one subprocess, the senders (and the relay) in this "
+            f"one, all on 127.0.0.1. x_raw_* = raw time / gRPC time. server_up = the request's bytes as the "
+            f"receiving socket counted them (TCP_INFO bytes_received read through sock_diag, `wirecount.TcpInfo`, "
+            f"from the end of the previous request on the connection: the server's own `wire` figure) for the "
+            f"direct push; wire_up = bytes the worker's relay read from the client for the relayed push (its "
+            f"`wire_client` cross-check; wire_down = the reply + WINDOW_UPDATE/PING frames). Both are HTTP/2 + "
+            f"gRPC framing + protobuf tags. IP/TCP headers are not on the wire count: estimated per full segment "
+            f"as IPv4 20 + TCP 20 + timestamps 12 (+ Ethernet 14) bytes per MSS = MTU - 52, i.e. {eth:.2%} at "
+            f"MTU 1500 on Ethernet and {lo:.3%} on this loopback (MTU {lo_mtu}); the +ip/tcp columns are "
+            f"server/payload including them (ACKs in the other direction not counted). Reference (what gRPC "
+            f"itself allows here, direct channel, same sink process, interleaved): x_raw_bare_unary = one unary "
+            f"call carrying the payload as one raw message (no protobuf; '-' above the 64 MiB message limit), "
+            f"x_raw_bare_stream = a stream-stream call of raw 1 MiB messages answered by one message (Exchange's "
+            f"shape without protobuf or reassembly).")
 
 
 # Measured on this machine (2 cores, shared): py-spy (200-250 Hz), per-process CPU from /proc/PID/stat
@@ -360,8 +416,11 @@ Profile and bounds (2 cores shared with other jobs, load 4-6 during these measur
   the same push direct (1230 vs 2699 MB/s), which bounds x_raw_relay whatever the gRPC path does. An os.splice
   relay (socket -> pipe -> socket in per-direction threads, GIL released) was measured and not kept: same CPU
   (0.53 vs 0.50 ms/MiB incl. the sender) and push time (splice/loop 0.89-1.02 at 1-64 MB through gRPC).
-  Counting without a hop (the kernel's TCP_INFO bytes_acked/bytes_received of gRPC's own socket) would remove
-  this cost for unshaped links; gRPC Python does not expose that socket.
+  The server now counts without a hop: its own socket's TCP_INFO (bytes_received, bytes_acked) read through
+  sock_diag netlink (server/wirecount.py: once per connection a port-filtered dump finding the socket, ~0.5 ms,
+  then an exact lookup by addresses and cookie, ~13 us incl. Python, twice per Exchange and once per Join and
+  Leave). So the worker connects directly by default (x_raw_direct) and the relay is on the path only for
+  in-process link shaping (--link) and the worker's own count (--client-wire, a cross-check of the server's).
 - Options tried, both ends, none faster than the defaults (kept): grpc.http2.bdp_probe=0, lookahead_bytes
   16 MiB (with BDP probing on, grpc core resizes the window itself), max_frame_size 16 MiB, write_buffer_size
   16 MiB (only used with write-buffer hints). Chunk messages of 256 KiB / 4 MiB / 16 MiB: none faster than

@@ -15,8 +15,14 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="client id 0..n-1 (chooses the data shard); default: the lowest free one")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="where this worker computes (default: the run configuration's device)")
-    p.add_argument("--no-wire", action="store_true",
-                   help="do not route the connection through the byte-counting relay (no wire figures)")
+    wire = p.add_mutually_exclusive_group()
+    wire.add_argument("--client-wire", action="store_true",
+                      help="count the connection's bytes in this worker too, through its in-process relay, and "
+                           "send them to the server as a cross-check of its own count (the report's wire_client); "
+                           "the extra hop costs goodput. Default: only with --link (the relay is there anyway)")
+    wire.add_argument("--no-wire", action="store_true",
+                      help="never send this worker's own byte counts (with --link the relay still shapes); the "
+                           "server counts the wire bytes itself")
     p.add_argument("--link", metavar="PROFILE", default=None,
                    help="shape this worker's connection in its relay (in-process emulation, no root): a preset "
                         "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
@@ -65,6 +71,11 @@ def security_from_args(args: argparse.Namespace):
                     insecure=args.insecure)
 
 
+def _measure_wire(args: argparse.Namespace) -> bool | None:
+    """--client-wire: True, --no-wire: False, neither: None (count in the relay when there is one)."""
+    return True if args.client_wire else False if args.no_wire else None
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..worker import for_task
 
@@ -78,7 +89,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from ..common.links import parse_link
 
         link = parse_link(args.link)
-    worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=not args.no_wire,
+    worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=_measure_wire(args),
                       link=link, security=security_from_args(args), checkpoint_dir=args.checkpoint_dir,
                       reconnect_timeout=args.reconnect_timeout)
     stats = worker.run()

@@ -361,7 +361,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         n, full = self.n, 4 * self.numel
         rounds = self.rounds if not partial else max(0, self.ledger.reported_upto)
         resilience = {"nonfinite_zeroed": self.nonfinite_zeroed, "partial_rounds": self.partial_rounds,
-                      "rejected_requests": self.rejected}
+                      "rejected_requests": self.rejected, **self.ledger.resilience()}
         if self.resumed_from:
             resilience["resumed_from"] = self.resumed_from
         return dict(
@@ -371,7 +371,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
                                 "down": n * full * (rounds + 1)},
             w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
             client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
-            resilience=resilience,
+            resilience=resilience, wire_source=self.ledger.wire_source,
             **({"partial": True} if partial else {}),
         )
 

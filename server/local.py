@@ -51,6 +51,8 @@ class WorkerProcessError(EfmuonError):
 
 
 def worker_command(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
+    """Local worker j's command line. Without a shaped link it connects straight to the server (which
+    counts the wire bytes itself); with one, its relay shapes the link and reports its own counts."""
     cmd = [sys.executable, "-m", "efmuon.worker", "--server", address, "--client-id", str(client_id), "--quiet"]
     if link is not None and link.is_shaped:
         cmd += ["--link", link.to_spec()]

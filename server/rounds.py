@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..common.errors import FrameError
+from ..common.wire import protocol
 from .errors import Rejected
 from .plan import Plan
 
@@ -96,15 +97,33 @@ class RoundBarrier:
             return (0,)
         return (len(self.model.specs),)
 
-    def check_wire_report(self, round_: int, previous: pb.WireReport | None) -> None:
-        if previous is None:
+    def check_wire_report(self, round_: int | None, report: pb.WireReport | None, j: int) -> None:
+        """Client j's WireReport, sent with its Exchange of `round_` (None: with Leave). Refused with
+        INVALID_ARGUMENT when it is of no earlier call, or counts more than the client's connection
+        could have carried: twice what the server counted for it since its last accepted report (wire
+        bytes; message bytes where the server cannot count) plus one call the server did not see (cut
+        off with a broken connection, or sent to this server before a restart). Else it is compared
+        with the server's own count when it is recorded (`ByteLedger.hold`). Changes nothing when it
+        refuses."""
+        if report is None:
             return
-        if not -1 <= previous.exchange < round_ or (round_ == 0 and previous.exchange != -1):
-            raise Rejected("INVALID_ARGUMENT", f"round {round_}: the WireReport is of exchange {previous.exchange}; "
+        where = "Leave" if round_ is None else f"round {round_}"
+        if round_ is None:
+            if not -1 <= report.exchange <= self.rounds:
+                raise Rejected("INVALID_ARGUMENT", f"Leave: the WireReport is of exchange {report.exchange}; it must "
+                               f"be of a call of this run (-1 = the join phase .. {self.rounds})")
+        elif not -1 <= report.exchange < round_ or (round_ == 0 and report.exchange != -1):
+            raise Rejected("INVALID_ARGUMENT", f"round {round_}: the WireReport is of exchange {report.exchange}; "
                            f"it must be of an earlier call (-1 = the join phase .. {round_ - 1})")
-        if previous.up > 1 << 50 or previous.down > 1 << 50:
-            raise Rejected("INVALID_ARGUMENT", f"round {round_}: the WireReport counts are implausible "
-                           f"(up {previous.up}, down {previous.down})")
+        seen = self.ledger.seen_since(j)
+        lost = 2 * self.frame_limit + protocol.CHUNK_BYTES
+        if report.up > 2 * seen.up + lost or report.down > 2 * seen.down + lost:
+            what = "counted" if self.ledger.wire_source == "server" else "sent as messages"
+            raise Rejected("INVALID_ARGUMENT", f"{where}: the WireReport counts are implausible (up {report.up}, "
+                           f"down {report.down}): more than client {j}'s connection could have carried; the server "
+                           f"{what} {seen.up} B up and {seen.down} B down since its last report, and a report may "
+                           f"exceed twice that by one call it did not see, at most {lost} B")
+        self.ledger.hold(j, seen)
 
     def release_last_reply(self, s: Session, round_: int) -> None:
         """Client j starts a new submission of the round being collected: once every client has done
@@ -147,7 +166,7 @@ class RoundBarrier:
         self._store(j, round_, decoded, zeroed, train_loss)
         self.ledger.record(round_, j, "up", "payload", payload)
         self.ledger.record(round_, j, "up", "message", message)
-        self.ledger.record_wire(j, previous)
+        self.ledger.record_client_report(j, previous)
         self._result(round_)
         if len(self.submitted) == self.n:
             self._start_processing(round_)

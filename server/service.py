@@ -27,6 +27,7 @@ from .coordinator import Coordinator
 from .errors import Rejected
 from .observability import HEALTH_METHODS, Observability
 from .rounds import SubmissionKind
+from .wirecount import WireMeter
 
 log = logging.getLogger("efmuon.server")
 
@@ -133,11 +134,16 @@ def add_servicer(servicer: "ParameterServer", server) -> None:
 
 
 class ParameterServer(pb_grpc.ParameterServerServicer):
+    """The servicer. `wire` counts each call's bytes on the server's own sockets (`wirecount`): every
+    Join, Exchange and Leave snapshots its connection when it starts and once its request is complete."""
+
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
+        self.wire = WireMeter(coordinator.ledger)
 
     async def Join(self, request: pb.JoinRequest, context):
         c = self.c
+        call = self.wire.start(context.peer())
         if isinstance(request, Undecodable):
             await _abort(context, request.rejected(), c)
             return
@@ -149,6 +155,9 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             log.warning("refused Join (client %s): %s", "?" if asked is None else asked, exc)
             await _abort(context, exc, c)
             return
+        self.wire.uplink(call, c.collecting, s.client_id, c.collecting)  # the join phase: both in one round
+        if c.collecting > 0:  # a re-join: its next WireReport may count bytes sent before, to a server or
+            c.ledger.unmeasured(s.client_id, count=False)  # connection this one could not read
         ok = False
         try:
             resume = request.resume_round if request.HasField("resume_round") else None
@@ -173,6 +182,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
     async def Exchange(self, request_iterator, context):
         """A submission (header, then chunks) and its reply: S_{k+1}, a duplicate's reply, or resync."""
         c = self.c
+        call = self.wire.start(context.peer())
         it = request_iterator.__aiter__()
         try:
             first = await it.__anext__()
@@ -180,7 +190,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"), c)
             return
         try:
-            h, s, kind, plan = await self._submit(context, first, it)
+            h, s, kind, plan = await self._submit(context, first, it, call)
         except Rejected as exc:
             log.warning("refused Exchange: %s", exc)
             await _drain(it)
@@ -201,7 +211,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         if not duplicate:
             c.record_down(plan, s.client_id, header.ByteSize() + plan.chunk_message_bytes)
 
-    async def _submit(self, context, first, it):
+    async def _submit(self, context, first, it, call):
         """Check the header, take a new submission in (or read and drop a duplicate) and wait for the
         reply: (header, session, kind, Plan or None for resync). Raises Rejected."""
         c = self.c
@@ -215,15 +225,17 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         kind = c.classify(s, h.round)
         previous = h.previous if h.HasField("previous") else None
         if kind == SubmissionKind.NEW:
-            c.check_wire_report(h.round, previous)
+            c.check_wire_report(h.round, previous, s.client_id)
             c.release_last_reply(s, h.round)
             frames, total, message = await self._receive(h, it, first.ByteSize())
+            self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
             # `frames` holds the only reference to the buffers; accept() empties it after decoding
             kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
             del frames
         else:
             async for _ in it:  # a duplicate: read and drop, never apply
                 pass
+            self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
         if kind in (SubmissionKind.NEW, SubmissionKind.PENDING):
             return h, s, kind, await c.result(h.round)
         if kind == SubmissionKind.RESYNC:
@@ -257,17 +269,22 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         return frames, total, message
 
     async def Leave(self, request: pb.LeaveRequest, context):
+        c = self.c
+        call = self.wire.start(context.peer())
         try:
             if isinstance(request, Undecodable):
                 raise request.rejected()
             _check_token_client(context, request.client_id)
-            s = self.c.session(request.client_id, request.session)
+            s = c.session(request.client_id, request.session)
             if len(request.reason) > 4096:
                 raise Rejected("INVALID_ARGUMENT", f"a Leave reason of {len(request.reason)} characters: at most 4096")
+            last = request.last if request.HasField("last") else None
+            c.check_wire_report(None, last, s.client_id)
         except Rejected as exc:
-            await _abort(context, exc, self.c)
+            await _abort(context, exc, c)
             return pb.LeaveReply()
-        self.c.leave(s, request.last if request.HasField("last") else None, request.reason)
+        self.wire.uplink(call, c.collecting, s.client_id, c.collecting)
+        c.leave(s, last, request.reason)
         return pb.LeaveReply()
 
     async def Status(self, request: pb.StatusRequest, context):
@@ -310,7 +327,8 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     # without SO_REUSEPORT a second server cannot bind this port (workers would split between two runs)
     options = [*grpc_options(opts.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=interceptors or None)
-    add_servicer(ParameterServer(coordinator), server)
+    servicer = ParameterServer(coordinator)
+    add_servicer(servicer, server)
     observer = Observability(coordinator)
     await observer.install(server)  # health checking and reflection
     address = f"{host}:{port}"
@@ -323,6 +341,7 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
         bound = 0
     if not bound:
         raise ConfigError(f"could not listen on {address}: {LISTEN_HELP}")
+    servicer.wire.listening(bound)  # the server counts its connections' bytes there (or the clients do)
     if opts.metrics_port is not None:
         observer.serve_metrics(host, opts.metrics_port, opts.tls_cert, opts.tls_key)
     coordinator.observer = observer

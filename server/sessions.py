@@ -183,8 +183,9 @@ class Sessions:
 
     # ------------------------------------------------------------------ leave
     def leave(self, s: Session, last: pb.WireReport | None, reason: str) -> None:
+        """Client s leaves; `last` (checked by `check_wire_report`) is its WireReport of its last call."""
         if not s.left:
-            self.ledger.record_wire(s.client_id, last)
+            self.ledger.record_client_report(s.client_id, last)
         s.left = True
         s.reason = reason[:MAX_NAME_BYTES * 4]
         if reason:

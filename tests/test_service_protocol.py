@@ -1,6 +1,6 @@
 """The service's edges, with a real grpc.aio server in the test's event loop on 127.0.0.1 (port 0)
-and `Worker`s (sync gRPC) in threads: refusals, duplicates, bad frames, Status during a round,
-wire figures from the transport, and the Worker API matching the core round bit for bit."""
+and `Worker`s (sync gRPC) in threads: refusals, duplicates, bad frames, Status during a round, and
+the Worker API matching the core round bit for bit (wire figures: test_wire_bytes.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -152,48 +152,6 @@ async def test_status_answers_while_a_round_is_computed():
     assert ("evaluating", pb.StatusReply.STATE_RUNNING) in phases
     assert waited and all(waited), waited  # every evaluation was released by a Status reply given during it
     assert h.coordinator.report.summary["final_loss_w"] == 1.0
-
-
-async def test_wire_figures_are_the_transport_counts():
-    cfg = make_cfg(workers=2, rounds=3)
-    async with Harness(cfg) as h:
-        workers = [h.worker(0), h.worker(1)]
-        # Execute
-        await run_workers(*workers)
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
-    report = h.coordinator.report.to_dict()
-
-    # Assert: per client, the report's wire figures are exactly what that client's relay counted,
-    # call by call, and they add up to everything its TCP connection carried before Leave
-    for w in workers:
-        j = str(w.client_id)
-        init = report["summary"]["init_clients"][j]
-        per_round = [r["clients"][j] for r in report["rounds"]]
-        calls = [c["wire"] for c in w.history]  # join, exchange 0, 1, 2, 3
-        assert init["down"]["wire"] == calls[0]["down"]
-        assert init["up"]["wire"] == calls[0]["up"] + calls[1]["up"]
-        assert [r["up"]["wire"] for r in per_round] == [c["up"] for c in calls[2:]]
-        assert [r["down"]["wire"] for r in per_round[:-1]] == [c["down"] for c in calls[1:-2]]
-        assert per_round[-1]["down"]["wire"] == calls[-2]["down"] + calls[-1]["down"]
-        total = w.conn._mark  # the relay's counters at the last measurement
-        assert init["up"]["wire"] + sum(r["up"]["wire"] for r in per_round) == total["up"]
-        assert init["down"]["wire"] + sum(r["down"]["wire"] for r in per_round) == total["down"]
-        for fig in [init, *per_round]:
-            for d in ("up", "down"):
-                # HTTP/2 frame headers (9 B) and gRPC prefixes (5 B) at least: wire is never the message size
-                assert fig[d]["wire"] > fig[d]["message"] >= fig[d]["payload"], fig
-
-
-async def test_without_a_relay_wire_is_unknown_not_estimated():
-    cfg = make_cfg(workers=1, rounds=2)
-    async with Harness(cfg) as h:
-        await run_workers(h.worker(0, measure_wire=False))
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
-    report = h.coordinator.report.to_dict()
-
-    # Assert
-    for r in report["rounds"]:
-        assert r["bytes"]["up"]["wire"] is None and r["bytes"]["up"]["message"] > 0
 
 
 async def test_the_downlink_is_encoded_once_per_round_for_all_workers():

@@ -16,9 +16,11 @@ This module is the round loop (`Worker.run`, `exchange`); the pieces it drives a
 `connection` (the channel, its relay and wire marks), `join` (the Join reply and re-syncs),
 `reconnect` (the backoff), `checkpoints` (the worker's own checkpoints) and `task` (`for_task`).
 
-Wire bytes: unless `measure_wire=False`, the gRPC channel goes through an in-process
-`CountingRelay`, whose counters are read around every call; each call's figures travel to the
-server with the next call (and the last in Leave), so the server's report has them per round.
+Wire bytes: the server counts what each connection carried (its own sockets), so the channel goes
+straight to the server. With `measure_wire=True` (or a shaped link) it goes through an in-process
+`CountingRelay` instead, whose counters are read around every call; each call's figures travel to
+the server with the next call (and the last in Leave), where they cross-check the server's count
+(`wire_client` in the report).
 
 Tracing: `worker.trace = fn` (None by default, settable any time) has `fn(step)` called right after
 each step of the loop, with step one of "join", "exchange", "gradients", and "apply_downlink",
@@ -76,7 +78,7 @@ class Worker:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                  batches: Callable[[int], Any] | Iterable, server: str | Connection = "127.0.0.1:50051",
                  client_id: int | None = None, device: str | torch.device = "cpu", specs=None,
-                 measure_wire: bool = True, name: str | None = None, configure_threads: bool = True,
+                 measure_wire: bool | None = None, name: str | None = None, configure_threads: bool = True,
                  rejoin: bool | None = None, checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model = model.to(self.device)

@@ -1,9 +1,13 @@
-"""The worker's connection to the server: one gRPC channel, secured by `security.Security`, through
-the in-process byte-counting relay (`relay.CountingRelay`) when the wire is measured or shaped.
+"""The worker's connection to the server: one gRPC channel, secured by `security.Security`, straight
+to the server, or through the in-process relay (`relay.CountingRelay`) when the link is shaped or the
+worker counts the wire bytes itself.
 
-`Connection.since_mark` reads the relay's counters around every call: what one call carried, as the
-`WireReport` the worker sends with its next call. `WorkerError` is what every failure of the worker
-becomes (a refused Join, a lost connection, a protocol error), with the gRPC status code if any.
+The server counts what each connection carried (server/wirecount.py), so by default the channel goes
+directly (the relay's extra loopback hop costs goodput, BENCHMARKS.md transport). Through the relay,
+`Connection.since_mark` reads its counters around every call: what one call carried, as the
+`WireReport` the worker sends with its next call, which the server checks against its own count.
+`WorkerError` is what every failure of the worker becomes (a refused Join, a lost connection, a
+protocol error), with the gRPC status code if any.
 """
 from __future__ import annotations
 
@@ -47,9 +51,13 @@ def rpc_error(what: str, exc: grpc.RpcError) -> WorkerError:
 
 
 class Connection:
-    """A gRPC channel to the server, through a byte-counting relay when `measure_wire`."""
+    """A gRPC channel to the server; through the relay when `link` is given or `measure_wire` is True.
 
-    def __init__(self, server: str, measure_wire: bool = True, link: LinkProfile | str | None = None,
+    measure_wire: True: count the bytes here too (through the relay, also without a link) and send them
+                  as WireReports, a cross-check of the server's count; None (default): send them when
+                  the relay is there anyway (a shaped link); False: never send them."""
+
+    def __init__(self, server: str, measure_wire: bool | None = None, link: LinkProfile | str | None = None,
                  security: Security | None = None):
         self.server = server
         self.security = security  # TLS and/or a bearer token (None: neither)
@@ -58,6 +66,7 @@ class Connection:
         self.relay = None
         self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)
         self.transfers: list[dict] = []  # per call: {"exchange", "up": [bytes, s] | None, "down": ...}
+        self.reports = measure_wire is not False  # WireReports from the relay's counts, if there is one
         target = server
         if measure_wire or link is not None:
             self.relay = CountingRelay(host, port, link=link)
@@ -80,7 +89,7 @@ class Connection:
         self._mark = now
         t = self.relay.take_transfers()  # how long this call's data took (achieved link rate)
         self.transfers.append({"exchange": exchange, "up": t["up"], "down": t["down"]})
-        return rep
+        return rep if self.reports else None
 
     def status(self, timeout: float | None = 30.0) -> pb.StatusReply:
         try:

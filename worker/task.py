@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def for_task(server: str, client_id: int | None = None, device: str | None = None,
-             measure_wire: bool = True, link: LinkProfile | str | None = None, security: Security | None = None,
+             measure_wire: bool | None = None, link: LinkProfile | str | None = None, security: Security | None = None,
              checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0) -> Worker:
     """A Worker for the server's built-in task: the config comes from the server (Status), the task,
     model and layer specs from `Setup(cfg)` exactly as `efmuon simulate` builds them, and the batch of

@@ -33,9 +33,12 @@ GRPC_OPTIONS = [
 ]
 
 
-# Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s).
+# Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s). Each channel has
+# its own TCP connection (a local subchannel pool): gRPC would otherwise share one among the channels
+# of a process with the same target and options, and the server counts wire bytes per connection.
 CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
-                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                                  ("grpc.use_local_subchannel_pool", 1)]
 
 
 # ---------------------------------------------------------------------------- fingerprint

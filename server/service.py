@@ -262,7 +262,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
 
 def grpc_options(max_message_bytes: int = protocol.MAX_MESSAGE_BYTES) -> list:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes)] + protocol.SERVER_KEEPALIVE_OPTIONS
 
 
 async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:

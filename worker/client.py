@@ -48,7 +48,17 @@ from . import stub
 from .checkpoints import Pending, WorkerCheckpoints
 from .connection import Connection, WorkerError, rpc_error, split_address
 from .join import join_request, receive_join, resynced_state
-from .reconnect import rejoin_with_backoff, retryable
+from .reconnect import (
+    CONTACT_RETRY,
+    EXCHANGE_WAIT_S,
+    JOIN_WAIT_S,
+    call_timeout,
+    contact_window,
+    explained,
+    keep_trying,
+    rejoin_with_backoff,
+    retryable,
+)
 
 __all__ = ["Connection", "Worker", "WorkerError", "split_address"]
 
@@ -147,14 +157,20 @@ class Worker:
                 p.data = w
 
     # ------------------------------------------------------------------ joining
-    def join(self) -> None:
+    def join_timeout(self) -> float:
+        """The deadline of one Join: its wait and the model's bytes twice (W, and G_j of a re-sync)."""
+        return call_timeout(JOIN_WAIT_S, 2 * self._model_bytes)
+
+    def join(self, timeout: float | None = None) -> None:
         """Join (or re-join) the run. Keeps this worker's state when the server says it is consistent;
-        otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta)."""
+        otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta).
+        The call ends within `timeout` s, at most `join_timeout()`."""
         names, params = zip(*self.model.named_parameters())
         client_id = self.client_id  # as it was: one read from a checkpoint just below is not asked for
         resume = self._resume_round()
         req = join_request(self.name, names, params, client_id, self.rejoin, resume)
-        header, parts = receive_join(self.conn, req, params)
+        limit = self.join_timeout()
+        header, parts = receive_join(self.conn, req, params, limit if timeout is None else min(timeout, limit))
         cfg = protocol.decode_config(header.config).replace(report=None, metrics=None)
         if self.configure_threads and self.cfg is None:
             configure_torch(cfg.threads)
@@ -224,8 +240,10 @@ class Worker:
         The server replies only once it has applied the round, so when the reply's header arrives (and
         it is not a re-sync) the frames can never be needed again: a list `frames` is emptied then
         (the pending submission shares it), which frees one model copy before the downlink is
-        reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection."""
+        reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection.
+        The call's deadline is the barrier's wait plus its bytes (`reconnect.call_timeout`)."""
         up_payload = sum(map(len, frames))
+        timeout = call_timeout(EXCHANGE_WAIT_S, up_payload + self._model_bytes)
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
                                 frame_lengths=[len(f) for f in frames], train_loss=train_loss)
         if self._wire is not None:
@@ -233,7 +251,8 @@ class Worker:
         sizes: list[int] = []
         header, parts, down_message = None, None, 0
         try:
-            for msg in self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), metadata=self.conn.metadata):
+            for msg in self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), timeout=timeout,
+                                               metadata=self.conn.metadata):
                 if header is None:
                     down_message += msg.ByteSize()
                     if msg.WhichOneof("part") != "header":
@@ -305,8 +324,16 @@ class Worker:
     def _reconnect(self, why: WorkerError) -> None:
         """Re-join with backoff until the server answers (e.g. it restarted from a checkpoint)."""
         self.session = ""
-        rejoin_with_backoff(self.join, why, self.reconnect_timeout, self.client_id)
+        rejoin_with_backoff(lambda left: self.join(timeout=left), why, self.reconnect_timeout, self.client_id,
+                            self.conn)
         self.reconnects += 1
+
+    def _first_join(self) -> None:
+        """The first Join, tried again while the server is not up yet (for up to
+        `reconnect.contact_window`); a TLS mistake or a refusal fails at once."""
+        window = contact_window(self.reconnect_timeout)
+        keep_trying(lambda left: self.join(timeout=left), window, self.conn, CONTACT_RETRY,
+                    lambda cause, exc: f"{cause.message if cause is not None else exc} (tried for {window:g} s)")
 
     def _round(self) -> bool:
         """One round: submit (computing the submission if none is pending), take the downlink.
@@ -320,7 +347,7 @@ class Worker:
             header, S = self.exchange(k, frames, loss)
         except WorkerError as exc:
             if not retryable(exc, self.reconnect_timeout, self.client_id):
-                raise
+                raise explained(exc, self.conn) from None
             self._reconnect(exc)
             return True
         if header.resync:  # the round closed without us: take W and G_j from the server
@@ -348,7 +375,7 @@ class Worker:
         When the connection fails or the server restarts, the worker re-joins with backoff (up to
         `reconnect_timeout` seconds) and resends the submission it holds, or is re-synced."""
         try:
-            self.join()
+            self._first_join()
             while self._round():
                 pass
             try:

@@ -37,12 +37,16 @@ def join_request(name: str, names: Sequence[str], params: Sequence[torch.Tensor]
     return req
 
 
-def receive_join(conn: Connection, req: pb.JoinRequest,
-                 params: Sequence[torch.Tensor]) -> tuple[pb.JoinHeader, chunking.Reassembler]:
-    """Send `req`; return the reply's header and its frames (W, then G_j), checked against the model."""
+def receive_join(conn: Connection, req: pb.JoinRequest, params: Sequence[torch.Tensor],
+                 timeout: float) -> tuple[pb.JoinHeader, chunking.Reassembler]:
+    """Send `req`; return the reply's header and its frames (W, then G_j), checked against the model.
+
+    The whole call, the reply's frames included, ends within `timeout` s. It does not wait for a
+    channel that cannot connect: that fails at once (UNAVAILABLE, with gRPC's reason), and the
+    caller decides whether to try again (`reconnect.keep_trying`)."""
     header, parts = None, None
     try:
-        for msg in conn.stub.Join(req, wait_for_ready=True, metadata=conn.metadata):
+        for msg in conn.stub.Join(req, timeout=timeout, wait_for_ready=False, metadata=conn.metadata):
             if header is None:
                 if msg.WhichOneof("part") != "header":
                     raise ProtocolError("the server's Join reply did not start with a header")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from efmuon.common.wire import protocol
 from efmuon.server.certs import make_dev_certs
 from efmuon.worker import Worker, WorkerError
 from efmuon.worker.connection import Connection
 from efmuon.worker.security import Security
+from efmuon.worker.silence import SILENCE_S
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5"]
@@ -104,8 +104,8 @@ def test_a_stopped_server_ends_its_worker_once_the_reconnect_timeout_is_spent(tm
         # Execute: the server's host "vanishes" (stopped, its connections left open)
         srv.send_signal(signal.SIGSTOP)
         try:
-            # keepalive notices within KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S, then 5 s of re-joining
-            code = worker.wait(timeout=5 + protocol.KEEPALIVE_TIME_S + protocol.KEEPALIVE_TIMEOUT_S + 60)
+            # the silence is noticed after SILENCE_S (worker.silence), then 5 s of re-joining
+            code = worker.wait(timeout=SILENCE_S + 5 + 60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the worker outlived its --reconnect-timeout 5 by far:\n{log.read_text()[-3000:]}")
     finally:

@@ -59,6 +59,7 @@ from .reconnect import (
     rejoin_with_backoff,
     retryable,
 )
+from .silence import Silence
 
 __all__ = ["Connection", "Worker", "WorkerError", "split_address"]
 
@@ -249,28 +250,16 @@ class Worker:
         if self._wire is not None:
             h.previous.CopyFrom(self._wire)
         sizes: list[int] = []
-        header, parts, down_message = None, None, 0
-        try:
-            for msg in self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), timeout=timeout,
-                                               metadata=self.conn.metadata):
-                if header is None:
-                    down_message += msg.ByteSize()
-                    if msg.WhichOneof("part") != "header":
-                        raise ProtocolError("the server's Exchange reply did not start with a header")
-                    header = msg.header
-                    if not header.resync and isinstance(frames, list):
-                        frames.clear()
-                        self._acknowledged = True
-                    parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
-                elif msg.WhichOneof("part") == "chunk":
-                    chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
-                    down_message += chunking.received_chunk_size(msg, len(chunk))
-                    parts.add(chunk)
-                else:
-                    down_message += msg.ByteSize()
-            msg = chunk = None
-        except grpc.RpcError as exc:
-            raise rpc_error(f"Exchange of round {round_}", exc) from None
+        with Silence(self.conn) as silence:
+            try:
+                call = self.conn.stub.Exchange(stub.submission_messages(h, frames, sizes), timeout=timeout,
+                                               metadata=self.conn.metadata)
+                silence.watch(call)
+                header, parts, down_message = self._read_reply(call, frames)
+            except grpc.RpcError as exc:
+                if silence.fired:
+                    raise silence.error(f"Exchange of round {round_}") from None
+                raise rpc_error(f"Exchange of round {round_}", exc) from None
         if header is None:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
         self._wire = self.conn.since_mark(round_)
@@ -280,6 +269,28 @@ class Worker:
             "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
         self._traced("exchange")
         return header, parts.frames()
+
+    def _read_reply(self, call, frames: list[bytes]) -> tuple[pb.DownlinkHeader | None, chunking.Reassembler, int]:
+        """The Exchange reply: its header (None when there was none), S's frames and the messages' bytes.
+        Empties `frames` once the header says the round was applied (`exchange`)."""
+        header, parts, down_message = None, None, 0
+        for msg in call:
+            if header is None:
+                down_message += msg.ByteSize()
+                if msg.WhichOneof("part") != "header":
+                    raise ProtocolError("the server's Exchange reply did not start with a header")
+                header = msg.header
+                if not header.resync and isinstance(frames, list):
+                    frames.clear()
+                    self._acknowledged = True
+                parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
+            elif msg.WhichOneof("part") == "chunk":
+                chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
+                down_message += chunking.received_chunk_size(msg, len(chunk))
+                parts.add(chunk)
+            else:
+                down_message += msg.ByteSize()
+        return header, parts, down_message
 
     def leave(self, reason: str = "") -> None:
         req = pb.LeaveRequest(client_id=self.client_id or 0, session=self.session, reason=reason[:4096])

@@ -26,6 +26,7 @@ import grpc
 
 from ..common.wire import protocol
 from .connection import WorkerError, split_address
+from .silence import ServerSilent
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -66,10 +67,12 @@ def keepalive_timed_out(exc: WorkerError) -> bool:
 def diagnose(conn: Connection, exc: WorkerError, timeout: float = PROBE_TIMEOUT_S) -> Diagnosis | None:
     """Why `exc` (a failed call on `conn`) happened, or None when neither gRPC's details nor a probe of
     the server's address (for at most `timeout` s) show a cause."""
+    if isinstance(exc, ServerSilent):
+        return Diagnosis(exc.cause)
     if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return None
     if keepalive_timed_out(exc):
-        return stopped_answering(conn.server, f"no reply to keepalive pings within {protocol.KEEPALIVE_TIMEOUT_S:g} s")
+        return stopped_answering(conn.server, f"no reply to a keepalive ping within {protocol.PING_TIMEOUT_S:g} s")
     host, port = split_address(conn.server)
     found = probe(host, port, conn.security, timeout) if timeout > 0 else None
     details = str(exc)

@@ -33,23 +33,24 @@ GRPC_OPTIONS = [
 ]
 
 
-# Keepalive: a peer that vanished without closing its connections (host down, process stopped, a
-# cable pulled) is noticed within KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S, also while a call waits at
-# the round barrier with no data moving. The client pings every KEEPALIVE_TIME_S (also between calls,
-# and with no limit on pings without data); the server accepts pings that far apart (a peer pinging
-# more often than SERVER_MIN_PING_INTERVAL_S is sent GOAWAY after gRPC's default 2 strikes) and
-# pings its clients itself, less often, to drop the connections of workers that vanished.
-KEEPALIVE_TIME_S = 5.0
-KEEPALIVE_TIMEOUT_S = 5.0
-SERVER_KEEPALIVE_TIME_S = 20.0
-SERVER_KEEPALIVE_TIMEOUT_S = 10.0
+# Keepalive. The client pings every KEEPALIVE_TIME_S without data from the server (also between
+# calls, and with no limit on pings without data), so an answering server sends something at least
+# that often; the server accepts pings SERVER_MIN_PING_INTERVAL_S apart (a peer pinging more often
+# is sent GOAWAY after gRPC's default 2 strikes) and pings its clients itself, less often, to drop
+# the connections of workers that vanished. A ping not acknowledged within PING_TIMEOUT_S drops the
+# connection. That timeout stays gRPC's default of 60 s: on a slow link an acknowledgement waits
+# behind the megabytes queued in the other direction, and gRPC applies it to its flow-control (BDP)
+# pings too. The worker notices a silent server sooner through its relay (`worker.silence`).
+KEEPALIVE_TIME_S = 10.0
+PING_TIMEOUT_S = 60.0
+SERVER_KEEPALIVE_TIME_S = 30.0
 SERVER_MIN_PING_INTERVAL_S = KEEPALIVE_TIME_S / 2
 
 
 CLIENT_KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
-    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
-    ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),  # else a keepalive ping waits 60 s
+    ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),  # what gRPC 1.85 times keepalive pings by
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
@@ -57,8 +58,8 @@ CLIENT_KEEPALIVE_OPTIONS = [
 
 SERVER_KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", int(SERVER_KEEPALIVE_TIME_S * 1000)),
-    ("grpc.keepalive_timeout_ms", int(SERVER_KEEPALIVE_TIMEOUT_S * 1000)),
-    ("grpc.http2.ping_timeout_ms", int(SERVER_KEEPALIVE_TIMEOUT_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", int(SERVER_MIN_PING_INTERVAL_S * 1000)),

@@ -20,7 +20,6 @@ delivered); the join phase (initial W) is reported apart under `<direction>.join
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -51,31 +50,25 @@ class WorkerProcessError(EfmuonError):
     """A local worker process exited with an error."""
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Run by the local worker's own interpreter before it execs the worker (argv: the parent's pid, then
+# the worker's command): SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG = 1, kept across exec),
+# and at once when it already died.
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                   "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), signal.SIGTERM); "
+                   "os.execv(sys.argv[2], sys.argv[2:])")
 
 
-def die_with_parent():
-    """A `preexec_fn` that makes the child get SIGTERM when this process dies, also by SIGKILL (Linux
-    `prctl(PR_SET_PDEATHSIG)`; it survives the exec, and `ip netns exec` execs in place), so that the
-    local workers of a killed `efmuon run` do not live on as orphans re-joining for minutes. None
-    where prctl is missing (the workers then end by their --reconnect-timeout).
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` (an absolute executable first) such that it gets SIGTERM when this process dies, also by
+    SIGKILL, so the local workers of a killed `efmuon run` do not live on as orphans re-joining for
+    minutes (Linux; elsewhere `cmd` as it is: the workers then end by their --reconnect-timeout).
 
-    The signal comes when the thread that started the child ends: `LocalWorkers.launch` runs in
-    the thread of `run_local`, which outlives the workers."""
+    A small interpreter sets the signal and execs `cmd` (no `preexec_fn`: forking this process, whose
+    gRPC threads run, is unsafe). The signal comes when the thread that started the child ends:
+    `LocalWorkers.launch` runs in the thread of `run_local`, which outlives the workers."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+        return cmd
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def worker_command(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
@@ -188,13 +181,12 @@ class LocalWorkers:
         """Start the workers (serve's on_ready) and watch them: raises when one fails."""
         address = self.address = f"{self.host}:{port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        preexec = die_with_parent()
         for j in range(self.coordinator.n):
-            cmd = worker_command(address, j, self.relay.get(j), self.stats_path(j)) + local_worker_flags(self.options, j)
+            cmd = die_with_parent(worker_command(address, j, self.relay.get(j), self.stats_path(j))
+                                  + local_worker_flags(self.options, j))
             if self.star is not None:
                 cmd = self.star.exec_prefix(self.star.clients[j]) + cmd
-            self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, env=env,
-                                                                   preexec_fn=preexec))
+            self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, env=env))
         await _watch(self.procs)
 
     async def serve(self) -> dict:

@@ -50,6 +50,27 @@ class WorkerProcessError(EfmuonError):
     """A local worker process exited with an error."""
 
 
+# Run by the local worker's own interpreter before it execs the worker (argv: the parent's pid, then
+# the worker's command): SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG = 1, kept across exec),
+# and at once when it already died.
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                   "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), signal.SIGTERM); "
+                   "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` (an absolute executable first) such that it gets SIGTERM when this process dies, also by
+    SIGKILL, so the local workers of a killed `efmuon run` do not live on as orphans re-joining for
+    minutes (Linux; elsewhere `cmd` as it is: the workers then end by their --reconnect-timeout).
+
+    A small interpreter sets the signal and execs `cmd` (no `preexec_fn`: forking this process, whose
+    gRPC threads run, is unsafe). The signal comes when the thread that started the child ends:
+    `LocalWorkers.launch` runs in the thread of `run_local`, which outlives the workers."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
 def worker_command(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
     """Local worker j's command line. Without a shaped link it connects straight to the server (which
     counts the wire bytes itself); with one, its relay shapes the link and reports its own counts."""
@@ -165,7 +186,8 @@ class LocalWorkers:
         address = self.address = f"{self.host}:{port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for j in range(self.coordinator.n):
-            cmd = worker_command(address, j, self.relay.get(j), self.stats_path(j)) + local_worker_flags(self.options, j)
+            cmd = die_with_parent(worker_command(address, j, self.relay.get(j), self.stats_path(j))
+                                  + local_worker_flags(self.options, j))
             if self.star is not None:
                 cmd = self.star.exec_prefix(self.star.clients[j]) + cmd
             self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, env=env))

@@ -293,7 +293,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
 
 def grpc_options(max_message_bytes: int = protocol.MAX_MESSAGE_BYTES) -> list:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes)] + protocol.SERVER_KEEPALIVE_OPTIONS
 
 
 LISTEN_HELP = ("the port is in use (by another efmuon server or another program) or the host is not an address "

@@ -50,7 +50,18 @@ from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
 from .connection import Connection, WorkerError, rpc_error, split_address
 from .join import join_request, receive_join, resynced_state
-from .reconnect import rejoin_with_backoff, retryable
+from .reconnect import (
+    CONTACT_RETRY,
+    EXCHANGE_WAIT_S,
+    JOIN_WAIT_S,
+    call_timeout,
+    contact_window,
+    explained,
+    keep_trying,
+    rejoin_with_backoff,
+    retryable,
+)
+from .silence import Silence
 
 __all__ = ["Connection", "Worker", "WorkerError", "split_address"]
 
@@ -149,14 +160,20 @@ class Worker:
                 p.data = w
 
     # ------------------------------------------------------------------ joining
-    def join(self) -> None:
+    def join_timeout(self) -> float:
+        """The deadline of one Join: its wait and the model's bytes twice (W, and G_j of a re-sync)."""
+        return call_timeout(JOIN_WAIT_S, 2 * self._model_bytes)
+
+    def join(self, timeout: float | None = None) -> None:
         """Join (or re-join) the run. Keeps this worker's state when the server says it is consistent;
-        otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta)."""
+        otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta).
+        The call ends within `timeout` s, at most `join_timeout()`."""
         names, params = zip(*self.model.named_parameters())
         client_id = self.client_id  # as it was: one read from a checkpoint just below is not asked for
         resume = self._resume_round()
         req = join_request(self.name, names, params, client_id, self.rejoin, resume)
-        header, parts = receive_join(self.conn, req, params)
+        limit = self.join_timeout()
+        header, parts = receive_join(self.conn, req, params, limit if timeout is None else min(timeout, limit))
         cfg = protocol.decode_config(header.config).replace(report=None, metrics=None)
         if self.configure_threads and self.cfg is None:
             configure_torch(cfg.threads)
@@ -226,34 +243,25 @@ class Worker:
         The server replies only once it has applied the round, so when the reply's header arrives (and
         it is not a re-sync) the frames can never be needed again: a list `frames` is emptied then
         (the pending submission shares it), which frees one model copy before the downlink is
-        reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection."""
+        reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection.
+        The call's deadline is the barrier's wait plus its bytes (`reconnect.call_timeout`)."""
         up_payload = sum(map(len, frames))
+        timeout = call_timeout(EXCHANGE_WAIT_S, up_payload + self._model_bytes)
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
                                 frame_lengths=[len(f) for f in frames], train_loss=train_loss)
         if self._wire is not None:
             h.previous.CopyFrom(self._wire)
         sizes: list[int] = []
-        header, parts, down_message = None, None, 0
-        try:
-            for msg in self.conn.stub.Exchange(submission_messages(h, frames, sizes), metadata=self.conn.metadata):
-                if header is None:
-                    down_message += msg.ByteSize()
-                    if msg.WhichOneof("part") != "header":
-                        raise ProtocolError("the server's Exchange reply did not start with a header")
-                    header = msg.header
-                    if not header.resync and isinstance(frames, list):
-                        frames.clear()
-                        self._acknowledged = True
-                    parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
-                elif msg.WhichOneof("part") == "chunk":
-                    chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
-                    down_message += chunking.received_chunk_size(msg, len(chunk))
-                    parts.add(chunk)
-                else:
-                    down_message += msg.ByteSize()
-            msg = chunk = None
-        except grpc.RpcError as exc:
-            raise rpc_error(f"Exchange of round {round_}", exc) from None
+        with Silence(self.conn) as silence:
+            try:
+                call = self.conn.stub.Exchange(submission_messages(h, frames, sizes), timeout=timeout,
+                                               metadata=self.conn.metadata)
+                silence.watch(call)
+                header, parts, down_message = self._read_reply(call, frames)
+            except grpc.RpcError as exc:
+                if silence.fired:
+                    raise silence.error(f"Exchange of round {round_}") from None
+                raise rpc_error(f"Exchange of round {round_}", exc) from None
         if header is None:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
         self._wire = self.conn.since_mark(round_)
@@ -263,6 +271,28 @@ class Worker:
             "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
         self._traced("exchange")
         return header, parts.frames()
+
+    def _read_reply(self, call, frames: list[bytes]) -> tuple[pb.DownlinkHeader | None, chunking.Reassembler, int]:
+        """The Exchange reply: its header (None when there was none), S's frames and the messages' bytes.
+        Empties `frames` once the header says the round was applied (`exchange`)."""
+        header, parts, down_message = None, None, 0
+        for msg in call:
+            if header is None:
+                down_message += msg.ByteSize()
+                if msg.WhichOneof("part") != "header":
+                    raise ProtocolError("the server's Exchange reply did not start with a header")
+                header = msg.header
+                if not header.resync and isinstance(frames, list):
+                    frames.clear()
+                    self._acknowledged = True
+                parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
+            elif msg.WhichOneof("part") == "chunk":
+                chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
+                down_message += chunking.received_chunk_size(msg, len(chunk))
+                parts.add(chunk)
+            else:
+                down_message += msg.ByteSize()
+        return header, parts, down_message
 
     def leave(self, reason: str = "") -> None:
         req = pb.LeaveRequest(client_id=self.client_id or 0, session=self.session, reason=reason[:4096])
@@ -307,8 +337,16 @@ class Worker:
     def _reconnect(self, why: WorkerError) -> None:
         """Re-join with backoff until the server answers (e.g. it restarted from a checkpoint)."""
         self.session = ""
-        rejoin_with_backoff(self.join, why, self.reconnect_timeout, self.client_id)
+        rejoin_with_backoff(lambda left: self.join(timeout=left), why, self.reconnect_timeout, self.client_id,
+                            self.conn)
         self.reconnects += 1
+
+    def _first_join(self) -> None:
+        """The first Join, tried again while the server is not up yet (for up to
+        `reconnect.contact_window`); a TLS mistake or a refusal fails at once."""
+        window = contact_window(self.reconnect_timeout)
+        keep_trying(lambda left: self.join(timeout=left), window, self.conn, CONTACT_RETRY,
+                    lambda cause, exc: f"{cause.message if cause is not None else exc} (tried for {window:g} s)")
 
     def _round(self) -> bool:
         """One round: submit (computing the submission if none is pending), take the downlink.
@@ -322,7 +360,7 @@ class Worker:
             header, S = self.exchange(k, frames, loss)
         except WorkerError as exc:
             if not retryable(exc, self.reconnect_timeout, self.client_id):
-                raise
+                raise explained(exc, self.conn) from None
             self._reconnect(exc)
             return True
         if header.resync:  # the round closed without us: take W and G_j from the server
@@ -350,7 +388,7 @@ class Worker:
         When the connection fails or the server restarts, the worker re-joins with backoff (up to
         `reconnect_timeout` seconds) and resends the submission it holds, or is re-synced."""
         try:
-            self.join()
+            self._first_join()
             while self._round():
                 pass
             try:

@@ -19,6 +19,7 @@ from ..common.errors import ProtocolError
 from ..common.wire import chunking, protocol
 from ..v1 import service_pb2 as pb
 from .connection import rpc_error
+from .silence import Silence
 
 if TYPE_CHECKING:
     from ..common.config import RunConfig
@@ -37,22 +38,32 @@ def join_request(name: str, names: Sequence[str], params: Sequence[torch.Tensor]
     return req
 
 
-def receive_join(conn: Connection, req: pb.JoinRequest,
-                 params: Sequence[torch.Tensor]) -> tuple[pb.JoinHeader, chunking.Reassembler]:
-    """Send `req`; return the reply's header and its frames (W, then G_j), checked against the model."""
+def receive_join(conn: Connection, req: pb.JoinRequest, params: Sequence[torch.Tensor],
+                 timeout: float) -> tuple[pb.JoinHeader, chunking.Reassembler]:
+    """Send `req`; return the reply's header and its frames (W, then G_j), checked against the model.
+
+    The whole call, the reply's frames included, ends within `timeout` s, or once the server went
+    silent (`silence.Silence`). It does not wait for a channel that cannot connect: that fails at
+    once (UNAVAILABLE, with gRPC's reason), and the caller decides whether to try again
+    (`reconnect.keep_trying`)."""
     header, parts = None, None
-    try:
-        for msg in conn.stub.Join(req, wait_for_ready=True, metadata=conn.metadata):
-            if header is None:
-                if msg.WhichOneof("part") != "header":
-                    raise ProtocolError("the server's Join reply did not start with a header")
-                header = msg.header
-                parts = _reassembler(header, params)
-            elif msg.WhichOneof("part") == "chunk":
-                parts.add(msg.chunk)
-        msg = None
-    except grpc.RpcError as exc:
-        raise rpc_error(f"Join at {conn.server}", exc) from None
+    with Silence(conn) as silence:
+        try:
+            call = conn.stub.Join(req, timeout=timeout, wait_for_ready=False, metadata=conn.metadata)
+            silence.watch(call)
+            for msg in call:
+                if header is None:
+                    if msg.WhichOneof("part") != "header":
+                        raise ProtocolError("the server's Join reply did not start with a header")
+                    header = msg.header
+                    parts = _reassembler(header, params)
+                elif msg.WhichOneof("part") == "chunk":
+                    parts.add(msg.chunk)
+            msg = None
+        except grpc.RpcError as exc:
+            if silence.fired:
+                raise silence.error(f"Join at {conn.server}") from None
+            raise rpc_error(f"Join at {conn.server}", exc) from None
     if header is None:
         raise ProtocolError("the server closed Join without a reply")
     if header.protocol_version != protocol.PROTOCOL_VERSION:

@@ -12,6 +12,7 @@ from ..common.runtime import configure_torch
 from ..common.wire import protocol
 from .client import Worker
 from .connection import Connection
+from .reconnect import contact, contact_window
 
 if TYPE_CHECKING:
     from ..common.links import LinkProfile
@@ -26,7 +27,7 @@ def for_task(server: str, client_id: int | None = None, device: str | None = Non
     round k is `task.batch(client_id, k)`."""
     conn = Connection(server, measure_wire, link=link, security=security)
     try:
-        status = conn.status(timeout=max(30.0, reconnect_timeout))  # e.g. restarted while the server restarts
+        status = contact(conn, contact_window(reconnect_timeout))  # e.g. restarted while the server restarts
         cfg = protocol.decode_config(status.config).replace(report=None, metrics=None)
         configure_torch(cfg.threads)
         setup = Setup(cfg)

@@ -33,12 +33,46 @@ GRPC_OPTIONS = [
 ]
 
 
+# Keepalive. The client pings every KEEPALIVE_TIME_S without data from the server (also between
+# calls, and with no limit on pings without data), so an answering server sends something at least
+# that often; the server accepts pings SERVER_MIN_PING_INTERVAL_S apart (a peer pinging more often
+# is sent GOAWAY after gRPC's default 2 strikes) and pings its clients itself, less often, to drop
+# the connections of workers that vanished. A ping not acknowledged within PING_TIMEOUT_S drops the
+# connection. That timeout stays gRPC's default of 60 s: on a slow link an acknowledgement waits
+# behind the megabytes queued in the other direction, and gRPC applies it to its flow-control (BDP)
+# pings too. The worker notices a silent server sooner through its relay (`worker.silence`).
+KEEPALIVE_TIME_S = 10.0
+PING_TIMEOUT_S = 60.0
+SERVER_KEEPALIVE_TIME_S = 30.0
+SERVER_MIN_PING_INTERVAL_S = KEEPALIVE_TIME_S / 2
+
+
+CLIENT_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),  # what gRPC 1.85 times keepalive pings by
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+SERVER_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", int(SERVER_KEEPALIVE_TIME_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", int(SERVER_MIN_PING_INTERVAL_S * 1000)),
+]
+
+
 # Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s). Each channel has
 # its own TCP connection (a local subchannel pool): gRPC would otherwise share one among the channels
 # of a process with the same target and options, and the server counts wire bytes per connection.
-CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
-                                  ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
-                                  ("grpc.use_local_subchannel_pool", 1)]
+CHANNEL_OPTIONS = GRPC_OPTIONS + CLIENT_KEEPALIVE_OPTIONS + [
+    ("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.use_local_subchannel_pool", 1)]
 
 
 # ---------------------------------------------------------------------------- fingerprint

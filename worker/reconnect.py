@@ -6,9 +6,9 @@ a server restart (e.g. from a checkpoint) and resends the submission it holds, o
 (`Worker.run`). It gives up on any other failure, and when another process took its client id over.
 
 No call waits without a deadline (`call_timeout`), and a server that vanished without closing the
-connection (host down, process stopped) is noticed by keepalive pings within
-`protocol.KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S`, also while an Exchange waits at the round
-barrier. `keep_trying` is the one retry loop (first contact, re-Join): each attempt gets what is left
+connection (host down, process stopped) is noticed within `silence.SILENCE_S` (through the relay;
+without one, gRPC's keepalive: `protocol.KEEPALIVE_TIME_S + PING_TIMEOUT_S`), also while an Exchange
+waits at the round barrier. `keep_trying` is the one retry loop (first contact, re-Join): each attempt gets what is left
 of the loop's time, so the loop, a call in flight included, ends by its deadline; a failure that
 `failures.diagnose` calls permanent (a TLS mistake) ends it at once.
 """

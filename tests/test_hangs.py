@@ -98,7 +98,10 @@ def test_a_stopped_server_ends_its_worker_once_the_reconnect_timeout_is_spent(tm
     worker = None
     try:
         wait_for(lambda: "listening on" in (tmp_path / "server.log").read_text(), srv, tmp_path / "server.log")
-        worker = start(["worker", "--server", f"127.0.0.1:{port}", "--client-id", "0", "--reconnect-timeout", "5"], log)
+        # --client-wire: through the relay, whose counters the silence watchdog reads (25 s); a direct
+        # worker (the default) notices by gRPC's keepalive instead, within 10 + 60 s
+        worker = start(["worker", "--server", f"127.0.0.1:{port}", "--client-id", "0", "--reconnect-timeout", "5",
+                        "--client-wire"], log)
         wait_for(lambda: "joined as client 0" in log.read_text(), worker, log)
 
         # Execute: the server's host "vanishes" (stopped, its connections left open)

@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 
@@ -57,6 +57,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         # keyed by sha256(token): a dict lookup then reveals nothing useful about a valid token's bytes
         self._by_digest = {_digest(t): c for t, c in tokens.items()}
         self._exempt = frozenset(exempt)
+        self.on_reject: Callable[[str], None] | None = None  # called with the status code of each refusal
 
     def check(self, metadata) -> tuple[bool, int | None, str]:
         """(ok, client id, error message) for a call's invocation metadata."""
@@ -79,6 +80,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         ok, client, message = self.check(handler_call_details.invocation_metadata)
         if not ok:
             log.warning("refused %s: %s", handler_call_details.method, message)
+            if self.on_reject is not None:
+                self.on_reject("UNAUTHENTICATED")
             return _rejecting_handler(handler, message)
         return _authenticated_handler(handler, client)
 
@@ -227,16 +230,20 @@ class ClientCertificateInterceptor(grpc.aio.ServerInterceptor):
     Status (no client id) is open to any certificate the CA signed. A message that does not decode, or
     an Exchange that does not start with its header, goes on to the servicer, which refuses it."""
 
+    on_reject: Callable[[str], None] | None = None  # called with the status code of each refusal
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method not in (JOIN, EXCHANGE, LEAVE):
             return handler
-        return _certificate_checked_handler(handler, method)
+        return _certificate_checked_handler(handler, method, self.on_reject)
 
 
-async def _refuse(context, method: str, exc: Rejected) -> None:
+async def _refuse(context, method: str, exc: Rejected, on_reject: Callable[[str], None] | None = None) -> None:
     log.warning("refused %s: %s", method, exc)
+    if on_reject is not None:
+        on_reject(exc.code)
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
@@ -254,7 +261,8 @@ async def _drain(it) -> None:
         pass
 
 
-def _certificate_checked_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _certificate_checked_handler(handler: grpc.RpcMethodHandler, method: str,
+                                 on_reject: Callable[[str], None] | None = None) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
     def check(request, context):
@@ -270,14 +278,14 @@ def _certificate_checked_handler(handler: grpc.RpcMethodHandler, method: str) ->
         try:
             check(request, context)
         except Rejected as exc:
-            await _refuse(context, method, exc)
+            await _refuse(context, method, exc, on_reject)
         return await _resolve(inner(request, context))
 
     async def unary_stream(request, context):
         try:
             check(request, context)
         except Rejected as exc:
-            await _refuse(context, method, exc)
+            await _refuse(context, method, exc, on_reject)
         async for item in _iterate(await _resolve(inner(request, context))):
             yield item
 
@@ -292,7 +300,7 @@ def _certificate_checked_handler(handler: grpc.RpcMethodHandler, method: str) ->
                 check_certificate_client(context, first.header.client_id)
             except Rejected as exc:
                 await _drain(it)
-                await _refuse(context, method, exc)
+                await _refuse(context, method, exc, on_reject)
 
         async def replay():
             if first is not None:

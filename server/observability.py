@@ -159,8 +159,9 @@ class Observability:
         self._serving: bool | None = None
         self._tasks: set[asyncio.Task] = set()
         self.registry = CollectorRegistry()
-        self.rejected_requests = Counter("efmuon_rejected_requests", "requests the servicer refused, by gRPC "
-                                         "status code (their sum is Status.rejected)", ["code"],
+        self.rejected_requests = Counter("efmuon_rejected_requests", "requests refused (by the servicer or the "
+                                         "auth interceptors), by gRPC status code (their sum is Status.rejected)",
+                                         ["code"],
                                          registry=self.registry)
         self.resyncs = Counter("efmuon_resyncs", "re-syncs: Joins answered with the server's W (and G_j), and "
                                "Exchanges answered 'join again'", ["rpc"], registry=self.registry)

@@ -5,6 +5,7 @@ Refusals (`Rejected`) become `context.abort(code, message)`; nothing else is dec
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -32,11 +33,17 @@ from .wirecount import WireMeter
 log = logging.getLogger("efmuon.server")
 
 
+def count_rejection(coordinator: Coordinator, code: str) -> None:
+    """One refused request (by the servicer, or by an auth interceptor before it): Status.rejected and the
+    metrics' count by status code."""
+    coordinator.rejected += 1
+    if coordinator.observer is not None:
+        coordinator.observer.rejected(code)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Rejected, coordinator: Coordinator | None = None) -> None:
     if coordinator is not None:
-        coordinator.rejected += 1
-        if coordinator.observer is not None:
-            coordinator.observer.rejected(exc.code)
+        count_rejection(coordinator, exc.code)
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
@@ -345,6 +352,8 @@ async def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0
     if opts.metrics_port is not None:
         observer.serve_metrics(host, opts.metrics_port, opts.tls_cert, opts.tls_key)
     coordinator.observer = observer
+    for interceptor in interceptors:  # their refusals count like the servicer's
+        interceptor.on_reject = functools.partial(count_rejection, coordinator)
     await server.start()
     coordinator.start()
     return server, bound

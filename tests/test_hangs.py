@@ -280,3 +280,11 @@ def test_a_worker_object_names_an_untrusted_server_certificate_at_its_first_join
     # Assert: permanent, so not retried for the 300 s
     assert "this worker rejected the certificate of the server" in str(failed.value)
     assert "not signed by the CA this worker trusts" in str(failed.value)
+
+
+def test_a_server_host_that_does_not_resolve_is_one_clear_line(tmp_path):
+    out = subprocess.run(CLI + ["worker", "--server", "no-such-host.invalid:50051", "--client-id", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "no-such-host.invalid" in out.stderr and "does not resolve" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -212,6 +212,8 @@ async def test_health_needs_no_token_under_tls_and_tokens(certs, mutual):
     assert SERVICE in services and HEALTH_SERVICE in services
     assert obs.metrics_url.startswith("https://")
     assert value(metrics, "efmuon_serving") == 1 and value(metrics, "efmuon_workers") == 2
+    # the token interceptor's refusals are counted with the servicer's, by code
+    assert value(metrics, "efmuon_rejected_requests_total", code="UNAUTHENTICATED") == 2
 
 
 def test_metrics_port_flag_of_server_and_run():

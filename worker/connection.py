@@ -11,6 +11,7 @@ protocol error), with the gRPC status code if any.
 """
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import grpc
@@ -62,6 +63,10 @@ class Connection:
         self.server = server
         self.security = security  # TLS and/or a bearer token (None: neither)
         host, port = split_address(server)
+        try:  # a name that does not resolve is a mistake to name now, not a retry loop
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise WorkerError(f"the server's host {host!r} does not resolve ({exc}); check --server HOST:PORT") from None
         check_transport(host, security)  # no token in plaintext off loopback without --insecure
         self.relay = None
         self.link = link  # a LinkProfile or spec the relay shapes this connection with (None: unshaped)

@@ -78,7 +78,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..v1 import service_pb2 as pb
-    from .observability import Observability
 
 __all__ = ["Coordinator", "Phase", "Plan", "Rejected", "ServerModel", "ServerOptions", "Session", "SubmissionKind"]
 
@@ -102,7 +101,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
     """
 
     events: Callable[[str, int, float, float], None] | None = None
-    observer: Observability | None = None
+    observer = None  # a server.observability.Observability (not imported: it reads the Coordinator)
 
     def __init__(self, cfg: RunConfig, model: ServerModel, device: str | torch.device = "cpu",
                  quiet: bool = False, stream=None, leave_timeout: float = LEAVE_TIMEOUT,

@@ -219,7 +219,7 @@ def check_certificate_client(context, claimed: int | None) -> int:
 
 JOIN, EXCHANGE, LEAVE = (f"/efmuon.v1.ParameterServer/{m}" for m in ("Join", "Exchange", "Leave"))
 
-DRAIN_SECONDS, DRAIN_MESSAGES = 2.0, 4096  # as the servicer's: read what a refused stream still sends
+DRAIN_SECONDS, DRAIN_MESSAGES = 2.0, 4096  # what a refused stream may still send is read, up to these
 
 
 class ClientCertificateInterceptor(grpc.aio.ServerInterceptor):
@@ -247,7 +247,7 @@ async def _refuse(context, method: str, exc: Rejected, on_reject: Callable[[str]
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
-async def _drain(it) -> None:
+async def drain_refused_stream(it) -> None:
     """Read (bounded) what the client still sends, so it sees the status code and not a broken stream."""
     async def read():
         n = 0
@@ -299,7 +299,7 @@ def _certificate_checked_handler(handler: grpc.RpcMethodHandler, method: str,
             try:
                 check_certificate_client(context, first.header.client_id)
             except Rejected as exc:
-                await _drain(it)
+                await drain_refused_stream(it)
                 await _refuse(context, method, exc, on_reject)
 
         async def replay():
@@ -335,9 +335,15 @@ def check_tls_files(cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None, cert_
     """The certificate and CA parse and the key belongs to the certificate (their public keys are equal).
     Needs the optional `cryptography` package; without it only gRPC's own checks apply."""
     try:
-        from cryptography import x509  # lazy: optional dependency (efmuon certs uses it too)
-        from cryptography.exceptions import UnsupportedAlgorithm  # lazy: optional dependency
-        from cryptography.hazmat.primitives import serialization  # lazy: optional dependency
+        from cryptography import (
+            x509,  # lazy: optional dependency (efmuon certs uses it too)
+        )
+        from cryptography.exceptions import (
+            UnsupportedAlgorithm,  # lazy: optional dependency
+        )
+        from cryptography.hazmat.primitives import (
+            serialization,  # lazy: optional dependency
+        )
     except ImportError:
         return
     try:

@@ -21,6 +21,7 @@ from .auth import (
     ClientCertificateInterceptor,
     TokenAuthInterceptor,
     authenticated_client,
+    drain_refused_stream,
     is_authenticated,
     server_credentials,
 )
@@ -99,23 +100,6 @@ def _safe(cls):
     return deserialize
 
 
-DRAIN_SECONDS = 2.0
-DRAIN_MESSAGES = 4096
-
-
-async def _drain(it) -> None:
-    """Read what the client is still sending (bounded) before refusing, so it sees our status code and
-    not a broken stream."""
-    async def read():
-        n = 0
-        async for _ in it:
-            n += 1
-            if n >= DRAIN_MESSAGES:
-                return
-    try:
-        await asyncio.wait_for(read(), DRAIN_SECONDS)
-    except Exception:  # noqa: BLE001 - the stream is bad or slow: abort anyway
-        pass
 
 
 def add_servicer(servicer: "ParameterServer", server) -> None:
@@ -200,7 +184,7 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             h, s, kind, plan = await self._submit(context, first, it, call)
         except Rejected as exc:
             log.warning("refused Exchange: %s", exc)
-            await _drain(it)
+            await drain_refused_stream(it)
             await _abort(context, exc, c)
             return
         if plan is None:  # tell the client to re-join: its estimator on the server did not take this round

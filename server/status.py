@@ -7,6 +7,7 @@ from ..common.runtime import rss_bytes
 from ..common.wire import protocol
 from ..v1 import service_pb2 as pb
 
+
 def run_state(c) -> int:  # c: the Coordinator (not imported: it imports this module)
     """The StatusReply.State of the run: stopping (or failed), finished, waiting for round 0, running."""
     if c.stopping or c.failed is not None:

@@ -5,30 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import torch
 from efmuon.common.config import RunConfig, resolve
 from efmuon.common.model import model_specs, parameters_of
 from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel
+from conftest import batches_of, loss_fn, tiny_model
 from efmuon.worker import Worker
-from torch import nn
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def batches_of(j: int):
-    def batch(k: int):
-        g = torch.Generator().manual_seed(100 * j + k)
-        return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-    return batch
 
 
 async def test_events_report_each_submission_each_round_and_each_reply_in_order():

@@ -414,7 +414,11 @@ async def test_connection_lost_after_the_reply_header_resumes_at_the_next_round_
     expected = reference_w(cfg)
     assert h.coordinator.report.summary["w_sha256"] == expected
     assert [s["w_sha256"] for s in stats] == [expected, expected]
-    assert w1.reconnects == 1 and w1.resyncs == 0 and proxy.connections == 2
+    assert w1.reconnects == 1 and w1.resyncs == 0
+    # At least the first connection and the one after the cut. gRPC may open one more TCP connection
+    # on its own (the old channel's subchannel retries before it is closed), so the count is a floor;
+    # the worker-level record (joins, submissions) is what says the resume happened once.
+    assert proxy.connections >= 2
     assert gate.joins == [None, K + 1]  # the first Join, then the resume at round K + 1
     p = len(w1.state.W)
     assert gate.submissions == [(0, p), (1, p), (K, p), (K, 0), (3, p), (4, p)]  # round K again, without frames

@@ -156,16 +156,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from ..server.app import (
-        run_server,  # lazy: torch and grpc only when the command runs
-    )
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if not (args.resume or args.print_config) and (args.tls_cert is None) == (args.tls_key is None):
+        # before torch is imported, so that a wrong --host/--port/TLS file fails at once; run_server checks
+        # again with the final options (a resumed run's TLS files come from its checkpoint)
+        from ..server.listen import check_listen  # lazy: grpc only when the command runs
+
+        check_listen(args.host, args.port, args, args.insecure)
     cfg, resume = config_and_resume(args)
     if args.print_config:
         from .inspect import print_config  # lazy: torch only when a command runs
 
         return print_config(cfg) or 0
+    from ..server.app import run_server  # lazy: torch only when the command runs
+
     report = run_server(cfg, args.host, args.port, options=options_from_args(args, resume), resume=resume,
                         insecure=args.insecure)
     return 130 if report["summary"].get("partial") else 0

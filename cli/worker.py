@@ -36,6 +36,9 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="after a lost connection or a server restart, keep re-joining for this long (default 300; "
                         "0: fail at once)")
+    r.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                   help="at start, keep trying to reach the server for this long (e.g. started before the server "
+                        "listens; default: 30 or --reconnect-timeout, whichever is longer)")
     r.add_argument("--token", default=None, metavar="TOKEN", help="bearer token for the server's --token-file "
                    "(prefer --token-file: a command line is visible to other users)")
     r.add_argument("--token-file", default=None, metavar="FILE",
@@ -77,11 +80,12 @@ def _measure_wire(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ..worker import for_task
-
     if args.client_id is not None and args.client_id < 0:
         raise ConfigError(f"--client-id {args.client_id} is not a client id: give 0..n-1 (n = the server's "
                           "--workers), or leave it out to be given the lowest free one")
+    for flag, value in (("--reconnect-timeout", args.reconnect_timeout), ("--connect-timeout", args.connect_timeout)):
+        if value is not None and not (value >= 0 and value < float("inf")):
+            raise ConfigError(f"{flag} {value:g} is not a time: give seconds >= 0")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     link = None
@@ -89,9 +93,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from ..common.links import parse_link
 
         link = parse_link(args.link)
-    worker = for_task(args.server, client_id=args.client_id, device=args.device, measure_wire=_measure_wire(args),
-                      link=link, security=security_from_args(args), checkpoint_dir=args.checkpoint_dir,
-                      reconnect_timeout=args.reconnect_timeout)
+    from ..worker.reconnect import contact_window, reach
+
+    conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
+                         _measure_wire(args), link, security_from_args(args))
+    # lazy: torch only once the flags are checked and the server answered, so that a wrong address, a
+    # TLS mistake or a bad flag fails at once, not after the seconds torch takes to load
+    from ..worker.task import for_status
+
+    worker = for_status(conn, status, client_id=args.client_id, device=args.device,
+                        checkpoint_dir=args.checkpoint_dir, reconnect_timeout=args.reconnect_timeout,
+                        connect_timeout=args.connect_timeout)
     stats = worker.run()
     if args.stats:
         import json

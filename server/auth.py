@@ -113,14 +113,26 @@ def _rebuild(handler: grpc.RpcMethodHandler, uu, us, su, ss) -> grpc.RpcMethodHa
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def unary(request_or_iterator, context):
+    """Aborts with UNAUTHENTICATED; a request stream is drained first (bounded, `drain_refused_stream`):
+    a client still sending when the call ends would otherwise see INTERNAL ("Failed execute_batch")
+    instead of the refusal."""
+    async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def streaming(request_or_iterator, context):
+    async def unary_stream(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator; abort always raises
 
-    return _rebuild(handler, unary, streaming, unary, streaming)
+    async def stream_unary(request_iterator, context):
+        await drain_refused_stream(request_iterator)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream_stream(request_iterator, context):
+        await drain_refused_stream(request_iterator)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator; abort always raises
+
+    return _rebuild(handler, unary, unary_stream, stream_unary, stream_stream)
 
 
 def _authenticated_handler(handler: grpc.RpcMethodHandler, client: int | None) -> grpc.RpcMethodHandler:

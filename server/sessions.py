@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..common.wire import chunking, protocol
+from ..common.wire import chunking, protocol, raw
 from .errors import Rejected
 from .options import MAX_NAME_BYTES
 
@@ -125,7 +125,7 @@ class Sessions:
         async with self._init_lock:
             if self._init_w is None:
                 def build():
-                    frames = protocol.raw_frames(self.state.W)
+                    frames = raw.raw_frames(self.state.W)
                     return [len(f) for f in frames], list(chunking.iter_chunks(frames))
                 self._init_w = await self._run(build)
             return self._init_w
@@ -160,8 +160,8 @@ class Sessions:
             if p is not None:
                 ef14 = self.cfg.method == "ef14"
                 est = [t.clone() for t in p] if (est is None or ef14) else [e.add_(t) for e, t in zip(est, p)]
-        wf = protocol.raw_frames(self.state.W)
-        ef = protocol.raw_frames(est) if est is not None else []
+        wf = raw.raw_frames(self.state.W)
+        ef = raw.raw_frames(est) if est is not None else []
         return [len(f) for f in wf], [len(f) for f in ef], list(chunking.iter_chunks(wf + ef))
 
     def confirm_join(self, s: Session, request_bytes: int, reply_bytes: int, payload: int) -> None:

@@ -237,7 +237,7 @@ def test_tls_mistakes_and_nothing_listening_are_named_and_tls_is_not_retried(ser
         procs[name] = start(["worker", "--server", f"127.0.0.1:{ports[srv]}", "--client-id", "0", *flags],
                             tmp_path / f"{name}.log")
     procs["nothing-listens"] = start(["worker", "--server", f"127.0.0.1:{nobody}", "--client-id", "0",
-                                      "--reconnect-timeout", "1"], tmp_path / "nothing-listens.log")
+                                      "--connect-timeout", "5"], tmp_path / "nothing-listens.log")
     codes = {}
     try:
         for name, p in procs.items():
@@ -259,7 +259,7 @@ def test_tls_mistakes_and_nothing_listening_are_named_and_tls_is_not_retried(ser
         assert "trying again" not in out, f"{name} was retried: {out[-3000:]}"  # a TLS mistake is permanent
     out = (tmp_path / "nothing-listens.log").read_text()
     assert codes["nothing-listens"] not in (0, None), out
-    assert f"nothing listens on 127.0.0.1:{nobody}: is the server running?" in out, out
+    assert f"nothing listens on 127.0.0.1:{nobody}: is the server running? (tried for 5 s)" in out, out
     assert out.index("nothing listens") < out.index("efmuon worker: error:")  # said at once, before giving up
 
 

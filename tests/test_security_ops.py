@@ -321,7 +321,7 @@ async def test_grpc_never_shares_a_port_between_two_servers():
 
 
 @pytest.mark.parametrize("case", ["port-high", "port-negative", "host-999", "host-unknown", "key-mismatch",
-                                  "cert-missing", "cert-unreadable", "worker-client-id"])
+                                  "cert-missing", "cert-unreadable", "worker-client-id", "worker-connect-timeout"])
 def test_startup_mistakes_are_one_line_and_exit_2(certs, case):
     good, other = certs / "good", certs / "other"
     tls = ["--host", "127.0.0.1", "--port", "0", "--tls-key"]
@@ -338,6 +338,8 @@ def test_startup_mistakes_are_one_line_and_exit_2(certs, case):
         "cert-unreadable": (["server", *tls, str(good / "server.key"), "--tls-cert", str(good)],  # a directory
                             ["cannot be read"]),
         "worker-client-id": (["worker", "--server", "127.0.0.1:1", "--client-id", "-1"], ["--client-id -1", "0..n-1"]),
+        "worker-connect-timeout": (["worker", "--server", "127.0.0.1:1", "--connect-timeout", "nan"],
+                                   ["--connect-timeout nan is not a time"]),
     }[case]
 
     # Execute
@@ -345,3 +347,18 @@ def test_startup_mistakes_are_one_line_and_exit_2(certs, case):
 
     # Assert
     assert_one_error_line(out, args[0], *needles)
+
+
+def test_startup_mistakes_are_refused_before_torch_is_imported(certs):
+    """A wrong --port, --host or TLS file, or a bad worker flag, fails before the model (and torch) is
+    loaded: the user hears of it at once, not after seconds of start-up."""
+    good = certs / "good"
+    probe = ("import sys; from efmuon.cli import main; code = main(sys.argv[1:]); "
+             "print('torch' in sys.modules); sys.exit(code)")
+    for args in (["server", "--host", "127.0.0.1", "--port", "99999"],
+                 ["server", "--host", "127.0.0.1", "--port", "0", "--tls-cert", str(good / "missing.pem"),
+                  "--tls-key", str(good / "server.key")],
+                 ["worker", "--server", "127.0.0.1:1", "--client-id", "-1"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stdout.strip() == "False", (args, out.stdout, out.stderr)

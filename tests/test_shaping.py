@@ -191,11 +191,12 @@ def test_relay_transfers_are_exact_and_never_measured_above_the_rate():
 
 
 # ------------------------------------------------------------------------------------------ efmuon run
-# (rate, lsq d_in, d_out): a full model of about 0.5 s at the rate (identity both ways, one worker)
-RATES = [(1e6, 128, 160), (10e6, 512, 320), (100e6, 1024, 1536)]
+# (rate, lsq d_in, d_out): a full model of about 0.5 s at the rate (identity both ways, one worker); the two
+# ends of the relay's chunk sizes (1 KiB and 64 KiB, test_chunk_size_is_about_10_ms_of_rate_as_a_power_of_two)
+RATES = [(1e6, 128, 160), (100e6, 1024, 1536)]
 
 
-@pytest.mark.parametrize("rate, d_in, d_out", RATES, ids=["1mbit", "10mbit", "100mbit"])
+@pytest.mark.parametrize("rate, d_in, d_out", RATES, ids=["1mbit", "100mbit"])
 def test_run_inproc_reports_the_links_and_an_achieved_rate_never_above_the_configured_one(tmp_path, rate, d_in,
                                                                                            d_out):
     spec = f"up={rate / 1e6:g}mbit,down={rate / 1e6:g}mbit"

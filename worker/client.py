@@ -90,7 +90,8 @@ class Worker:
                  batches: Callable[[int], Any] | Iterable, server: str | Connection = "127.0.0.1:50051",
                  client_id: int | None = None, device: str | torch.device = "cpu", specs=None,
                  measure_wire: bool | None = None, name: str | None = None, configure_threads: bool = True,
-                 rejoin: bool | None = None, checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0):
+                 rejoin: bool | None = None, checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0,
+                 connect_timeout: float | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model = model.to(self.device)
         # before the Join buffers and the WorkerState are allocated (their model copies then come from mmap)
@@ -113,6 +114,7 @@ class Worker:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoints = WorkerCheckpoints(checkpoint_dir)
         self.reconnect_timeout = float(reconnect_timeout)
+        self.connect_timeout = connect_timeout
         self.pending: Pending | None = None  # (round, frames, loss) not yet acknowledged
         self.resyncs = 0
         self.reconnects = 0
@@ -344,7 +346,7 @@ class Worker:
     def _first_join(self) -> None:
         """The first Join, tried again while the server is not up yet (for up to
         `reconnect.contact_window`); a TLS mistake or a refusal fails at once."""
-        window = contact_window(self.reconnect_timeout)
+        window = contact_window(self.reconnect_timeout, self.connect_timeout)
         keep_trying(lambda left: self.join(timeout=left), window, self.conn, CONTACT_RETRY,
                     lambda cause, exc: f"{cause.message if cause is not None else exc} (tried for {window:g} s)")
 

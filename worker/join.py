@@ -16,7 +16,7 @@ import torch
 
 from ..common.algorithm import WorkerState
 from ..common.errors import ProtocolError
-from ..common.wire import chunking, protocol
+from ..common.wire import chunking, protocol, raw
 from ..v1 import service_pb2 as pb
 from .connection import rpc_error
 from .silence import Silence
@@ -92,12 +92,12 @@ def resynced_state(header: pb.JoinHeader, parts: chunking.Reassembler, shapes: S
     frames = parts.frames()
     p = len(shapes)
     # W (and G_j) alias the reassembled Join buffer (writable, owned by nobody else): no copy
-    W = protocol.tensors_from_raw(frames[:p], shapes)
+    W = raw.tensors_from_raw(frames[:p], shapes)
     state = WorkerState(W, specs, cfg, client_id, device=device, copy=False)
     del W
     adopt(state)
     if header.estimator_frame_lengths:  # re-sync: G_j from the server, M_j := G_j
-        G = protocol.tensors_from_raw(frames[p:], shapes)
+        G = raw.tensors_from_raw(frames[p:], shapes)
         state.Gj = [g.to(device) for g in G]
         state.M = [g.to(device).clone() for g in G]
         del G

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from .connection import WorkerError
+from .connection import Connection, WorkerError
 from .failures import PROBE_TIMEOUT_S, Diagnosis, diagnose
 
 if TYPE_CHECKING:
     from ..v1 import service_pb2 as pb
-    from .connection import Connection
 
 log = logging.getLogger("efmuon.worker")
 
@@ -49,8 +48,10 @@ CONTACT_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE
 MIN_TRANSFER_BYTES_PER_S = 32 * 1024
 EXCHANGE_WAIT_S = 900.0
 JOIN_WAIT_S = 120.0
+CONTACT_WINDOW_S = 30.0  # the default first-contact window (a worker started before its server)
 STATUS_ATTEMPT_S = 2.0  # the first Status attempt's deadline; each retry doubles it
 MIN_ATTEMPT_S = 0.05  # less time than this left: give up rather than start another attempt
+FINAL_PROBE_S = 1.0  # the probe after the last attempt when none found a cause (e.g. a 2 s --connect-timeout)
 
 
 def call_timeout(wait: float, nbytes: int) -> float:
@@ -58,9 +59,12 @@ def call_timeout(wait: float, nbytes: int) -> float:
     return wait + nbytes / MIN_TRANSFER_BYTES_PER_S
 
 
-def contact_window(reconnect_timeout: float) -> float:
-    """How long a worker tries to reach the server before its first Join succeeded."""
-    return max(30.0, reconnect_timeout)
+def contact_window(reconnect_timeout: float, connect_timeout: float | None = None) -> float:
+    """How long a worker tries to reach the server before its first Join succeeded: `connect_timeout`
+    where given (--connect-timeout), else 30 s or `reconnect_timeout`, whichever is longer."""
+    if connect_timeout is not None:
+        return float(connect_timeout)
+    return max(CONTACT_WINDOW_S, reconnect_timeout)
 
 
 def retryable(exc: WorkerError, reconnect_timeout: float, client_id: int | None) -> bool:
@@ -109,6 +113,8 @@ def keep_trying(attempt: Callable[[float], T], seconds: float, conn: Connection,
             if exc.code not in retry:
                 raise
             probe_s = min(PROBE_TIMEOUT_S, deadline - time.monotonic())
+            if probe_s < MIN_ATTEMPT_S and cause is None:
+                probe_s = FINAL_PROBE_S  # the time is spent and no cause known yet: one short probe names it
             found = diagnose(conn, exc, probe_s)
             if found is not None or probe_s >= MIN_ATTEMPT_S:
                 cause = found
@@ -158,3 +164,16 @@ def contact(conn: Connection, seconds: float) -> pb.StatusReply:
         return f"{said} (tried for {seconds:g} s)"
 
     return keep_trying(status, seconds, conn, CONTACT_RETRY, gave_up)
+
+
+def reach(server: str, seconds: float, measure_wire: bool | None = None, link=None,
+          security=None) -> tuple[Connection, pb.StatusReply]:
+    """A Connection to `server` and the server's first Status reply (`contact`, for up to `seconds`);
+    the connection is closed when the server cannot be reached. Loads no torch: `efmuon worker`
+    calls it before it builds the model, so a wrong address or a TLS mistake fails at once."""
+    conn = Connection(server, measure_wire, link=link, security=security)
+    try:
+        return conn, contact(conn, seconds)
+    except BaseException:
+        conn.close()
+        raise

@@ -1,20 +1,25 @@
 """What both ends of proto/efmuon/v1/service.proto agree on, as plain values and functions.
 
 The protocol version, chunk size and message limits, the gRPC channel options, the model fingerprint
-(name, shape, dtype per parameter) and its comparison, the run-config codec (msgpack), and raw float32
-frames (the initial W of Join, a re-sync's W and G_j). Only this layer, the servicer and the worker's
-stub touch `_pb2`. Chunking is `chunking`; credentials (TLS files, bearer tokens) are `credentials`.
+(name, shape, dtype per parameter) and its comparison, and the run-config codec (msgpack). Only this
+layer, the servicer and the worker's stub touch `_pb2`. Chunking is `chunking`; credentials (TLS files,
+bearer tokens) are `credentials`; raw float32 frames (the initial W of Join, a re-sync's W and G_j) are
+`raw`. No torch here: a worker reaches its server (and fails fast on a mistake) before loading it.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import msgpack
-import torch
 
 from ...v1 import service_pb2 as pb
 from ..config import RunConfig, from_mapping
-from ..errors import FrameError, ProtocolError
+from ..errors import ProtocolError
+
+if TYPE_CHECKING:
+    import torch
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT  # 1
 
@@ -116,24 +121,3 @@ def decode_config(data: bytes) -> RunConfig:
     if not isinstance(mapping, dict):
         raise ProtocolError("the run configuration from the server is not a map")
     return from_mapping(mapping, RunConfig(), where="server config")
-
-
-
-
-def raw_frames(params: Sequence[torch.Tensor]) -> list[bytes]:
-    """Raw float32 little-endian bytes of each tensor (the initial W at Join)."""
-    return [p.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes() for p in params]
-
-
-def tensors_from_raw(frames: Sequence, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    out = []
-    for f, shape in zip(frames, shapes):
-        n = 1
-        for s in shape:
-            n *= int(s)
-        if len(f) != 4 * n:
-            raise FrameError(f"initial W frame of shape {tuple(shape)} has {len(f)} bytes, expected {4 * n}")
-        buf = f if isinstance(f, memoryview) and not f.readonly else bytearray(f)
-        t = torch.frombuffer(buf, dtype=torch.float32) if n else torch.zeros(0)
-        out.append(t.reshape(tuple(int(s) for s in shape)))
-    return out

@@ -1,7 +1,8 @@
 """`efmuon run`: the server in this process and n worker processes on one machine.
 
-`run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes
-`python -m efmuon.worker --server 127.0.0.1:PORT --client-id j`.
+`run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes, each
+`efmuon worker --server 127.0.0.1:PORT --client-id j`: forked from one zygote that loaded torch
+once, or exec'd one by one inside network namespaces (server.spawn).
 
 Links (`--link`, `--link-mix`, `--link-trace`, a `[links]` table): client j's profile comes from
 `common.links.client_links`, exactly as `efmuon simulate` assigns it, and is emulated by
@@ -36,6 +37,7 @@ from .app import build_coordinator
 from .coordinator import Coordinator
 from .netns import Star, check_available
 from .service import serve
+from .spawn import ForkServer, die_with_parent
 
 log = logging.getLogger("efmuon.server")
 
@@ -46,40 +48,24 @@ MIN_RATE_BYTES = 64 * 1024  # transfers smaller than this measure latency, not r
 WORKER_EXIT_TIMEOUT = 60.0  # seconds local workers get to exit after the run finished
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of the local workers: this one, with unbuffered output (their lines come at once)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 class WorkerProcessError(EfmuonError):
     """A local worker process exited with an error."""
 
 
-# Run by the local worker's own interpreter before it execs the worker (argv: the parent's pid, then
-# the worker's command): SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG = 1, kept across exec),
-# and at once when it already died.
-DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-                   "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), signal.SIGTERM); "
-                   "os.execv(sys.argv[2], sys.argv[2:])")
-
-
-def die_with_parent(cmd: list[str]) -> list[str]:
-    """`cmd` (an absolute executable first) such that it gets SIGTERM when this process dies, also by
-    SIGKILL, so the local workers of a killed `efmuon run` do not live on as orphans re-joining for
-    minutes (Linux; elsewhere `cmd` as it is: the workers then end by their --reconnect-timeout).
-
-    A small interpreter sets the signal and execs `cmd` (no `preexec_fn`: forking this process, whose
-    gRPC threads run, is unsafe). The signal comes when the thread that started the child ends:
-    `LocalWorkers.launch` runs in the thread of `run_local`, which outlives the workers."""
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
-
-
-def worker_command(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
-    """Local worker j's command line. Without a shaped link it connects straight to the server (which
-    counts the wire bytes itself); with one, its relay shapes the link and reports its own counts."""
-    cmd = [sys.executable, "-m", "efmuon.worker", "--server", address, "--client-id", str(client_id), "--quiet"]
+def worker_args(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
+    """Local worker j's `efmuon worker` flags. Without a shaped link it connects straight to the server
+    (which counts the wire bytes itself); with one, its relay shapes the link and reports its own counts."""
+    args = ["--server", address, "--client-id", str(client_id), "--quiet"]
     if link is not None and link.is_shaped:
-        cmd += ["--link", link.to_spec()]
+        args += ["--link", link.to_spec()]
     if stats:
-        cmd += ["--stats", stats]
-    return cmd
+        args += ["--stats", stats]
+    return args
 
 
 def _direction_summary(rate, transfers: list) -> dict:
@@ -172,25 +158,30 @@ class LocalWorkers:
     """The worker processes of one `efmuon run`: started once the server listens, stopped with it."""
 
     def __init__(self, coordinator: Coordinator, host: str, relay: dict, options, star: Star | None,
-                 stats_dir: str | None):
+                 stats_dir: str | None, forks: ForkServer | None = None):
         self.coordinator, self.host, self.relay, self.options = coordinator, host, relay, options
-        self.star, self.stats_dir = star, stats_dir
-        self.procs: list[asyncio.subprocess.Process] = []
+        self.star, self.stats_dir, self.forks = star, stats_dir, forks
+        self.procs: list = []  # asyncio.subprocess.Process, or spawn.ForkedWorker (the same calls)
         self.address: str | None = None  # HOST:PORT once the server listens
 
     def stats_path(self, j: int) -> str | None:
         return os.path.join(self.stats_dir, f"worker{j}.json") if self.stats_dir else None
 
     async def launch(self, port: int) -> None:
-        """Start the workers (serve's on_ready) and watch them: raises when one fails."""
+        """Start the workers (serve's on_ready): forked from the zygote, or (in network namespaces) each
+        exec'd; then watch them: raises when one fails."""
         address = self.address = f"{self.host}:{port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for j in range(self.coordinator.n):
-            cmd = die_with_parent(worker_command(address, j, self.relay.get(j), self.stats_path(j))
-                                  + local_worker_flags(self.options, j))
+            args = (worker_args(address, j, self.relay.get(j), self.stats_path(j))
+                    + local_worker_flags(self.options, j))
+            if self.forks is not None:
+                self.procs.append(await self.forks.fork(j, args))
+                continue
+            cmd = die_with_parent([sys.executable, "-m", "efmuon.worker", *args])
             if self.star is not None:
                 cmd = self.star.exec_prefix(self.star.clients[j]) + cmd
-            self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, env=env))
+            self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                                   env=worker_env()))
         await _watch(self.procs)
 
     async def serve(self) -> dict:
@@ -214,6 +205,8 @@ class LocalWorkers:
                     await asyncio.wait_for(p.wait(), 10)
                 except asyncio.TimeoutError:
                     p.kill()
+            if self.forks is not None:
+                await self.forks.aclose()
 
     def stats(self) -> dict[int, dict]:
         """Each worker's --stats JSON (those that wrote one)."""
@@ -264,6 +257,16 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
     if shaping == "netns":
         check_available()  # fail before the (possibly slow) model setup
     links = client_links(cfg, int(cfg.workers)) if shaping is not None else None
+    # the workers' zygote loads torch while this process builds the model (server.spawn)
+    forks = ForkServer(worker_env()) if shaping != "netns" and sys.platform.startswith("linux") else None
+    try:
+        return _run_local(cfg, quiet, stream, options, resume, shaping, links, forks)
+    finally:
+        if forks is not None:
+            forks.close()
+
+
+def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, forks: ForkServer | None) -> dict:
     coordinator = build_coordinator(cfg, quiet=quiet, stream=stream, links_ok=True, options=options, resume=resume)
     relay: dict[int, object] = {}
     mechanisms: dict[int, str] = {}
@@ -279,7 +282,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
         if shaping == "netns":
             star = Star(coordinator.n).up()
             host = _shape_netns(star, coordinator.n, links, relay, mechanisms, quiet, stream)
-        workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir)
+        workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir, forks)
         if star is not None:
             with star.enter(star.server):  # the server's sockets live in the server's namespace
                 report = asyncio.run(workers.serve())

@@ -10,6 +10,7 @@ from one another.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import types
 
@@ -31,6 +32,30 @@ from torch import nn
 
 __all__ = ["Harness", "RelayClock", "batches_of", "loss_fn", "make_cfg", "reference_w", "run_workers",
            "server_model", "tiny_model"]
+
+
+# ---------------------------------------------------------------------------- pytest-xdist scheduling
+# Modules whose module-scoped fixture is a whole run (or several servers): one pytest-xdist worker takes
+# each of them entire, so the fixture is built once. Every other test goes to whichever worker is free.
+ONE_WORKER_MODULES = frozenset({"test_service_e2e.py", "test_export.py", "test_hangs.py", "test_simulate.py",
+                                "test_resilience.py", "test_plots.py"})
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one pytest worker more than there are cores. Most end-to-end tests spend much of their
+    time waiting on their own server and worker processes, and a third worker fills those waits."""
+    return (os.cpu_count() or 1) + 1
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling  # lazy: only under pytest-xdist
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if os.path.basename(path) in ONE_WORKER_MODULES else nodeid
+
+    return ModuleFixtureScheduling(config, log)
 
 
 def tiny_model(hidden: int = 8) -> nn.Module:

@@ -51,6 +51,7 @@ def test_every_bench_has_a_smoke_test():
     assert set(ROWS) | NETWORKED_RUNS == set(BENCHES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_bench_smoke_structure(name, tmp_path):
     if name == "scaling" and not _has_events_hook():

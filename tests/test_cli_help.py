@@ -59,6 +59,7 @@ def test_print_config_shows_the_resolved_configuration_and_every_parameter(capsy
     assert "topk:0.1" in out.split("parameters")[1]
 
 
+@pytest.mark.slow
 def test_run_leaves_its_report_and_plots_in_a_run_directory_and_speaks_at_once(tmp_path):
     out = subprocess.run(CLI + ["run", "--task", "lsq", "--workers", "2", "--rounds", "3"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)

@@ -48,6 +48,7 @@ def loaded_model(path):
     return setup, meta
 
 
+@pytest.mark.slow
 def test_save_model_loads_into_the_tasks_model_and_is_the_runs_w(run):
     # Prepare
     d, report = run

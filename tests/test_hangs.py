@@ -81,6 +81,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -123,35 +132,30 @@ def test_a_stopped_server_ends_its_worker_once_the_reconnect_timeout_is_spent(tm
 
 @pytest.mark.slow
 def test_the_workers_of_a_killed_efmuon_run_end_with_it(tmp_path):
-    # Prepare: a run far too long to finish, its two worker processes started
+    # Prepare: a run far too long to finish, its worker processes started and connected
     log = tmp_path / "run.log"
     run = start(["run", "--task", "lsq", "--workers", "2", "--rounds", "100000", "--plots", "none",
                  "--report", str(tmp_path / "r.json")], log)
     try:
-        workers: list[int] = []
-
-        def started() -> bool:
-            workers[:] = [p for p in children(run.pid) if "efmuon.worker" in cmdline(p)]
-            return len(workers) == 2
-
-        wait_for(started, run, log)
         wait_for(lambda: "loss_w" in log.read_text(), run, log)  # rounds done: the workers are connected
+        # every process below the run (the workers, and the zygote they were forked from)
+        spawned = descendants(run.pid)
+        assert len([p for p in spawned if "efmuon" in cmdline(p)]) >= 2, [cmdline(p) for p in spawned]
 
         # Execute: SIGKILL leaves no chance to stop them
         run.kill()
         run.wait(timeout=30)
         deadline = time.monotonic() + 30  # orphans would re-join for the 300 s default
-        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(alive(p) for p in spawned) and time.monotonic() < deadline:
             time.sleep(0.1)
-        survivors = [p for p in workers if alive(p)]
+        survivors = [p for p in spawned if alive(p)]
     finally:
         stop(run)
-        for p in children(run.pid):
-            if "efmuon.worker" in cmdline(p):
-                os.kill(p, signal.SIGKILL)
+        for p in descendants(run.pid):
+            os.kill(p, signal.SIGKILL)
 
     # Assert
-    assert survivors == [], f"worker processes {survivors} outlived `efmuon run`:\n{log.read_text()[-3000:]}"
+    assert survivors == [], f"processes {survivors} outlived `efmuon run`:\n{log.read_text()[-3000:]}"
 
 
 # ---------------------------------------------------------------------------- TLS mistakes, nothing listening

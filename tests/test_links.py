@@ -409,7 +409,7 @@ async def _delay_pump_pings(r: CountingRelay, clock, pings: int, size: int = 16)
     dst, out = socket.socketpair()
     src.setblocking(False)
     dst.setblocking(False)
-    out.settimeout(10)
+    out.setblocking(False)  # never block this loop: the pump runs on it
     task = asyncio.ensure_future(shaping.pump_delayed(src, dst, r.link, None, r._rng, lambda n: None,
                                                       lambda n: None))
     try:

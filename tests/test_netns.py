@@ -107,6 +107,7 @@ def test_star_tbf_rate_and_teardown_and_stale_cleanup():
     assert namespaces(star.prefix) == []
 
 
+@pytest.mark.slow
 def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
     """4 workers behind up=10mbit,down=10mbit,delay=20ms; a 2 MB model sent uncompressed both ways."""
     rate, delay = 10e6, 0.020

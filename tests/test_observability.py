@@ -254,6 +254,7 @@ def poll_metrics(url: str, ca, proc: subprocess.Popen, until, timeout: float = 1
     raise AssertionError(f"the metrics never showed what was awaited: {metrics}")
 
 
+@pytest.mark.slow
 def test_efmuon_server_with_tls_tokens_and_metrics(certs, tmp_path):
     # Prepare
     log_path = tmp_path / "server.log"

@@ -139,6 +139,7 @@ def test_resume_keeps_tls_tokens_and_checkpoint_every_and_refuses_a_stranger(tmp
     assert not list_checkpoints(named)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_security_file_changed_since(tmp_path, certs):
     # Prepare: a short TLS + token run that checkpoints at its end
     ckpt, port = tmp_path / "ckpt", free_port()
@@ -157,6 +158,7 @@ def test_resume_refuses_a_security_file_changed_since(tmp_path, certs):
     assert "listening on" not in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_a_directory_with_an_earlier_run_needs_resume_or_fresh(tmp_path):
     # Prepare: a finished run that left checkpoints (simulated clients are not needed: `efmuon run`)
     ckpt = tmp_path / "ckpt"

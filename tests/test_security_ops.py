@@ -108,6 +108,7 @@ def _sign_leaf(d, base: str, cn: str) -> None:
 
 
 # ------------------------------------------------------------------ 2. plaintext off loopback
+@pytest.mark.slow
 def test_server_refuses_plaintext_off_loopback_unless_insecure_and_then_warns(tmp_path):
     # Execute / Assert: the default --host 0.0.0.0 and an explicit one, without TLS: refused before binding
     for host in ([], ["--host", "0.0.0.0"]):
@@ -173,6 +174,7 @@ def _mtls_flags(good, j: int | None, cert: str, token: int) -> list[str]:
             "--tls-key", str(good / f"{cert}.key"), "--token-file", str(good / f"client-{token}.token")]
 
 
+@pytest.mark.slow
 def test_mtls_certificate_of_another_client_is_refused_and_the_right_pairs_train(certs, tmp_path):
     # Prepare: `efmuon server` with mutual TLS and per-client tokens, on 127.0.0.1
     good = certs / "good"
@@ -272,6 +274,7 @@ async def test_mtls_exchange_and_leave_must_act_as_the_certificates_client(certs
 
 
 # ------------------------------------------------------------------ 6. startup mistakes, one port one server
+@pytest.mark.slow
 def test_a_second_server_on_a_port_in_use_is_refused_and_the_first_carries_on(tmp_path):
     # Prepare: a first server, and a plain listening socket (another program)
     log_path = tmp_path / "first.log"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5", "--uplink", "topk:0.2", "--downlink", "natural"]
 
 
@@ -28,6 +30,7 @@ def wait_for_port(log_path, proc: subprocess.Popen, timeout: float = 60) -> int:
     raise AssertionError(f"server did not start: {log_path.read_text()}")
 
 
+@pytest.mark.slow
 def test_server_and_worker_commands_match_simulate(tmp_path):
     # Prepare
     server_log = tmp_path / "server.log"
@@ -59,6 +62,7 @@ def test_server_and_worker_commands_match_simulate(tmp_path):
     assert "client 0 joined" in server_log.read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_gracefully_with_a_partial_report(tmp_path):
     # Prepare: a run of 2 workers where only one ever joins
     server_log = tmp_path / "server.log"

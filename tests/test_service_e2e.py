@@ -26,6 +26,7 @@ def reports(tmp_path_factory):
     return json.loads((tmp / "A.json").read_text()), json.loads((tmp / "B.json").read_text()), run.stdout
 
 
+@pytest.mark.slow
 def test_run_matches_simulate_bit_for_bit(reports):
     networked, simulated, _ = reports
 

@@ -196,6 +196,7 @@ def test_relay_transfers_are_exact_and_never_measured_above_the_rate():
 RATES = [(1e6, 128, 160), (100e6, 1024, 1536)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate, d_in, d_out", RATES, ids=["1mbit", "100mbit"])
 def test_run_inproc_reports_the_links_and_an_achieved_rate_never_above_the_configured_one(tmp_path, rate, d_in,
                                                                                            d_out):

@@ -91,6 +91,7 @@ def test_bad_flag_values_are_clear_errors(capsys):
     assert "beta" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lmo_threads_flag_is_checked_and_honoured(capsys):
     assert main(["simulate", "--task", "lsq", "--lmo-threads", "-1"]) == 2
     assert "lmo_threads" in capsys.readouterr().err

@@ -162,6 +162,7 @@ def fingerprint():
 """
 
 
+@pytest.mark.slow
 def test_bit_identical_across_processes():
     """Fresh interpreters (other hash seed, other thread count) build the same data, shards,
     initial weights and batches; with the same thread count, the same losses too."""

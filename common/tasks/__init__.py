@@ -7,7 +7,7 @@ model and the losses. Everything is a pure function of ``(name, n_workers, seed,
 * ``batch(worker, round)`` is identical in every process and for every call order — its random
   stream is a ``torch.Generator`` seeded by a SHA-256 hash of ``(task, seed, worker, round)``;
 * no function here reads or advances the global torch / numpy / ``random`` RNG state
-  (models are built on the ``meta`` device and initialised from a local generator).
+  (models are built under a forked RNG and initialised from a local generator).
 
 The training objective is f = (1/n) sum_j f_j. ``train_eval_loss`` evaluates it (exactly for
 ``lsq`` and ``digits``; on a fixed set of training windows, equally many per worker, for

@@ -76,9 +76,13 @@ def _copy_defaults(d: dict) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
-def _build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Construct a module without running its default (global-RNG) initialisation."""
-    with torch.device("meta"):
-        module = factory()
-    return module.to_empty(device="cpu")
+def _build_off_rng(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without touching the global RNG: its default initialisation runs under a
+    forked CPU RNG, whose state is put back afterwards (the task then initialises every parameter
+    itself, from its own seeded generator). Not the meta device and `Module.to_empty`: initialising
+    meta tensors goes through torch's Python reference kernels, whose first use imports torch._dynamo
+    and sympy, more than a second of every worker's start-up; the default initialisation of the
+    largest built-in model takes milliseconds."""
+    with torch.random.fork_rng(devices=[]):
+        return factory()
 

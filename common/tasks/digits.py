@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Task, _build_on_meta, _generator, derive_seed
+from .base import Task, _build_off_rng, _generator, derive_seed
 from .options import _float_opt, _int_opt
 
 
@@ -104,7 +104,7 @@ class DigitsTask(Task):
                           f"with fewer than {self.MIN_SHARD} samples; use a larger alpha")
 
     def build_model(self) -> nn.Module:
-        model = _build_on_meta(lambda: DigitsMLP(64, self.options["hidden"], 10))
+        model = _build_off_rng(lambda: DigitsMLP(64, self.options["hidden"], 10))
         g = _generator("digits", self.seed, "init")
         with torch.no_grad():
             for name, p in model.named_parameters():  # nn.Linear's default ranges, local RNG

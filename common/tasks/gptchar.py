@@ -12,8 +12,8 @@ The model is a plain ``nn.Module`` with a stable parameter order::
 
 Linear layers have no bias and LayerNorm has no learnable parameters, so every parameter is a
 matrix. Weights are initialised only through :meth:`GPT.init_weights` with an explicit
-``torch.Generator``; the module is first built on the ``meta`` device so that constructing it
-never touches (or consumes) the global RNG.
+``torch.Generator``; the module is constructed under a forked RNG (`base._build_off_rng`), so that
+constructing it never changes the global RNG.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Task, _generator
+from .base import Task, _build_off_rng, _generator
 from .options import _float_opt, _int_opt
 
 
@@ -93,9 +93,7 @@ class GPT(nn.Module):
     @classmethod
     def build(cls, generator: torch.Generator, **kwargs) -> "GPT":
         """Construct without touching the global RNG and initialise from ``generator``."""
-        with torch.device("meta"):
-            model = cls(**kwargs)
-        model = model.to_empty(device="cpu")
+        model = _build_off_rng(lambda: cls(**kwargs))
         model.init_weights(generator)
         return model
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .base import Task, _build_on_meta, _generator
+from .base import Task, _build_off_rng, _generator
 from .options import _bool_opt, _float_opt, _int_opt
 
 
@@ -82,7 +82,7 @@ class LsqTask(Task):
 
     def build_model(self) -> nn.Module:
         d_in, d_out = self.options["d_in"], self.options["d_out"]
-        model = _build_on_meta(lambda: nn.Linear(d_in, d_out, bias=self.options["bias"]))
+        model = _build_off_rng(lambda: nn.Linear(d_in, d_out, bias=self.options["bias"]))
         g = _generator("lsq", self.seed, self.n_workers, "init")
         bound = 1.0 / math.sqrt(d_in)
         with torch.no_grad():

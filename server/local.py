@@ -37,7 +37,7 @@ from .app import build_coordinator
 from .coordinator import Coordinator
 from .netns import Star, check_available
 from .service import serve
-from .spawn import ForkServer, die_with_parent
+from .spawn import ForkServer, die_with_parent, spawn_mode
 
 log = logging.getLogger("efmuon.server")
 
@@ -258,7 +258,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
         check_available()  # fail before the (possibly slow) model setup
     links = client_links(cfg, int(cfg.workers)) if shaping is not None else None
     # the workers' zygote loads torch while this process builds the model (server.spawn)
-    forks = ForkServer(worker_env()) if shaping != "netns" and sys.platform.startswith("linux") else None
+    forks = ForkServer(worker_env()) if shaping != "netns" and spawn_mode() == "fork" else None
     try:
         return _run_local(cfg, quiet, stream, options, resume, shaping, links, forks)
     finally:

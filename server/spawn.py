@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 
+from ..common.errors import ConfigError
+
 log = logging.getLogger("efmuon.server")
 
 # Run by a child's own interpreter before it execs its command (argv: the parent's pid, then the
@@ -39,6 +41,21 @@ def die_with_parent(cmd: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return cmd
     return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
+SPAWN_ENV = "EFMUON_WORKER_SPAWN"  # fork (default on Linux) or exec: how `efmuon run` starts its workers
+
+
+def spawn_mode() -> str:
+    """'fork' (from the zygote) or 'exec' (each worker its own interpreter): $EFMUON_WORKER_SPAWN, by
+    default fork on Linux and exec elsewhere. exec is the way out should a platform's torch not
+    survive a fork, and the baseline of the start-up figures in BENCHMARKS.md."""
+    mode = os.environ.get(SPAWN_ENV, "").strip().lower() or ("fork" if sys.platform.startswith("linux") else "exec")
+    if mode not in ("fork", "exec"):
+        raise ConfigError(f"{SPAWN_ENV}={os.environ[SPAWN_ENV]!r} is not a way to start workers: give fork or exec")
+    if mode == "fork" and not sys.platform.startswith("linux"):
+        raise ConfigError(f"{SPAWN_ENV}=fork needs Linux (PR_SET_PDEATHSIG); use exec here")
+    return mode
 
 
 class ForkedWorker:

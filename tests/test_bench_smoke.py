@@ -35,8 +35,9 @@ ROWS = {
 }
 # Real networked runs (a server and worker processes each, ~10 s apiece even at the smoke level, over
 # this file's budget): their runs are tested end to end elsewhere (test_service_e2e, test_service_cli).
-# By hand: run_bench("bytes-wire" / "soak", True, None, None, "", smoke=True).
-NETWORKED_RUNS = {"bytes-wire", "soak"}
+# By hand: run_bench("bytes-wire" / "soak" / "startup", True, None, None, "", smoke=True); startup's
+# two ways of starting workers are tested in tests/test_spawn.py.
+NETWORKED_RUNS = {"bytes-wire", "soak", "startup"}
 
 
 def _has_events_hook() -> bool:

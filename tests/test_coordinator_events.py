@@ -29,7 +29,7 @@ async def test_events_report_each_submission_each_round_and_each_reply_in_order(
         workers = [Worker(tiny_model(), loss_fn, batches_of(j), server=f"127.0.0.1:{port}", client_id=j,
                           configure_threads=False) for j in range(2)]
         await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
-        await asyncio.wait_for(c.finished.wait(), 10)
+        await asyncio.wait_for(c.finished.wait(), 60)
     finally:
         await server.stop(0)
         c.executor.shutdown(wait=True)

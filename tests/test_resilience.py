@@ -219,7 +219,7 @@ async def test_estimator_storage_modes_keep_the_run_exact_and_bound_memory(tmp_p
     opts = ServerOptions(estimators=mode, checkpoint_dir=str(tmp_path / "ckpt"))
     async with Harness(cfg, options=opts) as h:
         await run_workers(h.worker(0), h.worker(1))
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
     est = h.coordinator.state.estimators
     assert h.coordinator.report.summary["w_sha256"] == reference_w(cfg)  # G is exact whatever the storage
     assert sorted(est) == [0, 1]
@@ -405,7 +405,7 @@ async def test_connection_lost_after_the_reply_header_resumes_at_the_next_round_
         try:
             # Execute
             stats, _ = await asyncio.gather(run_workers(h.worker(0), w1), cut_after_the_header())
-            await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+            await asyncio.wait_for(h.coordinator.finished.wait(), 60)
         finally:
             gate.resume.set()
             proxy.close()
@@ -458,7 +458,7 @@ async def test_a_server_resumed_from_an_older_checkpoint_re_syncs_a_worker_that_
             # Execute
             stats, _ = await asyncio.gather(run_workers(*workers), replace_the_server_after_the_header())
             coord = second["coordinator"]
-            await asyncio.wait_for(coord.finished.wait(), 10)
+            await asyncio.wait_for(coord.finished.wait(), 60)
         finally:
             gate.resume.set()
             proxy.close()

@@ -29,7 +29,7 @@ async def test_worker_api_matches_the_core_round_bit_for_bit(variant):
     async with Harness(cfg) as h:
         # Execute
         stats = await run_workers(h.worker(0), h.worker(1))
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
 
     # Assert
     expected = reference_w(cfg)
@@ -56,6 +56,8 @@ async def test_wrong_fingerprint_or_version_is_refused_and_running_workers_carry
         status = await h.stub.Status(pb.StatusRequest())
         good1 = await asyncio.to_thread(h.worker(1).run)
         good0 = await good0
+        # the workers have their last reply; the server writes its summary just after (a hang guard)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
 
     # Assert
     assert wrong_model.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -164,7 +166,7 @@ async def test_the_downlink_is_encoded_once_per_round_for_all_workers():
 
         # Execute
         await run_workers(h.worker(0), h.worker(1), h.worker(2))
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
 
     # Assert: one step per round for three workers, and every worker got the same S bytes
     assert len(steps) == cfg.rounds

@@ -30,7 +30,7 @@ async def test_a_worker_with_trace_set_records_its_steps_in_order(init):
 
         # Execute
         stats = await run_workers(traced, plain)
-        await asyncio.wait_for(h.coordinator.finished.wait(), 10)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
 
     # Assert
     assert steps == expected_steps(cfg.rounds, init)

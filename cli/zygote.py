@@ -8,7 +8,7 @@ channel (gRPC is loaded by each worker after the fork), so nothing that a fork w
 it: it is single-threaded but for the thread pool numpy's BLAS starts at import, which is fork-aware.
 
 Control, on the Unix socket FD (one JSON object per line):
-  in   {"j": J, "argv": [worker flags], "env": {NAME: VALUE}}   fork worker J
+  in   {"j": J, "argv": [worker flags]}                          fork worker J (the zygote's environment)
   out  {"j": J, "pid": PID}                                      it started
   out  {"j": J, "code": CODE}                                    it exited (-N: killed by signal N)
 When the socket closes (the run ended, or died), the zygote sends SIGTERM to the workers still
@@ -37,7 +37,7 @@ DRAIN_S = 10.0
 PR_SET_PDEATHSIG = 1
 
 
-def _child(j: int, argv: list[str], env: dict[str, str], zygote_pid: int, close: list) -> None:
+def _child(argv: list[str], zygote_pid: int, close: list) -> None:
     """In the forked worker: never returns (os._exit with the worker's exit code)."""
     code = 1
     try:
@@ -53,7 +53,6 @@ def _child(j: int, argv: list[str], env: dict[str, str], zygote_pid: int, close:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != zygote_pid:  # the zygote died before the signal was set
             os._exit(128 + signal.SIGTERM)
-        os.environ.update(env)
         sys.argv = ["efmuon worker", *argv]
         code = efmuon_main(["worker", *argv])
     except SystemExit as exc:
@@ -90,10 +89,10 @@ class Zygote:
             pass  # the run is gone: the EOF ends the loop
 
     def spawn(self, request: dict) -> None:
-        j, argv, env = int(request["j"]), [str(a) for a in request["argv"]], dict(request.get("env") or {})
+        j, argv = int(request["j"]), [str(a) for a in request["argv"]]
         pid = os.fork()
         if pid == 0:
-            _child(j, argv, env, self.pid, [self.ctrl, self._wake_r, self._wake_w])
+            _child(argv, self.pid, [self.ctrl, self._wake_r, self._wake_w])
         self.running[pid] = j
         self.send({"j": j, "pid": pid})
 

@@ -103,13 +103,13 @@ class ForkServer:
         self._reader: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def fork(self, j: int, args: list[str], env: dict[str, str] | None = None) -> ForkedWorker:
-        """Worker j, running `efmuon worker ARGS`; returns once the zygote forked it."""
+    async def fork(self, j: int, args: list[str]) -> ForkedWorker:
+        """Worker j, running `efmuon worker ARGS` in the zygote's environment; returns once it is forked."""
         if self._writer is None:
             reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
             self._reader = asyncio.ensure_future(self._read(reader))
         w = self._workers[j] = ForkedWorker(j)
-        self._writer.write((json.dumps({"j": j, "argv": args, "env": env or {}}) + "\n").encode())
+        self._writer.write((json.dumps({"j": j, "argv": args}) + "\n").encode())
         await self._writer.drain()
         await asyncio.wait([w._started, self._reader], return_when=asyncio.FIRST_COMPLETED)
         if not w._started.done():

@@ -255,15 +255,34 @@ def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
     return out
 
 def parse_compute_scale(spec: str | float | None) -> tuple:
-    """'1' / '2.5' (constant), 'lognormal:SIGMA' (median 1), 'uniform:LO:HI' -> a parsed tuple."""
+    """'1' / '2.5' (constant), 'lognormal:SIGMA' (median 1), 'uniform:LO:HI' -> a parsed tuple; any of
+    them may be followed by per-client overrides ',J=FACTOR' (e.g. '1,3=40': client 3 is 40x slower,
+    a deterministic straggler), which end the tuple as a {client: factor} dict."""
     if spec is None:
         return ("const", 1.0)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         spec = str(spec)
     if not isinstance(spec, str):
         raise ConfigError(f"compute_scale must be a string, got {spec!r}")
-    text = spec.strip().lower()
-    forms = "a positive number (constant factor), 'lognormal:SIGMA' (median 1) or 'uniform:LO:HI'"
+    forms = ("a positive number (constant factor), 'lognormal:SIGMA' (median 1) or 'uniform:LO:HI', optionally "
+             "followed by per-client factors ',J=FACTOR' (e.g. '1,3=40')")
+    head, *extra = [t.strip() for t in spec.strip().lower().split(",")]
+    overrides: dict[int, float] = {}
+    for item in extra:
+        j, eq, f = item.partition("=")
+        try:
+            jj, ff = int(j), float(f)
+        except ValueError:
+            jj, ff = -1, math.nan
+        if not eq or jj < 0 or not (math.isfinite(ff) and ff > 0):
+            raise ConfigError(f"compute_scale={spec!r}: {item!r} is not J=FACTOR (a client id and a positive "
+                              f"factor); use {forms}")
+        overrides[jj] = ff
+    base = _parse_scale_head(head, spec, forms)
+    return base + (overrides,) if overrides else base
+
+
+def _parse_scale_head(text: str, spec, forms: str) -> tuple:
     parts = text.split(":")
     try:
         nums = [float(x) for x in parts[1:]] if len(parts) > 1 else []

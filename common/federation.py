@@ -20,25 +20,64 @@ def is_federated(cfg: RunConfig) -> bool:
     return any(getattr(cfg, k) is not None for k in FEDERATED_KEYS) or bool(getattr(cfg, "links", None))
 
 
+# the settings that make the networked server run cohorts (links alone keep its synchronous rounds)
+COHORT_KEYS = ("clients", "participation", "deadline", "compute_scale", "compute_seconds")
+
+
+def runs_cohorts(cfg: RunConfig) -> bool:
+    """True when the networked server samples a cohort per round (server.cohorts) rather than waiting
+    for all --workers every round."""
+    return any(getattr(cfg, k, None) is not None for k in COHORT_KEYS)
+
+
+def federation_size(cfg: RunConfig) -> int:
+    """n: `clients` when given, else `workers`."""
+    return int(cfg.clients or cfg.workers)
+
+
 
 
 def compute_factors(spec, n: int, seed: int) -> list[float]:
-    """Per-client speed factor (multiplies the compute time), a pure function of (spec, seed, client)."""
+    """Per-client speed factor (multiplies the compute time), a pure function of (spec, seed, client).
+    Per-client overrides (`'1,3=40,7=40'`: client 3 and 7 forty times slower) replace the drawn factor."""
     kind = parse_compute_scale(spec)
     if kind[0] == "const":
-        return [kind[1]] * n
-    out = []
-    for j in range(n):
-        rng = random.Random(derive_seed("compute-scale", seed, j))
-        out.append(math.exp(rng.gauss(0.0, kind[1])) if kind[0] == "lognormal" else rng.uniform(kind[1], kind[2]))
+        out = [kind[1]] * n
+    else:
+        out = []
+        for j in range(n):
+            rng = random.Random(derive_seed("compute-scale", seed, j))
+            out.append(math.exp(rng.gauss(0.0, kind[1])) if kind[0] == "lognormal" else rng.uniform(kind[1], kind[2]))
+    for j, factor in kind[-1].items() if isinstance(kind[-1], dict) else ():
+        if not 0 <= j < n:
+            raise ConfigError(f"compute_scale: client {j} is not one of the run's clients 0..{n - 1}")
+        out[j] = factor
     return out
 
 
 def sample_clients(seed: int, round_: int, n: int, m: int) -> list[int]:
     """The m clients of round k (sorted), a pure function of (seed, k)."""
-    if m >= n:
-        return list(range(n))
-    return sorted(random.Random(derive_seed("participation", seed, round_)).sample(range(n), m))
+    return sample_cohort(seed, round_, range(n), m)
+
+
+def sample_cohort(seed: int, round_: int, eligible, m: int) -> list[int]:
+    """The m clients of round k drawn from `eligible` (sorted ids), a pure function of (seed, k, eligible).
+
+    With every client eligible (range(n)) this is `sample_clients`: random.sample picks positions, so
+    the networked server (which samples from the clients that are live) and `simulate` pick the same
+    cohort whenever all n are there."""
+    pool = sorted(eligible)
+    if m >= len(pool):
+        return pool
+    return sorted(random.Random(derive_seed("participation", seed, round_)).sample(pool, m))
+
+
+def client_batch(task, shards: int, n: int, j: int, k: int):
+    """Client j's batch of round k when n clients share `shards` data shards (`task_for_clients`):
+    shard j mod S, and the clients that share it draw different batches (simulate's rule, module
+    simulate.federated). With S == n this is `task.batch(j, k)`."""
+    reps = -(-n // shards)
+    return task.batch(j % shards, k * reps + j // shards)
 
 
 def clients_per_round(participation: float | None, n: int) -> int:

@@ -60,6 +60,7 @@ from ..common.algorithm import ServerState, WorkerState, params_sha256
 from ..common.compress import parse_spec
 from ..common.config import RunConfig
 from ..common.federation import (
+    client_batch,
     clients_per_round,
     compute_factors,
     sample_clients,
@@ -147,7 +148,7 @@ class FederatedSim:
 
     # -- helpers
     def batch_of(self, j: int, k: int):
-        return self.task.batch(j % self.shards, k * self.reps + j // self.shards)
+        return client_batch(self.task, self.shards, self.n, j, k)
 
     def _grads(self, j: int, k: int, W):
         batch = self.batch_of(j, k)

@@ -145,6 +145,7 @@ class ServerState:
             raise ValueError(f"nan_policy={nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
         self.nan_policy = nan_policy
         self.cfg, self.specs, self.n = cfg, list(specs), int(n_clients)
+        self.ids = self.n  # client ids are 0..ids-1; `n` (the mean's count) may be smaller (`register`)
         self.device = torch.device(device)
         self.X = [p.detach().to(self.device, torch.float32).clone() for p in params]
         self.W = [x.clone() for x in self.X]
@@ -175,8 +176,8 @@ class ServerState:
         replaced by 0 and counted), or a magnitude above MAX_ABS_VALUE. An unknown client is a
         ProtocolError. Mutates no state. `init`: the uncompressed frames of the 'grad' initialisation.
         `consume`: `frames` is a list this call empties as it goes (each frame freed once decoded)."""
-        if not isinstance(client, int) or not 0 <= client < self.n:
-            raise ProtocolError(f"unknown client {client!r}: clients are 0..{self.n - 1}")
+        if not isinstance(client, int) or not 0 <= client < self.ids:
+            raise ProtocolError(f"unknown client {client!r}: clients are 0..{self.ids - 1}")
         comps = [_identity()] * len(self.specs) if init else self.up
         if len(frames) != len(self.specs):
             raise FrameError(f"expected {len(self.specs)} layer frames, got {len(frames)}")
@@ -280,6 +281,29 @@ class ServerState:
                 for e, r in zip(est, rj):
                     e.add_(r)
             del rj
+
+    def register(self, inits: Mapping[int, Sequence[torch.Tensor] | None]) -> None:
+        """Members joining a federation after its first round (the networked server's cohorts): client j's
+        G_j is its initial estimator (`inits[j]`: the decoded g_j at the W it joined at, or None for
+        init 'zero'), `n` becomes the number of members, and G is recomputed as mean_j G_j over all of
+        them (sorted by id), so G == mean_j G_j holds over the new membership. Needs the estimators.
+        With method 'ef14' G is this round's mean anyway: only `n` changes."""
+        if self.estimators is None:
+            raise ValueError("register needs the server's per-client estimators (keep_estimators=True)")
+        for j in sorted(inits):
+            if not 0 <= j < self.ids:
+                raise ProtocolError(f"unknown client {j!r}: clients are 0..{self.ids - 1}")
+            t = inits[j]
+            self.estimators[j] = [torch.zeros_like(x) for x in self.X] if t is None else [x.clone() for x in t]
+        self.n = len(self.estimators)
+        if self.cfg.method == "ef14" or not self.n:
+            return
+        order = sorted(self.estimators)
+        for i in range(len(self.specs)):
+            acc = torch.zeros_like(self.G[i])
+            for j in order:
+                acc.add_(self.estimators[j][i].to(acc.dtype))
+            self.G[i] = acc.div_(self.n)
 
     # ------------------------------------------------------------------ LMO step + downlink
     def step_sizes(self, directions: Sequence[torch.Tensor], G: Sequence[torch.Tensor], t: float,

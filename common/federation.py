@@ -176,3 +176,22 @@ LINK_KEYS = ("link", "link_mix", "link_trace")  # the settings that give clients
 def has_links(cfg: RunConfig) -> bool:
     return any(getattr(cfg, k, None) is not None for k in LINK_KEYS) or bool(getattr(cfg, "links", None))
 
+
+
+def task_setup(cfg: RunConfig, task=None):
+    """(Setup, batch(j, k)) of a run, as every driver builds it: with cohorts (`runs_cohorts`) the task is cut
+    for the n clients as `simulate` cuts it (`task_for_clients`) and client j's batch of round k is
+    `client_batch`; else task.batch(j, k) of the --workers shards. `task`: one built before (clients
+    hosted in one process share it)."""
+    from .model import Setup  # lazy: common.model loads torch
+
+    if not runs_cohorts(cfg):
+        setup = Setup(cfg, task=task)
+        return setup, setup.task.batch
+    n = federation_size(cfg)
+    shards = None
+    if task is None:
+        task, shards = task_for_clients(cfg, n)
+    setup = Setup(cfg, task=task)
+    shards = shards or task.n_workers
+    return setup, lambda j, k: client_batch(task, shards, n, j, k)

@@ -10,32 +10,19 @@ import asyncio
 import sys
 
 from ..common.config import RunConfig
-from ..common.errors import ConfigError
-from ..common.federation import LINK_KEYS, has_links
-from ..common.model import Setup
+from ..common.federation import task_setup
 from ..common.runtime import configure_torch, resolve_device
 from .coordinator import Coordinator, ServerModel
 from .listen import check_listen
 from .service import serve
 
-FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
-                  "compute_seconds")
-
-
-def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, links_ok: bool = False,
-                      options=None, resume=None) -> Coordinator:
-    """The task's model and evaluation from `Setup(cfg)`, exactly as `efmuon simulate` builds them.
-    `links_ok`: the caller (`run_local`) emulates link, link_mix, link_trace, links and shaping."""
-    if not links_ok and (has_links(cfg) or cfg.shaping is not None):
-        raise ConfigError("link, link_mix, link_trace, [links] and shaping are emulated by `efmuon run` "
-                          "(--shaping inproc|netns) and `efmuon simulate`; with `efmuon server` each worker "
-                          "shapes its own connection: efmuon worker --link PROFILE")
-    given = [k for k in FEDERATED_KEYS if getattr(cfg, k, None) is not None and not (links_ok and k in LINK_KEYS)]
-    if given:
-        raise ConfigError(f"{', '.join(given)}: federated settings are emulated by `efmuon simulate` only; the "
-                          "networked server runs synchronous rounds over all --workers clients (leave them unset)")
+def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None,
+                      links_ok: bool = True) -> Coordinator:
+    """The task's model and evaluation from `federation.task_setup(cfg)`, exactly as `efmuon simulate`
+    builds them (cut for the n clients in a cohort run). Links in the configuration are emulated by
+    the workers (each shapes its connection with its profile; `efmuon run --shaping netns` in the kernel)."""
     configure_torch(cfg.threads)
-    setup = Setup(cfg)
+    setup, _ = task_setup(cfg)
     return Coordinator(setup.cfg, ServerModel.from_setup(setup), device=resolve_device(setup.cfg.device),
                        quiet=quiet, stream=stream, options=options, resume=resume)
 

@@ -68,6 +68,7 @@ from .estimators import EstimatorStore
 from .ledger import ByteLedger
 from .model import ServerModel
 from .options import LEAVE_TIMEOUT, ServerOptions
+from .cohorts import Cohorts
 from .persistence import Persistence
 from .plan import Plan
 from .rounds import Phase, RoundBarrier, SubmissionKind
@@ -84,7 +85,7 @@ __all__ = ["Coordinator", "Phase", "Plan", "Rejected", "ServerModel", "ServerOpt
 log = logging.getLogger("efmuon.server")
 
 
-class Coordinator(Sessions, RoundBarrier, Persistence):
+class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
     """Sessions, the round barrier, the step and the report of one run (see the module docstring).
 
     Timing hook (for the benchmarks): `events`, None by default and settable after construction, is
@@ -108,7 +109,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
                  options: ServerOptions | None = None, resume=None):
         self.opts = (options or ServerOptions()).validate()
         self.cfg = cfg
-        self.n, self.rounds = int(cfg.workers), int(cfg.rounds)
+        self.n, self.rounds = Cohorts.federation_n(cfg), int(cfg.rounds)
         if self.n > self.opts.max_clients:
             raise ConfigError(f"workers={self.n} is more than --max-clients {self.opts.max_clients}")
         self.model = model
@@ -130,6 +131,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         self._summary_written = False
         self._init_sessions()
         self._init_barrier()
+        self._init_cohorts()
         self._init_persistence()
         # what the report and Status say besides the ledger's bytes
         self.loss_w: float | None = None
@@ -175,29 +177,62 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
     # ------------------------------------------------------------------ processing a round
     async def _process(self, k: int, missing: list[int]) -> None:
         """Round k's submissions are in (all n, or those present at the deadline): aggregate,
-        evaluate, step, checkpoint, publish S_{k+1}."""
+        evaluate, step, checkpoint, publish S_{k+1}. Cohort runs also apply the registrations and
+        draw the next cohort (server.cohorts); one short of --min-cohort waits for clients with the
+        lock released (so that they can join), then steps."""
         t0 = time.perf_counter()
         try:
             fut = self._result(k)
+            facts = None
+            cohort: list[int] | None = None
             async with self._lock:
                 present, decoded, zeroed, losses = self._take_round()
                 if k == 0:
                     # free the cached X_0 chunks now: a Join waits for this lock and, once round 0 is
                     # processed, is answered from the state (re-sync), never from this cache
                     self._init_w = None
+                    if self.cohorts:
+                        self.set_members_count(present)
                 try:
                     await self._aggregate(k, present, decoded, zeroed)
                     del decoded
+                    if self.cohorts:
+                        self.cohort_round_applied(k, present)
+                        regs, self.registrations = self.registrations, {}
+                        if regs:
+                            await self._run(self.state.register, regs)
+                            self.members |= set(regs)
+                            log.info("client(s) %s registered: %d members", sorted(regs), len(self.members))
                     facts = await self._evaluate(k, missing, losses)
+                    facts.update(self.cohort_facts(k))
                     self.ledger.set_facts(k, facts)
+                    self.ledger.set_client_facts(k, self.client_facts(k))
                     self.ledger.report_upto(k - 1)
-                    plan = await self._next_plan(k, missing)
-                    await self._publish(k, plan, fut)
+                    if self.cohorts and k < self.rounds:
+                        cohort = self.sample_now(k + 1)
+                    if cohort is not None or not self.cohorts or k >= self.rounds:
+                        plan = await self._next_plan(k, missing, cohort)
+                        await self._publish(k, plan, fut, cohort)
+                        cohort = None
+                    else:
+                        cohort = []  # short of --min-cohort: wait below, without the lock
                 except BaseException as exc:  # a bug or an exhausted machine: stop the run loudly
                     self._round_failed(k, exc, fut)
-                else:
-                    if self.observer is not None:
-                        self.observer.round_end(self, facts.get("seconds"))
+                    return
+            if cohort is not None:
+                try:
+                    cohort = await self.wait_quorum(k + 1)
+                    async with self._lock:
+                        plan = await self._next_plan(k, missing, cohort)
+                        await self._publish(k, plan, fut, cohort)
+                except Rejected as exc:
+                    self.abort(str(exc))
+                    return
+                except BaseException as exc:
+                    self._round_failed(k, exc, fut)
+                    return
+            if self.observer is not None and facts is not None:
+                self.observer.round_end(self, facts.get("seconds"))
         finally:
             if self.events is not None:
                 self.events("process", k, t0, time.perf_counter())
@@ -229,40 +264,51 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
             self.initial_facts = await self._run(self.model.initial, self.state.W)
         return facts
 
-    async def _next_plan(self, k: int, missing: list[int]) -> Plan:
-        """The reply to round k: S_{k+1} from the step, or `done` after the last round."""
+    async def _next_plan(self, k: int, missing: list[int], cohort: list[int] | None = None) -> Plan:
+        """The reply to round k: S_{k+1} from the step, or `done` after the last round. Cohort runs:
+        W_k is kept whole first when a member of the next cohort will need it (server.cohorts)."""
         if k >= self.rounds:
             return Plan.build(k + 1, None)
         self.phase = Phase.STEPPING
         self._step_t0 = time.perf_counter()
-        if not missing and self.last_plan is not None:
+        if not self.cohorts and not missing and self.last_plan is not None:
             # every client submitted round k, so each has S_k: nobody can still ask for the
             # previous reply (a stray duplicate of round k-1 gets a resync). Free its chunks
             # before the new ones are built rather than holding both.
             self.last_plan.release()
-        return await self._run(self._step_and_plan, k)
+        full = self.cohorts and self.needs_full_w(k + 1, cohort or [])
+        return await self._run(self._step_and_plan, k, full)
 
-    def _step_and_plan(self, k: int) -> Plan:
+    def _step_and_plan(self, k: int, full_w: bool = False) -> Plan:
         """The step of round k and its reply (on the compute thread)."""
+        if full_w:
+            self.snapshot_full_w(k + 1)
         plan = Plan.build(k + 1, self.state.step())
         # the round's uplinks arrived as many small gRPC buffers (heap); freed, their pages would stay
         # resident under the next round's (mmapped) R_j: return them now (large models only)
         trim_heap(4 * self.numel)
         return plan
 
-    async def _publish(self, k: int, plan: Plan, fut: asyncio.Future) -> None:
+    async def _publish(self, k: int, plan: Plan, fut: asyncio.Future, cohort: list[int] | None = None) -> None:
         """Round k is done: checkpoint when due, then release `plan` to the clients waiting for it."""
         self._close_round(k, plan)
+        if self.cohorts:
+            self.remember(plan)
+            self.open_round(k + 1, cohort or [])
         if self._checkpoint_due():
             self.phase = Phase.CHECKPOINTING
             await self.checkpoint()
         self.phase = Phase.COLLECTING if k < self.rounds else Phase.FINISHED
         self.results.pop(k - 1, None)
         fut.set_result(plan)
+        if self.cohorts:
+            self._wake()
         if k == self.rounds:
             self._spawn(self._wrap_up())
         else:
             self._arm_deadline(k + 1)
+            if self.cohorts and not self.cohort:
+                self._start_processing(k + 1)  # nobody to wait for (no client eligible and proceeding)
 
     def _round_failed(self, k: int, exc: BaseException, fut: asyncio.Future) -> None:
         self.state_broken = True
@@ -272,6 +318,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         self.phase = Phase.FAILED
         if not fut.done():
             fut.set_exception(Rejected("INTERNAL", str(self.failed)))
+        if self.cohorts:
+            self._wake()
         self.finished.set()
         self._observe()
 
@@ -292,6 +340,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         for fut in self.results.values():
             if not fut.done():
                 fut.set_exception(Rejected("ABORTED", f"the run was aborted: {why}"))
+        if self.cohorts:
+            self._wake()
         self.finished.set()
         self._observe()
 
@@ -371,6 +421,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
             w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
             client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
             resilience=resilience, wire_source=self.ledger.wire_source,
+            **({"federated": self.federated_summary()} if self.cohorts else {}),
             **({"partial": True} if partial else {}),
         )
 
@@ -394,6 +445,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence):
         for fut in self.results.values():  # clients waiting for a round: resumable or over
             if not fut.done():
                 fut.set_exception(err)
+        if self.cohorts:
+            self._wake()
         if not self._summary_written:
             await self.write_summary(partial=True)
         self.finished.set()

@@ -56,6 +56,7 @@ class ByteLedger:
         self.checked: dict[int, Seen] = {}  # client -> the span its report in flight was checked against
         self.wire_mismatches = 0  # client reports further from the server's count than the tolerance
         self.wire_unmeasured = 0  # calls whose connection the server could not read
+        self.client_facts: dict[int, dict[int, dict]] = {}  # round -> client -> entries besides bytes (cohorts)
 
     def record(self, k: int, j: int, direction: str, level: str, value: int | None) -> None:
         if value is None:
@@ -142,11 +143,20 @@ class ByteLedger:
         """Round k's entries besides bytes (loss_w, loss_x, seconds, extra entries), reported with its bytes."""
         self.facts[k] = facts
 
+    def set_client_facts(self, k: int, facts: dict[int, dict]) -> None:
+        """Round k's per-client entries besides bytes (cohort runs: catchup, dropped), reported with its bytes;
+        a client with facts but no bytes (e.g. a sampled client that vanished) gets an entry too."""
+        if facts:
+            self.client_facts[k] = facts
+
     def report_upto(self, k: int) -> None:
         """Move rounds up to k (0 = the initial exchange) into the report, in order."""
         while self.reported_upto < k:
             r = self.reported_upto + 1
-            clients = {str(j): v for j, v in sorted(self.open.pop(r, {}).items())}
+            figures = self.open.pop(r, {})
+            for j, f in self.client_facts.pop(r, {}).items():
+                figures.setdefault(j, empty()).update(f)
+            clients = {str(j): v for j, v in sorted(figures.items())}
             totals = empty()
             for c in clients.values():
                 for d in ("up", "down"):

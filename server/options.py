@@ -45,6 +45,8 @@ class ServerOptions:
     token_file: str | None = None
     save_model: str | None = None  # write W here (safetensors, common.export) when the run has finished
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one); None: off
+    min_cohort: int = 1  # cohort runs: a round needs this many eligible clients (server.cohorts)
+    client_timeout: float | None = None  # cohort runs: a member silent this long is not sampled (None: 60 s)
 
     def validate(self) -> "ServerOptions":
         if self.on_deadline not in ON_DEADLINE:
@@ -55,6 +57,10 @@ class ServerOptions:
             raise ConfigError(f"--estimators {self.estimators!r}; choose one of: {', '.join(ESTIMATOR_MODES)}")
         if self.estimators == "disk" and not self.checkpoint_dir:
             raise ConfigError("--estimators disk spills to files under --checkpoint-dir DIR: give one")
+        if not (isinstance(self.min_cohort, int) and self.min_cohort >= 1):
+            raise ConfigError(f"--min-cohort {self.min_cohort!r} must be an integer >= 1")
+        if self.client_timeout is not None and not (self.client_timeout > 0 and math.isfinite(self.client_timeout)):
+            raise ConfigError(f"--client-timeout {self.client_timeout!r} must be > 0 seconds")
         if self.round_deadline is not None and not (self.round_deadline > 0 and math.isfinite(self.round_deadline)):
             raise ConfigError(f"--round-deadline {self.round_deadline!r} must be > 0 seconds")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
@@ -79,7 +85,8 @@ class ServerOptions:
 # Every option that shapes the run is stored in its checkpoints (`to_state`) and comes back on --resume
 # (`resumed`) unless a flag gives it again: a resumed server checkpoints as often, waits as long, refuses
 # the same values and serves with the same security as the run it continues.
-RESUMED_FIELDS = ("checkpoint_every", "checkpoint_keep", "round_deadline", "on_deadline", "nan_policy",
+RESUMED_FIELDS = ("checkpoint_every", "checkpoint_keep", "round_deadline", "on_deadline", "nan_policy", "min_cohort",
+                  "client_timeout",
                   "max_clients", "max_message_bytes", "estimators")
 # Security settings are stored as paths and the sha256 of the files' contents, never the secrets.
 SECURITY_FIELDS = ("tls_cert", "tls_key", "tls_ca", "token_file")

@@ -56,6 +56,12 @@ class Persistence:
                 "nonfinite_zeroed": self.nonfinite_zeroed, "partial_rounds": self.partial_rounds,
             }, default=float),
         }
+        if self.cohorts:  # who is a member, what each holds, the open cohort and the rounds' cohort facts
+            meta["cohorts"] = {"members": sorted(self.members), "held": {str(j): r for j, r in self.held.items()},
+                               "cohort": sorted(self.cohort), "n": self.state.n,
+                               "cohort_of": {str(k): v for k, v in self.cohort_of.items()},
+                               "dropped": {str(k): v for k, v in self.dropped.items()},
+                               "catchups": {str(k): {str(j): b for j, b in v.items()} for k, v in self.catchups.items()}}
         clients = {j: {"last_round": r} for j, r in self.last_applied.items()}
         tensors = {}
         if plan is not None and plan.chunks:
@@ -76,7 +82,7 @@ class Persistence:
             if isinstance(est, EstimatorStore):
                 est.flush()
                 est = est.as_float32_dict()
-            view = types.SimpleNamespace(round=st.round, cfg=st.cfg, specs=st.specs, n=st.n,
+            view = types.SimpleNamespace(round=st.round, cfg=st.cfg, specs=st.specs, n=st.ids,
                                          stale_nuclear=st.stale_nuclear, X=st.X, W=st.W, G=st.G,
                                          estimators=est, ef14_buffer=st.ef14_buffer)
             return save_server(self.opts.checkpoint_dir, view, self.cfg, meta, clients=clients,
@@ -106,6 +112,17 @@ class Persistence:
         p = extra.get("plan")
         if p is not None:
             self.last_plan = self._restored_plan(p, tensors.get("extra/plan"), m.get("path"))
+        co = extra.get("cohorts")
+        if co is not None and self.cohorts:
+            self.members = set(co.get("members", []))
+            self.held = {int(j): int(r) for j, r in co.get("held", {}).items()}
+            self.cohort = set(co.get("cohort", []))
+            self.cohort_of = {int(k): list(v) for k, v in co.get("cohort_of", {}).items()}
+            self.dropped = {int(k): list(v) for k, v in co.get("dropped", {}).items()}
+            self.catchups = {int(k): {int(j): int(b) for j, b in v.items()} for k, v in co.get("catchups", {}).items()}
+            st.n = int(co.get("n", st.n))
+            if self.last_plan is not None and not self.last_plan.released:
+                self.history[self.last_plan.round] = self.last_plan
         r = json.loads(extra.get("report") or "{}")
         self.report.from_state(r)
         self.ledger.from_state(r)

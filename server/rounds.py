@@ -35,6 +35,7 @@ class SubmissionKind(str, enum.Enum):
     PENDING = "pending"  # a duplicate of the round being collected: it waits for that round's reply
     LAST = "last"  # a duplicate of the last applied round: it gets that reply again
     RESYNC = "resync"  # an older round, or one that closed without this client: it must re-join
+    LATE = "late"  # cohort runs: a round that closed without this member (a straggler): not applied
 
 
 class Phase(str, enum.Enum):
@@ -87,10 +88,20 @@ class RoundBarrier:
             if s.client_id in self.submitted:
                 return SubmissionKind.PENDING
             # the round is already closing without this client (the deadline passed, --on-deadline proceed)
-            return SubmissionKind.RESYNC if self._processing >= round_ else SubmissionKind.NEW
+            if self._processing >= round_:
+                return self._closed_without(s.client_id)
+            return SubmissionKind.NEW
+        if self.cohorts:  # any earlier round: applied (a duplicate) or closed without it
+            return SubmissionKind.LAST if self.last_applied.get(s.client_id) == round_ else \
+                self._closed_without(s.client_id)
         if round_ == self.collecting - 1 and self.last_applied.get(s.client_id) == round_:
             return SubmissionKind.LAST
         return SubmissionKind.RESYNC
+
+    def _closed_without(self, j: int) -> SubmissionKind:
+        """A submission of a round that closed without client j: a member's is late (cohort runs: it
+        restores its state, server.cohorts), anything else must re-sync."""
+        return SubmissionKind.LATE if self.cohorts and j in self.members else SubmissionKind.RESYNC
 
     def expected_frames(self, round_: int) -> tuple[int, ...]:
         if round_ == 0 and self.cfg.init == "zero":
@@ -131,7 +142,7 @@ class RoundBarrier:
         are freed before this submission is reassembled and decoded (a stray duplicate of the previous
         round is then told to re-sync). Clients skipped by a partial round re-sync anyway (classify)."""
         plan = self.last_plan
-        if plan is None or plan.released or round_ != self.collecting or plan.round != round_:
+        if self.cohorts or plan is None or plan.released or round_ != self.collecting or plan.round != round_:
             return
         # counted when a submission starts, not when it was accepted: the clients stream at the same
         # time, so waiting for n-1 accepted ones would keep the chunks alive until the step (1 model copy)
@@ -168,8 +179,34 @@ class RoundBarrier:
         self.ledger.record(round_, j, "up", "message", message)
         self.ledger.record_client_report(j, previous)
         self._result(round_)
-        if len(self.submitted) == self.n:
+        if self.round_complete():
             self._start_processing(round_)
+        return SubmissionKind.NEW
+
+    async def accept_init(self, s: Session, round_: int, frames: Sequence, train_loss: float) -> SubmissionKind:
+        """Cohort runs: the initial submission of a client registering after round 0 (decoded like round 0's,
+        applied between two rounds: `Coordinator._process`). NEW, or LATE/RESYNC when it came too late."""
+        j = s.client_id
+        decoded = None
+        if frames:
+            owned = isinstance(frames, list)
+            try:
+                decoded, _ = await self._run(self.state.decode_uplink, j, frames if owned else list(frames), True,
+                                             owned)
+            except FrameError as exc:
+                raise Rejected("INVALID_ARGUMENT", f"client {j} initial submission: {exc}; nothing was applied, "
+                               "resend a valid one") from None
+            finally:
+                if owned:
+                    frames.clear()
+        elif self.cfg.init == "grad":
+            raise Rejected("INVALID_ARGUMENT", f"client {j}: the run's init is 'grad': the initial submission "
+                           "carries the gradient at the W of the Join reply (raw float32 frames)")
+        if self.sessions.get(j) is not s:
+            raise Rejected("FAILED_PRECONDITION", f"client {j} re-joined while this submission was read; Join again")
+        if j in self.members:
+            return SubmissionKind.LAST
+        self.registrations[j] = decoded
         return SubmissionKind.NEW
 
     def _store(self, j: int, round_: int, decoded: list[torch.Tensor], zeroed: int, train_loss: float) -> None:
@@ -206,19 +243,28 @@ class RoundBarrier:
         if self._deadline_task is not None:
             self._deadline_task.cancel()
             self._deadline_task = None
-        if self.opts.round_deadline is not None and k <= self.rounds:
-            self._deadline_task = self._spawn(self._deadline(k, self.opts.round_deadline))
+        seconds = self.opts.round_deadline
+        if self.cohorts and k >= 1 and self.cfg.deadline is not None:
+            seconds = float(self.cfg.deadline)  # stragglers: the round closes this long after it opened
+        if seconds is not None and k <= self.rounds:
+            self._deadline_task = self._spawn(self._deadline(k, seconds))
 
     async def _deadline(self, k: int, seconds: float) -> None:
         await asyncio.sleep(seconds)
         if self.collecting != k or self._processing >= k or self.failed is not None or self.stopping:
             return
         self._deadline_task = None
-        missing = sorted(set(range(self.n)) - self.submitted)
+        expected = self.cohort if self.cohorts else set(range(self.n))
+        missing = sorted(expected - self.submitted)
+        if self.cohorts and k >= 1 and self.cfg.deadline is not None:  # stragglers, exactly as simulate drops them
+            log.info("round %d: client(s) %s missed the %g s deadline: dropped from the round", k, missing, seconds)
+            self._start_processing(k, missing)
+            return
         notes = self.absence_notes(missing)
         what = (f"round {k}: client(s) {', '.join(map(str, missing))} did not submit within the round deadline "
                 f"of {seconds:g} s (--round-deadline): {'; '.join(notes)}")
-        if self.opts.on_deadline == "proceed" and self.submitted:
+        proceed = self.opts.on_deadline == "proceed" or (self.cohorts and k == 0)  # a federation starts with those there
+        if proceed and self.submitted:
             log.warning("%s; proceeding with the %d client(s) present (--on-deadline proceed)", what,
                         len(self.submitted))
             self.partial_rounds += 1

@@ -180,6 +180,10 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         except StopAsyncIteration:
             await _abort(context, Rejected("INVALID_ARGUMENT", "empty Exchange: send a Submission header first"), c)
             return
+        if c.cohorts:
+            async for msg in self._cohort_exchange(context, first, it, call):
+                yield msg
+            return
         try:
             h, s, kind, plan = await self._submit(context, first, it, call)
         except Rejected as exc:
@@ -201,6 +205,71 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         del chunks
         if not duplicate:
             c.record_down(plan, s.client_id, header.ByteSize() + plan.chunk_message_bytes)
+
+    async def _cohort_exchange(self, context, first, it, call):
+        """Exchange in a cohort run (server.cohorts): take the submission in (or an idle one), then hold the
+        call until the client's next round (with its catch-up), `wait`, `late`, `resync` or `done`."""
+        c = self.c
+        j = None
+        try:
+            if isinstance(first, Undecodable):
+                raise first.rejected()
+            if first.WhichOneof("part") != "header":
+                raise Rejected("INVALID_ARGUMENT", "the first Submission of an Exchange must carry the header")
+            h = first.header
+            _check_token_client(context, h.client_id)
+            s = c.session(h.client_id, h.session)
+            j = s.client_id
+            c.call_started(j)
+            late = False
+            if h.idle:
+                c.check_idle(j, h.round)
+                async for _ in it:  # an idle Exchange carries no frames: anything sent is dropped
+                    pass
+                self.wire.uplink(call, c.collecting, j, c.collecting, now=True)
+            else:
+                kind = c.classify(s, h.round)
+                previous = h.previous if h.HasField("previous") else None
+                if kind == SubmissionKind.NEW:
+                    c.check_cohort_submission(j, h.round, h.init)
+                    c.check_wire_report(h.round, previous, j)
+                    frames, total, message = await self._receive(h, it, first.ByteSize())
+                    self.wire.uplink(call, h.round, j, h.round + 1, now=True)
+                    if h.init:
+                        kind = await c.accept_init(s, h.round, frames, h.train_loss)
+                    else:
+                        kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
+                    del frames
+                else:
+                    async for _ in it:  # a duplicate or a late one: read and drop, never apply
+                        pass
+                    self.wire.uplink(call, h.round, j, h.round + 1, now=True)
+                if kind == SubmissionKind.RESYNC:
+                    if c.observer is not None:
+                        c.observer.resynced("Exchange")
+                    yield pb.Downlink(header=pb.DownlinkHeader(round=h.round + 1, duplicate=True, resync=True))
+                    return
+                late = kind == SubmissionKind.LATE
+            rep = await c.next_reply(j, h.round, late)
+        except Rejected as exc:
+            log.warning("refused Exchange: %s", exc)
+            await drain_refused_stream(it)
+            if j is not None:
+                c.call_ended(j)
+            await _abort(context, exc, c)
+            return
+        try:
+            header = rep.header()
+            self.wire.reply_round(call, rep.round, j)
+            yield header
+            message = header.ByteSize()
+            for msg in rep.messages():
+                yield msg
+            message += rep.plan.chunk_message_bytes + sum(p.chunk_message_bytes for p in rep.catchup) \
+                if not (rep.wait or rep.resync) else 0
+            c.record_reply(rep, j, message)
+        finally:
+            c.call_ended(j)
 
     async def _submit(self, context, first, it, call):
         """Check the header, take a new submission in (or read and drop a duplicate) and wait for the

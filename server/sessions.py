@@ -105,7 +105,7 @@ class Sessions:
         if self.collecting > self.rounds and client_id is None:
             raise Rejected("FAILED_PRECONDITION", f"the run is finished (all {self.rounds} rounds done)")
         if client_id is None:
-            if self.collecting > 0:
+            if self.collecting > 0 and not self.cohorts:
                 raise Rejected("FAILED_PRECONDITION", f"the run is at round {self.collecting}: re-join it with "
                                "your client id (--client-id J)")
             free = [j for j in range(self.n) if j not in self.sessions]
@@ -133,6 +133,8 @@ class Sessions:
     async def join_payload(self, s: Session, resume_round: int | None) -> tuple[dict, list[bytes], int]:
         """What the Join reply carries: header fields, chunks and payload bytes (see JoinHeader)."""
         async with self._lock:  # never between a round's aggregate and its step
+            if self.cohorts:
+                return await self.cohort_join_payload(s, resume_round)
             c, j = self.collecting, s.client_id
             L = self.last_applied.get(j, -1)
             sub = j in self.submitted
@@ -196,7 +198,10 @@ class Sessions:
             wait = ("" if self.opts.round_deadline is None
                     else f" until the round deadline ({self.opts.round_deadline:g} s)")
             log.warning("client %d left before the last round; waiting for it to re-join%s", s.client_id, wait)
-        if all(self.sessions.get(j) is not None and self.sessions[j].left for j in range(self.n)):
+        if self.cohorts:  # a federation: every client that joined has left (some ids may never come)
+            if all(x.left for x in self.sessions.values() if x.confirmed):
+                self._all_left.set()
+        elif all(self.sessions.get(j) is not None and self.sessions[j].left for j in range(self.n)):
             self._all_left.set()
 
     def absence_notes(self, missing: Sequence[int]) -> list[str]:

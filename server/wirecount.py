@@ -317,6 +317,15 @@ class WireMeter:
         conn.rx = max(conn.rx, rx)
         conn.pending = (down_round, client)
 
+    def reply_round(self, call: Call | None, round_: int, client: int) -> None:
+        """The call's reply turned out to carry round `round_`'s downlink (cohort runs: the reply is the
+        client's next sampled round, known only once it is sent)."""
+        if call is None or call.conn is None:
+            return
+        conn = self.conns.get(call.key)
+        if conn is not None and conn.pending is not None and conn.pending[1] == client:
+            conn.pending = (round_, client)
+
     def _retire(self, key: str) -> None:
         """A client moved to another connection: count the reply still pending on the old one if the
         kernel still has it (else its bytes since the last snapshot are lost to the count)."""

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,12 +43,14 @@ import torch
 from ..common.algorithm import WorkerState, params_sha256
 from ..common.config import RunConfig
 from ..common.errors import FrameError, ProtocolError
+from ..common.federation import federation_size, runs_cohorts
 from ..common.model import gradients, model_specs
 from ..common.runtime import configure_torch, resolve_device, return_freed_memory, trim_heap
 from ..common.wire import chunking, protocol
 from ..v1 import service_pb2 as pb
 from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
+from .cohort import ComputeScale, Snapshot, catch_up, expected_frames, split_reply
 from .connection import Connection, WorkerError, rpc_error, split_address
 from .join import join_request, receive_join, resynced_state
 from .reconnect import (
@@ -122,6 +125,16 @@ class Worker:
         self._empty_resend = False
         self._placeholder = False
         self._acknowledged = False  # the server's reply to the pending submission began: its frames are freed
+        # cohort runs (worker.cohort): wait for a sampled round (idle Exchange), a registration's initial
+        # submission, the state before a submission a deadline may drop, the emulated compute speed
+        self.cohorts = False
+        self._idle = False
+        self._init = False
+        self._snapshot: Snapshot | None = None
+        self._speed: ComputeScale | None = None
+        self.sampled = 0  # rounds this client computed (cohort runs: those it was sampled in)
+        self.late = 0  # of which dropped as a straggler
+        self.catchup_bytes = 0
 
     def _traced(self, step: str) -> None:
         if self.trace is not None:
@@ -183,16 +196,24 @@ class Worker:
         self.names = list(names)
         specs = self.specs if self.specs is not None else model_specs(self.model, cfg)
         self.next_round = int(header.next_round)
+        self.cohorts = runs_cohorts(cfg)
+        if self.cohorts and self._speed is None:
+            self._speed = ComputeScale(cfg, self.client_id, federation_size(cfg))
         if header.resync:
             self._resync(header, parts, [p.shape for p in params], specs)
+            self._idle, self._init = bool(header.idle), bool(header.register)
+            self._snapshot = None
         elif self.next_round <= cfg.rounds:
             if self.state is None and self.checkpoints.saved is not None:
                 self.state, self.pending = self.checkpoints.restore(params, specs, cfg, self.client_id, self.device)
                 self._bind_model()
                 self._acknowledged = False
-            if self.state is None or self.pending is None:
+            if self.state is None or (self.pending is None and not (self.cohorts and self._idle)):
                 raise ProtocolError("the server kept this worker's state, but it has none")
-            log.info("client %d continues from its own state at round %d", self.client_id, self.pending[0])
+            if self.cohorts and self._acknowledged:  # the reply to it began: the server has it; wait for a round
+                self.pending, self._idle = None, True
+            log.info("client %d continues from its own state at round %d", self.client_id,
+                     self.pending[0] if self.pending is not None else self.state.round)
         self.checkpoints.discard()
         self._wire = self.conn.since_mark(-1)
         self.history.append({"round": "join", "down_payload": parts.total if parts is not None else 0,
@@ -219,6 +240,8 @@ class Worker:
 
     def _resume_round(self) -> int | None:
         """The round of the submission this worker holds (its state is at that round), or None."""
+        if self.cohorts and self.state is not None and (self._idle or (self.pending is not None and self._acknowledged)):
+            return self.state.round  # waiting for a sampled round: it holds the W of that round
         if self.state is not None and self.pending is not None:
             if self._placeholder:  # an empty resend after a re-sync: the server may have lost the real one
                 return None
@@ -239,7 +262,8 @@ class Worker:
         return None
 
     # ------------------------------------------------------------------ one round on the wire
-    def exchange(self, round_: int, frames: list[bytes], train_loss: float) -> tuple[pb.DownlinkHeader, list]:
+    def exchange(self, round_: int, frames: list[bytes], train_loss: float, idle: bool = False,
+                 init: bool = False) -> tuple[pb.DownlinkHeader, list]:
         """Send this round's frames; return the reply's header and S's frames.
 
         The server replies only once it has applied the round, so when the reply's header arrives (and
@@ -250,8 +274,8 @@ class Worker:
         up_payload = sum(map(len, frames))
         timeout = call_timeout(EXCHANGE_WAIT_S, up_payload + self._model_bytes)
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
-                                frame_lengths=[len(f) for f in frames], train_loss=train_loss)
-        if self._wire is not None:
+                                frame_lengths=[len(f) for f in frames], train_loss=train_loss, idle=idle, init=init)
+        if self._wire is not None and not idle:
             h.previous.CopyFrom(self._wire)
         sizes: list[int] = []
         with Silence(self.conn) as silence:
@@ -266,7 +290,8 @@ class Worker:
                 raise rpc_error(f"Exchange of round {round_}", exc) from None
         if header is None:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
-        self._wire = self.conn.since_mark(round_)
+        if not idle:
+            self._wire = self.conn.since_mark(round_)
         self.history.append({
             "round": round_, "up": {"payload": up_payload, "message": sum(sizes)},
             "down": {"payload": parts.total, "message": down_message},
@@ -287,7 +312,9 @@ class Worker:
                 if not header.resync and isinstance(frames, list):
                     frames.clear()
                     self._acknowledged = True
-                parts = chunking.Reassembler(header.frame_lengths, (0, len(self.state.W)))
+                layers = len(self.state.W)
+                parts = chunking.Reassembler(expected_frames(header), None if header.catchup_frame_lengths
+                                             else (0, layers))
             elif msg.WhichOneof("part") == "chunk":
                 chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
                 down_message += chunking.received_chunk_size(msg, len(chunk))
@@ -321,7 +348,7 @@ class Worker:
         if self._empty_resend:  # the server already has this round's submission (we re-synced after it)
             self.pending, self._empty_resend, self._placeholder = (k, [], math.nan), False, True
             return
-        if k == 0:
+        if k == 0 or self._init:  # the initial submission (cohort runs: also of a client registering late)
             if self.cfg.init == "grad":
                 loss, g = self._gradients(0)
                 frames = self.state.init_uplink(g, consume=True)
@@ -329,10 +356,16 @@ class Worker:
             else:
                 loss, frames = math.nan, []
         else:
+            if self.cohorts and self.cfg.deadline is not None:  # a deadline may drop it: keep M_j, G_j
+                self._snapshot = Snapshot(self.state, k)
+            t0 = time.perf_counter()
             loss, g = self._gradients(k)
             frames = self.state.make_uplink(g, consume=True)
             self._traced("make_uplink")
             del g
+            if self._speed is not None:
+                self._speed.pad(time.perf_counter() - t0)
+            self.sampled += 1
         self.pending = (k, frames, loss)
         self.checkpoints.save(self.state, self.client_id, self.pending)
 
@@ -355,6 +388,8 @@ class Worker:
         False when the run is over for this worker."""
         if self.next_round > self.cfg.rounds:
             return False  # the run finished while we were away
+        if self.cohorts:
+            return self._cohort_round()
         if self.pending is None:
             self._next_submission()
         k, frames, loss = self.pending
@@ -381,6 +416,55 @@ class Worker:
         del S
         # gRPC buffers a large downlink in small (heap) pieces when it arrives faster than it is
         # read; freed, they would stay resident under the gradient's (mmapped) model copy
+        trim_heap(self._model_bytes)
+        return True
+
+    def _cohort_round(self) -> bool:
+        """One Exchange of a cohort run (worker.cohort): submit (or, not sampled, wait with an idle Exchange),
+        then act on the reply: late (restore), wait, done, or the next sampled round with its catch-up."""
+        idle = self._idle
+        if not idle and self.pending is None:
+            self._next_submission()
+        k, frames, loss = (self.state.round, [], math.nan) if idle else self.pending
+        init = self._init and not idle
+        try:
+            header, parts = self.exchange(k, frames, loss, idle=idle, init=init)
+        except WorkerError as exc:
+            if not retryable(exc, self.reconnect_timeout, self.client_id):
+                raise explained(exc, self.conn) from None
+            self._reconnect(exc)
+            return True
+        if header.resync:  # the server cannot bring this state up to date: take W and G_j from it
+            self.pending, self.state, self._idle, self._snapshot = None, None, False, None
+            self.session = ""
+            self.join()
+            return True
+        self.pending, self._init, self._idle = None, False, True  # the server has the submission (or the wait)
+        if header.late:
+            self.late += 1
+            snap, self._snapshot = self._snapshot, None
+            if snap is None or snap.round != k:
+                log.warning("client %d: round %d came in late and this worker has no state from before it; "
+                            "re-syncing", self.client_id, k)
+                self.state, self.session = None, ""
+                self.join()
+                return True
+            snap.restore(self.state)  # a straggler keeps the state it had before the round (simulate's rule)
+        else:
+            self._snapshot = None
+        if header.done:
+            return False
+        if header.wait:
+            return True
+        catchup, S = split_reply(header, parts)
+        self.catchup_bytes += sum(map(len, catchup))
+        catch_up(self.state, header, catchup)  # W_{round-1}
+        del catchup
+        self.state.apply_downlink(S, consume=True)  # state.round = header.round
+        self._traced("apply_downlink")
+        del S
+        self.next_round = int(header.round)
+        self._idle = False
         trim_heap(self._model_bytes)
         return True
 
@@ -412,7 +496,8 @@ class Worker:
         up = sum(h["up"]["payload"] for h in rounds)
         down = sum(h["down"]["payload"] for h in rounds)
         wires = [h["wire"] for h in self.history if h["wire"] is not None]
-        return {"client_id": self.client_id, "rounds": max(0, len(rounds) - 1),
+        return {"client_id": self.client_id, "rounds": max(0, len(rounds) - 1), "sampled": self.sampled,
+                "late": self.late, "catchup_bytes": self.catchup_bytes,
                 "payload": {"up": up, "down": down},
                 "wire": {"up": sum(w["up"] for w in wires), "down": sum(w["down"] for w in wires)} if wires else None,
                 "w_sha256": params_sha256(self.state.W, self.names) if self.state is not None else None,

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..common.federation import client_batch, federation_size, runs_cohorts, task_for_clients
-from ..common.model import Setup
+from ..common.federation import task_setup
 from ..common.runtime import configure_torch
 from ..common.wire import protocol
 from .client import Worker
@@ -19,23 +18,6 @@ if TYPE_CHECKING:
     from ..common.links import LinkProfile
     from ..v1 import service_pb2 as pb
     from .security import Security
-
-
-def task_setup(cfg, task=None):
-    """(Setup, batch(j, k)) of the run: with cohorts (`federation.runs_cohorts`) the task is cut for
-    the n clients as `simulate` cuts it (`task_for_clients`) and client j's batch of round k is
-    `federation.client_batch`; else task.batch(j, k) of the --workers shards. `task`: one built
-    before (clients hosted in one process share it)."""
-    if not runs_cohorts(cfg):
-        setup = Setup(cfg, task=task)
-        return setup, setup.task.batch
-    n = federation_size(cfg)
-    shards = None
-    if task is None:
-        task, shards = task_for_clients(cfg, n)
-    setup = Setup(cfg, task=task)
-    shards = shards or task.n_workers
-    return setup, lambda j, k: client_batch(task, shards, n, j, k)
 
 
 def for_task(server: str, client_id: int | None = None, device: str | None = None,

@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x66muon/v1/service.proto\x12\tefmuon.v1\";\n\rParameterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xcc\x01\n\x0bJoinRequest\x12\x16\n\tclient_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12,\n\nparameters\x18\x03 \x03(\x0b\x32\x18.efmuon.v1.ParameterInfo\x12\x13\n\x0b\x63lient_name\x18\x04 \x01(\t\x12\x19\n\x0cresume_round\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06rejoin\x18\x06 \x01(\x08\x42\x0c\n\n_client_idB\x0f\n\r_resume_round\"\xea\x01\n\nJoinHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nnext_round\x18\x07 \x01(\x04\x12\x15\n\rframe_lengths\x18\x08 \x03(\x04\x12\x0e\n\x06resync\x18\t \x01(\x08\x12\x1f\n\x17\x65stimator_frame_lengths\x18\n \x03(\x04\x12\x11\n\tsubmitted\x18\x0b \x01(\x08\"M\n\tJoinReply\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.efmuon.v1.JoinHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\nWireReport\x12\x10\n\x08\x65xchange\x18\x01 \x01(\x12\x12\n\n\x02up\x18\x02 \x01(\x04\x12\x0c\n\x04\x64own\x18\x03 \x01(\x04\"\x99\x01\n\x10SubmissionHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rframe_lengths\x18\x04 \x03(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\'\n\x08previous\x18\x06 \x01(\x0b\x32\x15.efmuon.v1.WireReport\"T\n\nSubmission\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.efmuon.v1.SubmissionHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\x0e\x44ownlinkHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x15\n\rframe_lengths\x18\x04 \x03(\x04\x12\x0e\n\x06resync\x18\x05 \x01(\x08\"P\n\x08\x44ownlink\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.efmuon.v1.DownlinkHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12#\n\x04last\x18\x03 \x01(\x0b\x32\x15.efmuon.v1.WireReport\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\xab\x04\n\x0bStatusReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.efmuon.v1.StatusReply.State\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x0e\n\x06joined\x18\x06 \x03(\r\x12\x11\n\tsubmitted\x18\x07 \x03(\r\x12\r\n\x05phase\x18\x08 \x01(\t\x12\x0e\n\x06\x63onfig\x18\t \x01(\x0c\x12,\n\nparameters\x18\n \x03(\x0b\x32\x18.efmuon.v1.ParameterInfo\x12\x13\n\x06loss_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06loss_x\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x10\n\x08rejected\x18\x0e \x01(\x04\x12\x18\n\x10nonfinite_zeroed\x18\x0f \x01(\x04\x12\x18\n\x10\x63heckpoint_round\x18\x10 \x01(\x04\x12\x11\n\trss_bytes\x18\x11 \x01(\x04\x12\x16\n\x0epartial_rounds\x18\x12 \x01(\x04\"l\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_WAITING\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x12\n\x0eSTATE_FINISHED\x10\x03\x12\x12\n\x0eSTATE_STOPPING\x10\x04\x42\t\n\x07_loss_wB\t\n\x07_loss_x*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01\x32\xfa\x01\n\x0fParameterServer\x12\x36\n\x04Join\x12\x16.efmuon.v1.JoinRequest\x1a\x14.efmuon.v1.JoinReply0\x01\x12:\n\x08\x45xchange\x12\x15.efmuon.v1.Submission\x1a\x13.efmuon.v1.Downlink(\x01\x30\x01\x12\x37\n\x05Leave\x12\x17.efmuon.v1.LeaveRequest\x1a\x15.efmuon.v1.LeaveReply\x12:\n\x06Status\x12\x18.efmuon.v1.StatusRequest\x1a\x16.efmuon.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x66muon/v1/service.proto\x12\tefmuon.v1\";\n\rParameterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xcc\x01\n\x0bJoinRequest\x12\x16\n\tclient_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12,\n\nparameters\x18\x03 \x03(\x0b\x32\x18.efmuon.v1.ParameterInfo\x12\x13\n\x0b\x63lient_name\x18\x04 \x01(\t\x12\x19\n\x0cresume_round\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06rejoin\x18\x06 \x01(\x08\x42\x0c\n\n_client_idB\x0f\n\r_resume_round\"\x8a\x02\n\nJoinHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nnext_round\x18\x07 \x01(\x04\x12\x15\n\rframe_lengths\x18\x08 \x03(\x04\x12\x0e\n\x06resync\x18\t \x01(\x08\x12\x1f\n\x17\x65stimator_frame_lengths\x18\n \x03(\x04\x12\x11\n\tsubmitted\x18\x0b \x01(\x08\x12\x10\n\x08register\x18\x0c \x01(\x08\x12\x0c\n\x04idle\x18\r \x01(\x08\"M\n\tJoinReply\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.efmuon.v1.JoinHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\nWireReport\x12\x10\n\x08\x65xchange\x18\x01 \x01(\x12\x12\n\n\x02up\x18\x02 \x01(\x04\x12\x0c\n\x04\x64own\x18\x03 \x01(\x04\"\xb5\x01\n\x10SubmissionHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rframe_lengths\x18\x04 \x03(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\'\n\x08previous\x18\x06 \x01(\x0b\x32\x15.efmuon.v1.WireReport\x12\x0c\n\x04idle\x18\x07 \x01(\x08\x12\x0c\n\x04init\x18\x08 \x01(\x08\"T\n\nSubmission\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.efmuon.v1.SubmissionHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xce\x01\n\x0e\x44ownlinkHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x15\n\rframe_lengths\x18\x04 \x03(\x04\x12\x0e\n\x06resync\x18\x05 \x01(\x08\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x0c\n\x04late\x18\x07 \x01(\x08\x12\x1d\n\x15\x63\x61tchup_frame_lengths\x18\x08 \x03(\x04\x12\x14\n\x0c\x63\x61tchup_full\x18\t \x01(\x08\x12\x14\n\x0c\x63\x61tchup_from\x18\n \x01(\x04\"P\n\x08\x44ownlink\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.efmuon.v1.DownlinkHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\t\x12#\n\x04last\x18\x03 \x01(\x0b\x32\x15.efmuon.v1.WireReport\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\xab\x04\n\x0bStatusReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.efmuon.v1.StatusReply.State\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x0e\n\x06joined\x18\x06 \x03(\r\x12\x11\n\tsubmitted\x18\x07 \x03(\r\x12\r\n\x05phase\x18\x08 \x01(\t\x12\x0e\n\x06\x63onfig\x18\t \x01(\x0c\x12,\n\nparameters\x18\n \x03(\x0b\x32\x18.efmuon.v1.ParameterInfo\x12\x13\n\x06loss_w\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06loss_x\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x10\n\x08rejected\x18\x0e \x01(\x04\x12\x18\n\x10nonfinite_zeroed\x18\x0f \x01(\x04\x12\x18\n\x10\x63heckpoint_round\x18\x10 \x01(\x04\x12\x11\n\trss_bytes\x18\x11 \x01(\x04\x12\x16\n\x0epartial_rounds\x18\x12 \x01(\x04\"l\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_WAITING\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x12\n\x0eSTATE_FINISHED\x10\x03\x12\x12\n\x0eSTATE_STOPPING\x10\x04\x42\t\n\x07_loss_wB\t\n\x07_loss_x*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01\x32\xfa\x01\n\x0fParameterServer\x12\x36\n\x04Join\x12\x16.efmuon.v1.JoinRequest\x1a\x14.efmuon.v1.JoinReply0\x01\x12:\n\x08\x45xchange\x12\x15.efmuon.v1.Submission\x1a\x13.efmuon.v1.Downlink(\x01\x30\x01\x12\x37\n\x05Leave\x12\x17.efmuon.v1.LeaveRequest\x1a\x15.efmuon.v1.LeaveReply\x12:\n\x06Status\x12\x18.efmuon.v1.StatusRequest\x1a\x16.efmuon.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'efmuon.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=1803
-  _globals['_PROTOCOLVERSION']._serialized_end=1884
+  _globals['_PROTOCOLVERSION']._serialized_start=1967
+  _globals['_PROTOCOLVERSION']._serialized_end=2048
   _globals['_PARAMETERINFO']._serialized_start=38
   _globals['_PARAMETERINFO']._serialized_end=97
   _globals['_JOINREQUEST']._serialized_start=100
   _globals['_JOINREQUEST']._serialized_end=304
   _globals['_JOINHEADER']._serialized_start=307
-  _globals['_JOINHEADER']._serialized_end=541
-  _globals['_JOINREPLY']._serialized_start=543
-  _globals['_JOINREPLY']._serialized_end=620
-  _globals['_WIREREPORT']._serialized_start=622
-  _globals['_WIREREPORT']._serialized_end=678
-  _globals['_SUBMISSIONHEADER']._serialized_start=681
-  _globals['_SUBMISSIONHEADER']._serialized_end=834
-  _globals['_SUBMISSION']._serialized_start=836
-  _globals['_SUBMISSION']._serialized_end=920
-  _globals['_DOWNLINKHEADER']._serialized_start=922
-  _globals['_DOWNLINKHEADER']._serialized_end=1025
-  _globals['_DOWNLINK']._serialized_start=1027
-  _globals['_DOWNLINK']._serialized_end=1107
-  _globals['_LEAVEREQUEST']._serialized_start=1109
-  _globals['_LEAVEREQUEST']._serialized_end=1212
-  _globals['_LEAVEREPLY']._serialized_start=1214
-  _globals['_LEAVEREPLY']._serialized_end=1226
-  _globals['_STATUSREQUEST']._serialized_start=1228
-  _globals['_STATUSREQUEST']._serialized_end=1243
-  _globals['_STATUSREPLY']._serialized_start=1246
-  _globals['_STATUSREPLY']._serialized_end=1801
-  _globals['_STATUSREPLY_STATE']._serialized_start=1671
-  _globals['_STATUSREPLY_STATE']._serialized_end=1779
-  _globals['_PARAMETERSERVER']._serialized_start=1887
-  _globals['_PARAMETERSERVER']._serialized_end=2137
+  _globals['_JOINHEADER']._serialized_end=573
+  _globals['_JOINREPLY']._serialized_start=575
+  _globals['_JOINREPLY']._serialized_end=652
+  _globals['_WIREREPORT']._serialized_start=654
+  _globals['_WIREREPORT']._serialized_end=710
+  _globals['_SUBMISSIONHEADER']._serialized_start=713
+  _globals['_SUBMISSIONHEADER']._serialized_end=894
+  _globals['_SUBMISSION']._serialized_start=896
+  _globals['_SUBMISSION']._serialized_end=980
+  _globals['_DOWNLINKHEADER']._serialized_start=983
+  _globals['_DOWNLINKHEADER']._serialized_end=1189
+  _globals['_DOWNLINK']._serialized_start=1191
+  _globals['_DOWNLINK']._serialized_end=1271
+  _globals['_LEAVEREQUEST']._serialized_start=1273
+  _globals['_LEAVEREQUEST']._serialized_end=1376
+  _globals['_LEAVEREPLY']._serialized_start=1378
+  _globals['_LEAVEREPLY']._serialized_end=1390
+  _globals['_STATUSREQUEST']._serialized_start=1392
+  _globals['_STATUSREQUEST']._serialized_end=1407
+  _globals['_STATUSREPLY']._serialized_start=1410
+  _globals['_STATUSREPLY']._serialized_end=1965
+  _globals['_STATUSREPLY_STATE']._serialized_start=1835
+  _globals['_STATUSREPLY_STATE']._serialized_end=1943
+  _globals['_PARAMETERSERVER']._serialized_start=2051
+  _globals['_PARAMETERSERVER']._serialized_end=2301
 # @@protoc_insertion_point(module_scope)

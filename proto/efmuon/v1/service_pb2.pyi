@@ -41,7 +41,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., protocol_version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., client_name: _Optional[str] = ..., resume_round: _Optional[int] = ..., rejoin: _Optional[bool] = ...) -> None: ...
 
 class JoinHeader(_message.Message):
-    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted")
+    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted", "register", "idle")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class JoinHeader(_message.Message):
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     protocol_version: int
@@ -64,7 +66,9 @@ class JoinHeader(_message.Message):
     resync: bool
     estimator_frame_lengths: _containers.RepeatedScalarFieldContainer[int]
     submitted: bool
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ...) -> None: ...
+    register: bool
+    idle: bool
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ..., register: _Optional[bool] = ..., idle: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "chunk")
@@ -85,20 +89,24 @@ class WireReport(_message.Message):
     def __init__(self, exchange: _Optional[int] = ..., up: _Optional[int] = ..., down: _Optional[int] = ...) -> None: ...
 
 class SubmissionHeader(_message.Message):
-    __slots__ = ("client_id", "session", "round", "frame_lengths", "train_loss", "previous")
+    __slots__ = ("client_id", "session", "round", "frame_lengths", "train_loss", "previous", "idle", "init")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     round: int
     frame_lengths: _containers.RepeatedScalarFieldContainer[int]
     train_loss: float
     previous: WireReport
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., train_loss: _Optional[float] = ..., previous: _Optional[_Union[WireReport, _Mapping]] = ...) -> None: ...
+    idle: bool
+    init: bool
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., train_loss: _Optional[float] = ..., previous: _Optional[_Union[WireReport, _Mapping]] = ..., idle: _Optional[bool] = ..., init: _Optional[bool] = ...) -> None: ...
 
 class Submission(_message.Message):
     __slots__ = ("header", "chunk")
@@ -109,18 +117,28 @@ class Submission(_message.Message):
     def __init__(self, header: _Optional[_Union[SubmissionHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class DownlinkHeader(_message.Message):
-    __slots__ = ("round", "done", "duplicate", "frame_lengths", "resync")
+    __slots__ = ("round", "done", "duplicate", "frame_lengths", "resync", "wait", "late", "catchup_frame_lengths", "catchup_full", "catchup_from")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_FRAME_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_FULL_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_FROM_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     duplicate: bool
     frame_lengths: _containers.RepeatedScalarFieldContainer[int]
     resync: bool
-    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ...) -> None: ...
+    wait: bool
+    late: bool
+    catchup_frame_lengths: _containers.RepeatedScalarFieldContainer[int]
+    catchup_full: bool
+    catchup_from: int
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., wait: _Optional[bool] = ..., late: _Optional[bool] = ..., catchup_frame_lengths: _Optional[_Iterable[int]] = ..., catchup_full: _Optional[bool] = ..., catchup_from: _Optional[int] = ...) -> None: ...
 
 class Downlink(_message.Message):
     __slots__ = ("header", "chunk")

@@ -5,12 +5,18 @@ canvas (no pyplot, no display, no global state), so it is safe in threads and on
 
 Bytes are the best level the report has: `wire` (measured at the transport) when present, else
 `payload` (simulate). Time is the simulated clock (`sim_time`) when the run has one, else wall time.
+
+Reports whose rounds carry per-client entries (`rounds[k].clients`) also get a participation raster
+(who submitted, who was dropped as a straggler, who was not sampled, per round), and reports with
+catch-up bytes (federated simulation) a catch-up figure. `participation` and `catchup_series` compute
+what those figures show, without matplotlib.
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -122,14 +128,18 @@ def _loss_panel(ax, ser, label_prefix: str = "", color=None, x_key: str = "round
 
 
 def _bytes_formatter():
-    from matplotlib.ticker import FuncFormatter  # lazy: matplotlib only when a figure is drawn
+    from matplotlib.ticker import FuncFormatter  # lazy: matplotlib, only to draw
 
     return FuncFormatter(lambda v, _pos: human_bytes(v).replace(".00 ", " ") if v > 0 else "0")
 
 
 def _bytes_log_axis(axis, values: Sequence[float]) -> None:
     """Log-scale byte axis labelled in B/KB/MB/GB; on a narrow range (< ~1.5 decades) minor ticks get labels too."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # lazy: matplotlib, as above
+    from matplotlib.ticker import (  # lazy: matplotlib, as above
+        FuncFormatter,
+        LogLocator,
+        NullFormatter,
+    )
 
     axis.set_major_formatter(_bytes_formatter())
     pos = [v for v in values if v and v > 0]
@@ -141,22 +151,39 @@ def _bytes_log_axis(axis, values: Sequence[float]) -> None:
 
 
 def write_plots(report: dict, out_dir: str, stem: str = "efmuon") -> list[str]:
-    """Write <stem>-loss-rounds.png, -loss-bytes.png, -loss-time.png and -bytes-per-client.png; return the paths."""
+    """Write <stem>-loss-rounds.png, -loss-bytes.png, -loss-time.png and -bytes-per-client.png, plus
+    -participation.png when the rounds carry per-client entries and -catchup.png when any round had
+    catch-up bytes; return the paths."""
     os.makedirs(out_dir, exist_ok=True)
     ser = series(report)
     title = run_title(report)
-    panels = (("loss-rounds", lambda ax: _loss_vs_rounds(ax, ser, title)),
-              ("loss-bytes", lambda ax: _loss_vs_bytes(ax, ser, title)),
-              ("loss-time", lambda ax: _loss_vs_time(ax, ser, title)),
-              ("bytes-per-client", lambda ax: _bytes_per_client(ax, per_client_bytes(report), ser["level"], title)))
+    panels = [("loss-rounds", lambda fig: _loss_vs_rounds(fig.add_subplot(), ser, title)),
+              ("loss-bytes", lambda fig: _loss_vs_bytes(fig.add_subplot(), ser, title)),
+              ("loss-time", lambda fig: _loss_vs_time(fig.add_subplot(), ser, title)),
+              ("bytes-per-client",
+               lambda fig: _bytes_per_client(fig.add_subplot(), per_client_bytes(report), ser["level"], title))]
+    part = participation(report)
+    if part is not None:
+        panels.append(("participation", lambda fig: _participation(fig, part, title)))
+    cu = catchup_series(report)
+    if cu is not None:
+        panels.append(("catchup", lambda fig: _catchup(fig, cu, title)))
     paths = []
     for name, draw in panels:
-        fig = _figure()
-        draw(fig.add_subplot())
+        fig = _figure(*_figure_size(name, part))
+        draw(fig)
         path = os.path.join(out_dir, f"{stem}-{name}.png")
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+def _figure_size(name: str, part: Participation | None) -> tuple[float, float]:
+    if name == "participation" and part is not None:  # taller with more clients, within bounds
+        return 8.0, min(9.0, max(3.6, 2.2 + 0.16 * len(part.clients)))
+    if name == "catchup":
+        return 7.0, 6.4
+    return 7.0, 4.6
 
 
 def _loss_vs_rounds(ax, ser: dict, title: str) -> None:
@@ -226,6 +253,177 @@ def _bytes_per_client(ax, pcb: dict[str, tuple[int, int]], level: str, title: st
     ax.legend()
 
 
+# ---------------------------------------------------------------------------- participation and catch-up
+
+NOT_SAMPLED, SUBMITTED, DROPPED, NO_RECORD = 0, 1, 2, 3  # the cell states of `participation`
+STATE_LABELS = {SUBMITTED: "took part (submitted)", DROPPED: "dropped (straggler)",
+                NOT_SAMPLED: "not sampled", NO_RECORD: "no record of the round"}
+# blue / orange / light grey tell apart with the common colour-vision deficiencies too
+STATE_COLOURS = {NOT_SAMPLED: (0.90, 0.90, 0.90), SUBMITTED: (0.12, 0.47, 0.71),
+                 DROPPED: (1.00, 0.50, 0.05), NO_RECORD: (1.0, 1.0, 1.0)}
+EDGE_CELLS = 100  # cells get white edges only while both axes have at most this many
+
+
+@dataclass
+class Participation:
+    """Who took part in which round: `state[i, c]` is client `clients[i]` in round `rounds[c]`."""
+
+    rounds: list[int]
+    clients: list[str]
+    state: np.ndarray  # int8, (len(clients), len(rounds)): NOT_SAMPLED, SUBMITTED, DROPPED or NO_RECORD
+
+    def cohort(self) -> np.ndarray:
+        """Clients sampled per round (submitted + dropped); a round with no record counts 0."""
+        return ((self.state == SUBMITTED) | (self.state == DROPPED)).sum(axis=0)
+
+    def count(self, state: int) -> int:
+        return int((self.state == state).sum())
+
+
+def _client_key(j: str):
+    return (0, int(j), "") if j.isdigit() else (1, 0, j)
+
+
+def participation(report: dict) -> Participation | None:
+    """The participation raster of a report, or None when no round has per-client entries (`clients`).
+
+    A client in `rounds[k].clients` was sampled: it was dropped when its entry says `dropped`, or it
+    is in the round's `dropped` (simulate) or `skipped_clients` (the server's partial rounds) list,
+    and took part otherwise. A client absent from `clients` was not sampled. Columns run over every
+    round number from the first to the last entry; a round without an entry, or without `clients`,
+    is NO_RECORD. Rows are the client ids 0 .. n-1 (n from the summary, else the largest id seen),
+    or the ids seen, sorted, when some are not integers. Extra keys are ignored.
+    """
+    entries = [r for r in report.get("rounds") or [] if isinstance(r, dict) and r.get("round") is not None]
+    if not any(isinstance(r.get("clients"), dict) for r in entries):
+        return None
+    per_round: dict[int, tuple[dict, set[str]]] = {}
+    seen: set[str] = set()
+    for r in entries:
+        clients = r.get("clients")
+        if not isinstance(clients, dict):
+            continue
+        late = {str(j) for key in ("dropped", "skipped_clients") if isinstance(r.get(key), (list, tuple))
+                for j in r[key]}
+        late |= {str(j) for j, v in clients.items() if isinstance(v, dict) and v.get("dropped")}
+        per_round[int(r["round"])] = ({str(j): v for j, v in clients.items()}, late)
+        seen |= set(clients) | late
+    seen = {str(j) for j in seen}
+    if all(j.isdigit() for j in seen):
+        s = report.get("summary") or {}
+        n = max([int(j) + 1 for j in seen] + [v for v in ((s.get("federated") or {}).get("clients"), s.get("workers"))
+                                              if isinstance(v, int) and not isinstance(v, bool)])
+        ids = [str(j) for j in range(n)]
+    else:
+        ids = sorted(seen, key=_client_key)
+    nums = sorted({int(r["round"]) for r in entries})
+    rounds = list(range(nums[0], nums[-1] + 1))
+    row = {j: i for i, j in enumerate(ids)}
+    state = np.full((len(ids), len(rounds)), NO_RECORD, dtype=np.int8)
+    for c, k in enumerate(rounds):
+        if k not in per_round:
+            continue
+        clients, late = per_round[k]
+        state[:, c] = NOT_SAMPLED
+        for j in clients:
+            state[row[j], c] = SUBMITTED
+        for j in late:
+            state[row[j], c] = DROPPED
+    return Participation(rounds, ids, state)
+
+
+def _cohort_text(part: Participation) -> str:
+    recorded = (part.state != NO_RECORD).any(axis=0)
+    cohort = part.cohort()[recorded]
+    n = len(part.clients)
+    if cohort.size and cohort.min() == cohort.max():
+        size = f"{int(cohort[0])} of {n} clients per round"
+    elif cohort.size:
+        size = f"{int(cohort.min())}-{int(cohort.max())} of {n} clients per round (mean {cohort.mean():.1f})"
+    else:
+        size = f"{n} clients"
+    drops = part.count(DROPPED)
+    return f"{size}, {drops} drop{'' if drops == 1 else 's'} in {len(part.rounds)} rounds"
+
+
+def _participation(fig, part: Participation, title: str) -> None:
+    """The raster: rounds on x, client ids on y, one colour per state (STATE_COLOURS), a legend."""
+    from matplotlib.patches import Patch  # lazy: matplotlib only when a figure is drawn
+    from matplotlib.ticker import MaxNLocator  # lazy: as above
+
+    ax = fig.add_subplot()
+    palette = np.array([STATE_COLOURS[i] for i in range(len(STATE_COLOURS))], dtype=float)
+    nrows, ncols = part.state.shape
+    k0, k1 = part.rounds[0], part.rounds[-1]
+    # More cells than pixels: antialiasing mixes neighbouring colours rather than dropping rows or rounds.
+    interp = "nearest" if max(nrows, ncols) <= 400 else "antialiased"
+    ax.imshow(palette[part.state], aspect="auto", interpolation=interp, origin="lower",
+              extent=(k0 - 0.5, k1 + 0.5, -0.5, nrows - 0.5))
+    if nrows <= EDGE_CELLS and ncols <= EDGE_CELLS:
+        ax.set_xticks(np.arange(k0 - 0.5, k1 + 1.0), minor=True)
+        ax.set_yticks(np.arange(-0.5, nrows), minor=True)
+        ax.grid(True, which="minor", color="white", lw=0.6 if max(nrows, ncols) <= 40 else 0.3)
+        ax.tick_params(which="minor", length=0)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+    if all(j.isdigit() for j in part.clients):
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    elif nrows <= 40:
+        ax.set_yticks(range(nrows), part.clients, fontsize=7)
+    else:
+        ax.set_yticks([])
+    ax.set_xlabel("round")
+    ax.set_ylabel("client")
+    ax.set_title(f"Participation: {_cohort_text(part)}\n{title}", fontsize=10)
+    shown = [s for s in (SUBMITTED, DROPPED, NOT_SAMPLED, NO_RECORD) if s != NO_RECORD or part.count(s)]
+    handles = [Patch(facecolor=STATE_COLOURS[s], edgecolor="0.4", lw=0.5,
+                     label=f"{STATE_LABELS[s]}: {part.count(s)}") for s in shown]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title="client-rounds", title_fontsize=8)
+
+
+def catchup_series(report: dict) -> dict | None:
+    """Per round: catch-up bytes, their cumulative sum and the cumulative downlink payload (catch-up
+    included, the join excluded); None when no round had catch-up bytes.
+
+    A round's catch-up is its `catchup` entry, else the sum of its clients' `catchup`.
+    """
+    rounds, cu, down = [], [], []
+    for r in report.get("rounds") or []:
+        if not isinstance(r, dict) or r.get("round") is None:
+            continue
+        c = r.get("catchup")
+        if c is None:
+            c = sum(int(v.get("catchup") or 0) for v in (r.get("clients") or {}).values() if isinstance(v, dict))
+        rounds.append(int(r["round"]))
+        cu.append(int(c or 0))
+        down.append(int((((r.get("bytes") or {}).get("down") or {}).get("payload")) or 0))
+    if not any(cu):
+        return None
+    return {"round": rounds, "catchup": cu, "cum_catchup": np.cumsum(cu).tolist(),
+            "cum_down": np.cumsum(down).tolist()}
+
+
+def _catchup(fig, cu: dict, title: str) -> None:
+    """Two panels: catch-up bytes per round (bars); cumulative catch-up vs cumulative downlink."""
+    ax_b, ax_c = fig.subplots(2, 1, sharex=True)
+    ax_b.bar(cu["round"], cu["catchup"], width=0.85 if len(cu["round"]) <= 200 else 1.0, color="tab:purple",
+             label="catch-up")
+    ax_b.yaxis.set_major_formatter(_bytes_formatter())
+    ax_b.set_ylabel("catch-up bytes (payload)")
+    share = cu["cum_catchup"][-1] / cu["cum_down"][-1] if cu["cum_down"][-1] else None
+    note = f", {100 * share:.1f}% of the downlink" if share is not None else ""
+    ax_b.set_title(f"Catch-up: {human_bytes(cu['cum_catchup'][-1])} over the run{note}\n{title}", fontsize=10)
+    ax_b.grid(True, axis="y", alpha=0.3)
+    ax_c.plot(cu["round"], cu["cum_down"], color="tab:blue", lw=1.6, label="downlink payload, catch-up included")
+    ax_c.plot(cu["round"], cu["cum_catchup"], color="tab:purple", lw=1.6, label="catch-up")
+    ax_c.fill_between(cu["round"], 0, cu["cum_catchup"], color="tab:purple", alpha=0.15)
+    ax_c.yaxis.set_major_formatter(_bytes_formatter())
+    ax_c.set_xlabel("round")
+    ax_c.set_ylabel("cumulative bytes (payload)")
+    ax_c.grid(True, alpha=0.3)
+    ax_c.legend(fontsize=8)
+
+
 # ---------------------------------------------------------------------------- compare
 
 def run_label(report: dict, path: str | None = None) -> str:
@@ -254,7 +452,9 @@ def compare_rows(reports: Sequence[dict], labels: Sequence[str]) -> list[dict]:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
     head = ["run", "rounds", "final loss_w", "final loss_x", "bytes up", "bytes down", "level",
             "vs uncompressed"]
     if any(r.get("sim_time") is not None for r in rows):

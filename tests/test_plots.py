@@ -3,11 +3,27 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from efmuon.cli import main
-from efmuon.common.plots import per_client_bytes, series, write_plots
+from efmuon.common.plots import (
+    DROPPED,
+    NO_RECORD,
+    NOT_SAMPLED,
+    SUBMITTED,
+    catchup_series,
+    participation,
+    per_client_bytes,
+    series,
+    write_plots,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == PNG
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +95,10 @@ def test_service_shaped_report_uses_wire_and_per_round_clients(tmp_path):
     assert ser["level"] == "wire" and ser["bytes"][-1] == 5 * 600
     assert per_client_bytes(rep) == {"0": (750, 750), "1": (750, 750)}
     paths = write_plots(rep, str(tmp_path), "svc")
-    assert len(paths) == 4 and all(open(p, "rb").read(8) == PNG for p in paths)
+    assert len(paths) == 5 and all(_png(p) for p in paths)  # per-round clients: a participation raster too
+    assert paths[-1].endswith("svc-participation.png")
+    assert (participation(rep).state == SUBMITTED).all()  # everyone took part in every round
+    assert catchup_series(rep) is None  # no catch-up bytes, no catch-up figure
 
 
 def test_many_clients_plot_a_histogram(tmp_path):
@@ -91,4 +110,98 @@ def test_many_clients_plot_a_histogram(tmp_path):
                     "federated": {"clients": 300, "per_round": 15}}}
     assert series(rep)["time_label"] == "simulated time (s)"
     paths = write_plots(rep, str(tmp_path), "fed")
-    assert all(open(p, "rb").read(8) == PNG for p in paths)
+    assert len(paths) == 4 and all(_png(p) for p in paths)  # no per-round clients: no participation plot
+
+
+# ---------------------------------------------------------------------------- participation and catch-up
+
+def _fed_round(k, clients, dropped=(), catchup=0, **extra):
+    """A federated round entry as simulate writes it (and the server will): `clients` only for the sampled."""
+    return {"round": k, "loss_w": 1.0 / k, "loss_x": None, "seconds": 0.1, "sim_time": 0.5 * k,
+            "bytes": {"up": {"payload": 10 * len(clients)}, "down": {"payload": 100 * len(clients) + catchup}},
+            "sampled": len(clients), "dropped": list(dropped), "catchup": catchup,
+            "clients": {str(j): {"up": {"payload": 10}, "down": {"payload": 100}, "catchup": 0,
+                                 "dropped": j in dropped, **extra} for j in clients}}
+
+
+def test_participation_matrix_of_a_hand_built_report():
+    rounds = [_fed_round(1, [0, 2], sim_seconds=0.3),
+              _fed_round(2, [1, 2], dropped=[2], catchup=40, sim_seconds=0.2),
+              _fed_round(3, [0, 3])]
+    rounds[2]["clients"]["3"]["dropped"] = True  # a client entry's own flag, without the round's list
+    del rounds[2]["dropped"]
+    del rounds[1]["clients"]["1"]["sim_seconds"]  # the server may leave it out
+    rounds[0]["clients"]["0"]["queue_ms"] = 7  # extra keys are ignored
+    rep = {"config": {"task": "lsq"}, "rounds": rounds,
+           "summary": {"federated": {"clients": 5, "per_round": 2}}}
+    part = participation(rep)
+    assert part.rounds == [1, 2, 3] and part.clients == ["0", "1", "2", "3", "4"]  # n from the summary
+    S, D, A = SUBMITTED, DROPPED, NOT_SAMPLED
+    assert part.state.tolist() == [[S, A, S],   # client 0
+                                   [A, S, A],   # client 1
+                                   [S, D, A],   # client 2: dropped in round 2 (the round's list)
+                                   [A, A, D],   # client 3: dropped in round 3 (its entry's flag)
+                                   [A, A, A]]   # client 4: never sampled
+    assert part.cohort().tolist() == [2, 2, 2] and part.count(DROPPED) == 2
+    cu = catchup_series(rep)
+    assert cu["round"] == [1, 2, 3] and cu["catchup"] == [0, 40, 0] and cu["cum_catchup"] == [0, 40, 40]
+    assert cu["cum_down"] == [200, 440, 640]
+
+
+def test_participation_gaps_skipped_clients_and_catchup_from_clients():
+    rounds = [_fed_round(1, [0, 1]), _fed_round(3, [0])]  # round 2 has no entry: no record
+    rounds[1]["skipped_clients"] = [1]  # the server's partial round: client 1 missed the deadline
+    rounds[1]["clients"]["0"]["catchup"] = 30
+    del rounds[1]["catchup"]  # catch-up summed over the clients when the round has no total
+    rep = {"rounds": rounds, "summary": {}}
+    part = participation(rep)
+    assert part.rounds == [1, 2, 3] and part.clients == ["0", "1"]  # n from the largest id seen
+    assert part.state[:, 1].tolist() == [NO_RECORD, NO_RECORD]
+    assert part.state[:, 2].tolist() == [SUBMITTED, DROPPED]
+    assert catchup_series(rep)["catchup"] == [0, 30]
+    for r in rounds:
+        del r["clients"]
+    assert participation(rep) is None  # no per-round clients: nothing to draw
+
+
+def test_federated_simulate_writes_participation_and_catchup_plots(tmp_path):
+    path = tmp_path / "F.json"
+    assert main(["simulate", "--task", "lsq", "--clients", "8", "--participation", "0.25", "--rounds", "6",
+                 "--deadline", "0.05", "--compute-seconds", "0.03", "--compute-scale", "lognormal:1",
+                 "--report", str(path), "--log-every", "1000"]) == 0
+    r = json.loads(path.read_text())
+    for name in ("participation", "catchup"):
+        assert _png(tmp_path / f"F-{name}.png")
+    part = participation(r)
+    assert part.state.shape == (8, 6) and (part.cohort() == r["summary"]["federated"]["per_round"]).all()
+    assert part.count(DROPPED) == r["summary"]["federated"]["dropped"] > 0  # fixed compute: reproducible drops
+    for c, e in enumerate(r["rounds"]):
+        assert np.flatnonzero(part.state[:, c] == DROPPED).tolist() == sorted(e["dropped"])
+        assert sorted(np.flatnonzero(part.state[:, c] != NOT_SAMPLED).tolist()) == sorted(map(int, e["clients"]))
+    assert sum(catchup_series(r)["catchup"]) == r["summary"]["federated"]["catchup_bytes"] > 0
+
+
+def test_a_report_without_per_round_clients_gets_no_participation_plot(tmp_path):
+    rep = tmp_path / "s.json"
+    assert main(["simulate", "--task", "lsq", "--workers", "2", "--rounds", "3", "--report", str(rep),
+                 "--log-every", "1000"]) == 0
+    r = json.loads(rep.read_text())
+    assert participation(r) is None and catchup_series(r) is None
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        f"s-{n}.png" for n in ("bytes-per-client", "loss-bytes", "loss-rounds", "loss-time")]
+
+
+def test_participation_raster_for_many_clients_and_rounds(tmp_path):
+    n, R, m = 300, 250, 15
+    rng = np.random.default_rng(0)
+    rounds = []
+    for k in range(1, R + 1):
+        s = sorted(rng.choice(n, m, replace=False).tolist())
+        rounds.append(_fed_round(k, s, dropped=s[:1], catchup=50 * (k % 3)))
+    rep = {"config": {"task": "digits"}, "rounds": rounds,
+           "summary": {"federated": {"clients": n, "per_round": m}}}
+    part = participation(rep)
+    assert part.state.shape == (n, R) and part.count(DROPPED) == R and part.count(SUBMITTED) == R * (m - 1)
+    paths = write_plots(rep, str(tmp_path), "big")
+    assert [p.rsplit("-", 1)[1] for p in paths[-2:]] == ["participation.png", "catchup.png"]
+    assert all(_png(p) for p in paths)

@@ -149,7 +149,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.report is None:  # a newcomer's run leaves something to look at: the report and its plots
         cfg = cfg.replace(report=default_run_report(cfg))
     rounds = cfg.rounds or "the task's"
-    print(f"efmuon run: task {cfg.task}, {cfg.workers} workers, {rounds} rounds; starting the server and the "
+    from ..common.federation import federation_size, runs_cohorts
+
+    who = (f"{federation_size(cfg)} clients, participation {cfg.participation or 1:g}" if runs_cohorts(cfg)
+           else f"{cfg.workers} workers")
+    print(f"efmuon run: task {cfg.task}, {who}, {rounds} rounds; starting the server and the "
           f"workers (the first progress line follows round 1); report: {cfg.report}", flush=True)
     report = run_local(cfg, options=options_from_args(args, resume), resume=resume)
     return 130 if report["summary"].get("partial") else 0

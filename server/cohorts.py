@@ -183,6 +183,7 @@ class Cohorts:
         """Round k was aggregated: the members of round 0, the drops, and the registrations that arrived."""
         if k == 0:
             self.members = set(present)
+            self.cohort_of[0] = list(present)
             for j in present:
                 self.held[j] = 0
         else:
@@ -381,11 +382,27 @@ class Cohorts:
                 "catchup": sum(cu.values()), "members": len(self.members)}
 
     def client_facts(self, k: int) -> dict[int, dict]:
+        """Round k's per-client entries: catch-up bytes and whether it was dropped (for every cohort member)."""
         if not self.cohorts or k < 1:
             return {}
         dropped = set(self.dropped.get(k, []))
         cu = self.catchups.get(k, {})
         return {j: {"catchup": cu.get(j, 0), "dropped": j in dropped} for j in self.cohort_of.get(k, [])}
+
+    def cohort_uncompressed(self, rounds: int) -> dict:
+        """What identity fp32 would have sent in this federation, counted as `simulate` counts it: W_0 to
+        each member and its initial gradient; per sampled client and round one model down (plus one more
+        when it caught up) and, unless it was dropped, one up."""
+        full = 4 * self.numel
+        init = len(self.cohort_of.get(0, [])) or len(self.members)
+        up = init * full if self.cfg.init == "grad" else 0
+        down = init * full
+        for k in range(1, rounds + 1):
+            cohort = self.cohort_of.get(k, [])
+            cu = self.catchups.get(k, {})
+            down += sum(full + (self.full_w_bytes if cu.get(j) else 0) for j in cohort)
+            up += (len(cohort) - len(self.dropped.get(k, []))) * full
+        return {"up": up, "down": down}
 
     def federated_summary(self) -> dict:
         n_drop = sum(len(v) for v in self.dropped.values())

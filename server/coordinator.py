@@ -413,11 +413,12 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
                       "rejected_requests": self.rejected, **self.ledger.resilience()}
         if self.resumed_from:
             resilience["resumed_from"] = self.resumed_from
+        uncompressed = ({"up": n * full * (rounds + (1 if self.cfg.init == "grad" else 0)),
+                         "down": n * full * (rounds + 1)} if not self.cohorts else self.cohort_uncompressed(rounds))
         return dict(
             **self.initial_facts,
             **{k: extra.get(k) for k in ("eval_loss_w", "eval_loss_x", "f_star")},
-            uncompressed_bytes={"up": n * full * (rounds + (1 if self.cfg.init == "grad" else 0)),
-                                "down": n * full * (rounds + 1)},
+            uncompressed_bytes=uncompressed,
             w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
             client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
             resilience=resilience, wire_source=self.ledger.wire_source,

@@ -52,13 +52,19 @@ def test_links_table_client_out_of_range():
         client_links(cfg, 4)
 
 
-def test_shaping_is_validated_and_server_refuses_links():
+def test_shaping_is_validated_and_the_server_takes_links_and_federated_settings():
     from efmuon.server.app import build_coordinator
 
     with pytest.raises(ConfigError, match="shaping='tc' is not valid"):
         from_mapping({"shaping": "tc"})
-    with pytest.raises(ConfigError, match="efmuon worker --link"):
-        build_coordinator(from_mapping({"task": "lsq", "link": "dsl"}))
+    # `efmuon server` no longer refuses them: the workers shape their links from the run configuration,
+    # and clients/participation/deadline make the server run cohorts (server.cohorts)
+    c = build_coordinator(from_mapping({"task": "lsq", "link_mix": "dsl=0.5,lte=0.5", "clients": 6,
+                                        "participation": 0.5, "deadline": 3.0}), quiet=True)
+    try:
+        assert c.cohorts and c.n == 6
+    finally:
+        c.executor.shutdown(wait=False)
 
 
 def test_netns_without_root_says_so(monkeypatch):

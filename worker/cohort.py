@@ -11,8 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import torch
-
 from ..common.algorithm import WorkerState
 from ..common.compress import parse_spec
 from ..common.errors import ProtocolError
@@ -98,7 +96,3 @@ def split_reply(header: pb.DownlinkHeader, frames: list) -> tuple[list, list]:
 
 def expected_frames(header: pb.DownlinkHeader) -> list[int]:
     return list(header.catchup_frame_lengths) + list(header.frame_lengths)
-
-
-def zeros_like_state(state: WorkerState) -> list[torch.Tensor]:
-    return [torch.zeros_like(w) for w in state.W]

@@ -1,0 +1,181 @@
+"""A federation over the network (server.cohorts, worker.cohort): the networked server samples the same
+cohorts as `efmuon simulate`, catches returning clients up by min(replay, full W) and drops stragglers at
+the deadline, and ends in the same bits; clients that register late or vanish keep G == mean_j G_j."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import Harness, batches_of, loss_fn, make_cfg, tiny_model
+from efmuon.common.federation import sample_clients, sample_cohort
+from efmuon.server.cohorts import mean_estimators
+from efmuon.server.options import ServerOptions
+from efmuon.worker import Worker
+
+CLI = [sys.executable, "-m", "efmuon.cli"]
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def load(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# ------------------------------------------------------------------------------------------- the rule
+def test_the_cohort_rule_over_every_client_is_simulates_and_draws_from_those_eligible():
+    # Assert: all n eligible -> simulate's sample_clients, bit for bit
+    for k in range(1, 40):
+        assert sample_cohort(7, k, range(20), 5) == sample_clients(7, k, 20, 5)
+    # ... a subset: drawn from it only, deterministic, all of it when it is no larger than m
+    el = [0, 2, 3, 9, 11, 15]
+    picks = sample_cohort(7, 3, el, 4)
+    assert picks == sample_cohort(7, 3, list(reversed(el)), 4) and set(picks) <= set(el) and len(picks) == 4
+    assert sample_cohort(7, 3, el, 10) == el
+
+
+# ------------------------------------------------------------------------------------------- equal to simulate
+FED = ["--task", "digits", "--clients", "20", "--participation", "0.25", "--rounds", "30", "--seed", "3",
+       "--plots", "none"]
+
+
+@pytest.fixture(scope="module")
+def federated_pair(tmp_path_factory):
+    """The acceptance run: efmuon run (real server and worker processes over 127.0.0.1) and efmuon simulate."""
+    tmp = tmp_path_factory.mktemp("fed")
+    sim = cli("simulate", *FED, "--report", str(tmp / "sim.json"))
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    net = cli("run", *FED, "--report", str(tmp / "net.json"))
+    assert net.returncode == 0, net.stdout[-2000:] + net.stderr[-3000:]
+    return load(tmp / "sim.json"), load(tmp / "net.json")
+
+
+@pytest.mark.slow
+def test_a_networked_federation_ends_in_simulates_bits(federated_pair):
+    sim, net = federated_pair
+
+    # Assert: the same model, the same cohorts
+    assert net["summary"]["w_sha256"] == sim["summary"]["w_sha256"]
+    assert net["summary"]["x_sha256"] == sim["summary"]["x_sha256"]
+    for a, b in zip(net["rounds"], sim["rounds"]):
+        assert a["cohort"] == sorted(int(j) for j in b["clients"]), a["round"]
+        assert a["sampled"] == b["sampled"] == 5
+    assert net["summary"]["federated"]["members"] == 20
+
+
+@pytest.mark.slow
+def test_catch_up_bytes_are_min_of_replay_and_full_w_per_client_and_round(federated_pair):
+    sim, net = federated_pair
+
+    # Assert: per client and round, the networked catch-up is simulate's (which is min(replay, full W))
+    some = 0
+    for a, b in zip(net["rounds"], sim["rounds"]):
+        for j, c in b["clients"].items():
+            assert a["clients"][j]["catchup"] == c["catchup"], (a["round"], j)
+            assert a["clients"][j]["down"]["payload"] == c["down"]["payload"], (a["round"], j)
+            some += c["catchup"] > 0
+        assert a["catchup"] == b["catchup"]
+    assert some > 10  # the run does exercise catch-up
+    assert net["summary"]["federated"]["catchup_bytes"] == sim["summary"]["federated"]["catchup_bytes"]
+    assert net["summary"]["federated"]["full_w_bytes"] == sim["summary"]["federated"]["full_w_bytes"]
+
+
+@pytest.mark.slow
+def test_stragglers_dropped_at_the_deadline_are_simulates(tmp_path):
+    """Client 3 is made 200x slower (--compute-scale 1,3=200, real sleeps on the network side, the
+    simulated clock in simulate): it misses every deadline it is sampled for and is told it came late.
+    The fast clients pad their compute to 50 ms, 80x inside the deadline."""
+    flags = ["--task", "digits", "--clients", "8", "--participation", "0.5", "--rounds", "6", "--seed", "1",
+             "--deadline", "4", "--compute-seconds", "0.05", "--compute-scale", "1,3=200", "--plots", "none"]
+    sim = cli("simulate", *flags, "--report", str(tmp_path / "sim.json"))
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    net = cli("run", *flags, "--report", str(tmp_path / "net.json"))
+    assert net.returncode == 0, net.stdout[-2000:] + net.stderr[-3000:]
+    s, n = load(tmp_path / "sim.json"), load(tmp_path / "net.json")
+
+    # Assert
+    assert [r["dropped"] for r in n["rounds"]] == [r["dropped"] for r in s["rounds"]]
+    assert any(r["dropped"] == [3] for r in s["rounds"])  # the straggler was sampled and dropped
+    assert n["summary"]["w_sha256"] == s["summary"]["w_sha256"]
+    assert n["summary"]["federated"]["dropped"] == s["summary"]["federated"]["dropped"] > 0
+
+
+# ------------------------------------------------------------------------------------------- clients come and go
+class Vanishing(Worker):
+    """A worker that disappears (no Leave, its connection closed) once `gone` is set."""
+
+    def __init__(self, *a, gone: threading.Event, **kw):
+        super().__init__(*a, **kw)
+        self.gone = gone
+        self.trace = self._check
+
+    def _check(self, step: str) -> None:
+        if self.gone.is_set():
+            raise ConnectionAbortedError("vanished")
+
+    def _leave_quietly(self, reason: str) -> None:
+        pass
+
+
+async def test_a_late_member_and_a_vanished_one_keep_g_the_mean_over_the_members():
+    """8 client ids: 7 start, client 7 joins at round >= 10, client 6 vanishes at round >= 12. At every round
+    G == mean_j G_j over the members; the late client registers and is sampled afterwards; the vanished one
+    is dropped from its round (the round deadline) and from the cohorts after --client-timeout."""
+    cfg = make_cfg(workers=8, rounds=26, clients=8, participation=0.5, compute_seconds=0.05)
+    opts = ServerOptions(round_deadline=2.0, on_deadline="proceed", client_timeout=0.3)
+    gaps: dict[int, float] = {}
+    members: dict[int, int] = {}
+    gone = threading.Event()
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(12))  # one thread per worker
+    async with Harness(cfg, options=opts) as h:
+        c = h.coordinator
+        c.poll_s = 0.5  # held Exchanges come back often, so a vanished client is noticed at once
+
+        def on_event(what, k, t0, t1):
+            if what == "process":  # G after the round's aggregate and registrations (the step leaves G alone)
+                gaps[k] = max(float((g - m).abs().max()) for g, m in zip(c.state.G, mean_estimators(c.state)))
+                members[k] = c.state.n
+        c.events = on_event
+        runs = [asyncio.ensure_future(asyncio.to_thread(h.worker(j).run)) for j in range(6)]
+        ghost = Vanishing(tiny_model(), loss_fn, batches_of(6), server=h.address, client_id=6,
+                          configure_threads=False, gone=gone)
+        runs.append(asyncio.ensure_future(asyncio.to_thread(ghost.run)))
+        late = None
+        vanished_at = None
+        while not c.finished.is_set():
+            if late is None and c.collecting >= 10:
+                late = asyncio.ensure_future(asyncio.to_thread(h.worker(7).run))
+                joined_at = c.collecting
+            if vanished_at is None and c.collecting >= 12:
+                gone.set()
+                vanished_at = c.collecting
+            await asyncio.sleep(0.005)
+        results = await asyncio.gather(*runs, late, return_exceptions=True)
+        report = c.report.to_dict()
+
+    # Assert: everyone but the ghost finished; G is the members' mean at every round
+    assert all(isinstance(r, dict) for i, r in enumerate(results) if i != 6), results
+    assert isinstance(results[6], ConnectionAbortedError)
+    assert set(gaps) == set(range(0, 27)) and max(gaps.values()) < 1e-5, gaps
+    # round 0 proceeded with the 7 there; client 7 registered after round 10 and took part later
+    assert members[0] == 7 and members[26] == 8
+    registered = min(k for k, m in members.items() if m == 8)
+    assert registered >= joined_at >= 10
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert any(7 in rounds[k]["cohort"] for k in rounds if k > registered)
+    assert all(7 not in rounds[k]["cohort"] for k in rounds if k <= registered)
+    # the ghost: any round it was sampled in after vanishing dropped it; then it is never sampled again
+    after = [k for k in sorted(rounds) if k > vanished_at and 6 in rounds[k]["cohort"]]
+    assert all(6 in rounds[k]["dropped"] for k in after)
+    assert not any(6 in rounds[k]["cohort"] for k in range(vanished_at + 8, 27)), [rounds[k]["cohort"] for k in rounds]
+    assert report["summary"]["federated"]["members"] == 8
+    # its G_j stays in G (the mean is over all 8 members): G_6 is frozen at what it last sent
+    assert torch.isfinite(torch.cat([g.flatten() for g in c.state.G])).all()

@@ -68,7 +68,7 @@ def format_clients(ids) -> str:
 def config_links(cfg: RunConfig) -> list[LinkProfile] | None:
     """Every client's link from the run configuration (`federation.client_links`, exactly the profiles
     `efmuon simulate` gives), or None when the run has no links or emulates them otherwise (netns)."""
-    from ..common import federation  # lazy: federation imports the tasks (torch); the CLI needs this after Status
+    from ..common import federation  # lazy: it imports the tasks (torch)
 
     if not federation.has_links(cfg) or cfg.shaping not in (None, "inproc"):
         return None

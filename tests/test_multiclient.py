@@ -18,7 +18,12 @@ from efmuon.cli import main
 from efmuon.common.config import RunConfig
 from efmuon.common.federation import client_links
 from efmuon.worker import Worker, WorkerStopped
-from efmuon.worker.hosting import ClientsFailed, format_clients, parse_clients, run_clients
+from efmuon.worker.hosting import (
+    ClientsFailed,
+    format_clients,
+    parse_clients,
+    run_clients,
+)
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "digits", "--workers", "6", "--rounds", "4", "--uplink", "topk:0.2", "--downlink", "natural"]
@@ -31,7 +36,7 @@ def free_port() -> int:
 
 
 def efmuon(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def summary(path) -> dict:
@@ -48,6 +53,13 @@ def simulated_w(tmp_path) -> str:
         assert main(["simulate", *FLAGS, "--report", str(out), "--plots", "none"]) == 0
         _simulated["w"] = summary(out)["w_sha256"]
     return _simulated["w"]
+
+
+def start_server(port: int, flags: list[str], tmp_path, log) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the server writes to its own copy of the descriptor
+        return subprocess.Popen(CLI + ["server", "--host", "127.0.0.1", "--port", str(port), *flags,
+                                       "--report", str(tmp_path / "net.json"), "--plots", "none"],
+                                stdout=fh, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_listening(proc: subprocess.Popen, log, timeout: float = 60) -> None:
@@ -89,9 +101,7 @@ def test_bad_clients_spec_exits_2_at_once_from_the_command_line():
 def test_one_process_hosting_six_clients_matches_simulate(tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
-    server = subprocess.Popen(CLI + ["server", "--host", "127.0.0.1", "--port", str(port), *FLAGS,
-                                     "--report", str(tmp_path / "net.json"), "--plots", "none"],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    server = start_server(port, FLAGS, tmp_path, log)
     try:
         wait_listening(server, log)
         worker = efmuon("worker", "--server", f"127.0.0.1:{port}", "--clients", "0-5", "--quiet",
@@ -145,9 +155,7 @@ def test_a_failing_client_stops_the_others_and_the_process_names_it(tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
     flags = ["--task", "digits", "--workers", "2", "--rounds", "500"]
-    server = subprocess.Popen(CLI + ["server", "--host", "127.0.0.1", "--port", str(port), *flags,
-                                     "--report", str(tmp_path / "net.json"), "--plots", "none"],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    server = start_server(port, flags, tmp_path, log)
     try:
         wait_listening(server, log)
         # client 2 is not one of the run's clients 0..1: its Join is refused, clients 0 and 1 are stopped

@@ -2,7 +2,10 @@
 
 `run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes, each
 `efmuon worker --server 127.0.0.1:PORT --client-id j`: forked from one zygote that loaded torch
-once, or exec'd one by one inside network namespaces (server.spawn).
+once, or exec'd one by one inside network namespaces (server.spawn). A run of more than
+`--clients-per-process` K clients starts ceil(n / K) processes instead, each `efmuon worker --clients A-B`
+hosting a contiguous range (worker.hosting; each client's link then comes from the run configuration),
+except inside network namespaces (one process, and one namespace, per client).
 
 Links (`--link`, `--link-mix`, `--link-trace`, a `[links]` table): client j's profile comes from
 `common.links.client_links`, exactly as `efmuon simulate` assigns it, and is emulated by

@@ -33,10 +33,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                            "server counts the wire bytes itself")
     p.add_argument("--link", metavar="PROFILE", default=None,
                    help="shape this worker's connection in its relay (in-process emulation, no root): a preset "
-                        "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'. "
-                        "Default: the link the run configuration gives client J (the server's --link, --link-mix, "
-                        "--link-trace or [links], as `efmuon simulate` assigns them; needs --client-id or "
-                        "--clients), else none")
+                        "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]' "
+                        "(default: the link the run configuration gives client J: the server's --link, --link-mix, "
+                        "--link-trace or [links], as `efmuon simulate` assigns them, with --client-id or "
+                        "--clients; else none: unshaped)")
     p.add_argument("--stats", metavar="PATH.json", default=None,
                    help="write this worker's stats (bytes, transfer timings per call) as JSON when it finishes")
     r = p.add_argument_group("resilience and security")

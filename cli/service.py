@@ -8,9 +8,11 @@ import sys
 import time
 
 from ..common.config import RunConfig, from_mapping
+from ..common.errors import ConfigError
 from ..common.flags import add_common_flags, config_from_args
 
 DEFAULT_PORT = 50051
+CLIENTS_PER_PROCESS = 16  # efmuon run --clients-per-process (server.local.CLIENTS_PER_PROCESS)
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -139,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.clients_per_process < 1:
+        raise ConfigError(f"--clients-per-process {args.clients_per_process} is not a count: give an integer >= 1")
     cfg, resume = config_and_resume(args)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
@@ -155,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
            else f"{cfg.workers} workers")
     print(f"efmuon run: task {cfg.task}, {who}, {rounds} rounds; starting the server and the "
           f"workers (the first progress line follows round 1); report: {cfg.report}", flush=True)
-    report = run_local(cfg, options=options_from_args(args, resume), resume=resume)
+    report = run_local(cfg, options=options_from_args(args, resume), resume=resume,
+                       clients_per_process=args.clients_per_process)
     return 130 if report["summary"].get("partial") else 0
 
 
@@ -190,6 +195,11 @@ def add_run_parser(sub) -> None:
         help="how --link/--link-mix/--link-trace/[links] are emulated: inproc (default: each worker's relay "
              "shapes its connection, no root) or netns (a network namespace per worker and the server on a "
              "bridge, tc tbf per client and direction; delay by netem or the worker relay; needs root)")
+    p.add_argument_group("local worker processes").add_argument(
+        "--clients-per-process", type=int, default=CLIENTS_PER_PROCESS, metavar="K",
+        help=f"a run of more than K clients starts ceil(n / K) worker processes, each hosting K clients of a "
+             f"contiguous range (`efmuon worker --clients A-B`: threads, one shared task, torch on 1 thread); "
+             f"--shaping netns keeps one process per client (default {CLIENTS_PER_PROCESS})")
     add_server_flags(p)
     p.set_defaults(func=cmd_run)
 

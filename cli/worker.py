@@ -11,8 +11,16 @@ from ..common.errors import ConfigError
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     """The worker takes the run configuration from the server at Join, so it has only these flags."""
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `efmuon server`")
-    p.add_argument("--client-id", type=int, default=None, metavar="J",
-                   help="client id 0..n-1 (chooses the data shard); default: the lowest free one")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--client-id", type=int, default=None, metavar="J",
+                     help="client id 0..n-1 (chooses the data shard); default: the lowest free one")
+    who.add_argument("--clients", default=None, metavar="SPEC",
+                     help="host several clients in this process, e.g. 0-15 or 0,3,5-7: each its own Worker, state "
+                          "and connection (its own shaped link where it has one), all in threads over one shared "
+                          "task, torch on 1 thread; the process fails when any client fails (the others leave). "
+                          "--checkpoint-dir DIR becomes DIR/client-J, --token-file gives each client its own "
+                          "token, {j} in --tls-cert/--tls-key names each client's certificate, --stats writes "
+                          '{"clients": {J: stats}} (default: one client, --client-id)')
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="where this worker computes (default: the run configuration's device)")
     wire = p.add_mutually_exclusive_group()
@@ -25,7 +33,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                            "server counts the wire bytes itself")
     p.add_argument("--link", metavar="PROFILE", default=None,
                    help="shape this worker's connection in its relay (in-process emulation, no root): a preset "
-                        "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
+                        "(dsl, lte, wifi, dc-10g) or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]' "
+                        "(default: the link the run configuration gives client J: the server's --link, --link-mix, "
+                        "--link-trace or [links], as `efmuon simulate` assigns them, with --client-id or "
+                        "--clients; else none: unshaped)")
     p.add_argument("--stats", metavar="PATH.json", default=None,
                    help="write this worker's stats (bytes, transfer timings per call) as JSON when it finishes")
     r = p.add_argument_group("resilience and security")
@@ -53,25 +64,31 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def security_from_args(args: argparse.Namespace):
-    """The worker's TLS/token settings, or None when none is given."""
+def security_from_args(args: argparse.Namespace, client_id: int | None = None):
+    """Client `client_id`'s TLS/token settings (its token-file line; {j} in --tls-cert/--tls-key is its id),
+    or None when none is given."""
     from ..worker.security import Security
 
     if args.token and args.token_file:
         raise ConfigError("give --token or --token-file, not both")
+    client_id = args.client_id if client_id is None else client_id
     token = args.token
     if args.token_file:
         from ..common.wire.credentials import read_token
 
-        token = read_token(args.token_file, args.client_id)
+        token = read_token(args.token_file, client_id)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("give both --tls-cert and --tls-key (mutual TLS), or neither")
     if args.tls_cert and not args.tls_ca:
         raise ConfigError("--tls-cert/--tls-key (mutual TLS) need --tls-ca to trust the server")
     if not (token or args.tls_ca):
         return None
-    return Security(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
-                    insecure=args.insecure)
+    cert, key = args.tls_cert, args.tls_key
+    if cert and ("{j}" in cert or "{j}" in key):
+        if client_id is None:
+            raise ConfigError("{j} in --tls-cert/--tls-key stands for the client id: give --client-id or --clients")
+        cert, key = cert.replace("{j}", str(client_id)), key.replace("{j}", str(client_id))
+    return Security(tls_ca=args.tls_ca, tls_cert=cert, tls_key=key, token=token, insecure=args.insecure)
 
 
 def _measure_wire(args: argparse.Namespace) -> bool | None:
@@ -79,13 +96,38 @@ def _measure_wire(args: argparse.Namespace) -> bool | None:
     return True if args.client_wire else False if args.no_wire else None
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def _check_flags(args: argparse.Namespace) -> list[int] | None:
+    """The flags' mistakes as ConfigErrors before anything starts; the --clients ids (None: one client)."""
+    from ..worker.hosting import parse_clients
+
+    clients = parse_clients(args.clients) if args.clients is not None else None
     if args.client_id is not None and args.client_id < 0:
         raise ConfigError(f"--client-id {args.client_id} is not a client id: give 0..n-1 (n = the server's "
                           "--workers), or leave it out to be given the lowest free one")
     for flag, value in (("--reconnect-timeout", args.reconnect_timeout), ("--connect-timeout", args.connect_timeout)):
         if value is not None and not (value >= 0 and value < float("inf")):
             raise ConfigError(f"{flag} {value:g} is not a time: give seconds >= 0")
+    if clients is not None and len(clients) > 1 and args.tls_cert and "{j}" not in args.tls_cert:
+        raise ConfigError("--clients with --tls-cert: a client certificate names one client, so give each its own "
+                          "with {j} in the paths (e.g. --tls-cert DIR/client-{j}.pem --tls-key DIR/client-{j}.key)")
+    return clients
+
+
+def _stats_of(stats: dict, link) -> dict:
+    out = {k: v for k, v in stats.items() if k != "history"}
+    out["link"] = link.to_spec() if link is not None else None
+    return out
+
+
+def _print_stats(stats: dict) -> None:
+    w = stats["wire"]
+    print(f"worker {stats['client_id']}: {stats['rounds']} rounds; payload up {stats['payload']['up']} B, "
+          f"down {stats['payload']['down']} B" + (f"; wire up {w['up']} B, down {w['down']} B" if w else "")
+          + f"; w_sha256 {stats['w_sha256']}", flush=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    clients = _check_flags(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     link = None
@@ -95,8 +137,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         link = parse_link(args.link)
     from ..worker.reconnect import contact_window, reach
 
+    first = clients[0] if clients is not None else args.client_id
     conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
-                         _measure_wire(args), link, security_from_args(args))
+                         _measure_wire(args), link, security_from_args(args, first))
+    if clients is not None:
+        return _host_clients(args, clients, conn, status, link)
+    try:
+        conn, link = _with_config_link(args, conn, status, link)
+    except BaseException:
+        conn.close()
+        raise
     # lazy: torch only once the flags are checked and the server answered, so that a wrong address, a
     # TLS mistake or a bad flag fails at once, not after the seconds torch takes to load
     from ..worker.task import for_status
@@ -108,15 +158,77 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.stats:
         import json
 
-        out = {k: v for k, v in stats.items() if k != "history"}
-        out["link"] = link.to_spec() if link is not None else None
         with open(args.stats, "w") as fh:
-            json.dump(out, fh)
+            json.dump(_stats_of(stats, link), fh)
     if not args.quiet:
-        w = stats["wire"]
-        print(f"worker {stats['client_id']}: {stats['rounds']} rounds; payload up {stats['payload']['up']} B, "
-              f"down {stats['payload']['down']} B" + (f"; wire up {w['up']} B, down {w['down']} B" if w else "")
-              + f"; w_sha256 {stats['w_sha256']}", flush=True)
+        _print_stats(stats)
+    return 0
+
+
+def _with_config_link(args: argparse.Namespace, conn, status, link):
+    """(connection, link) of the one client: without --link, the link the run configuration gives client J
+    (worker.hosting.config_links) on a new connection through a relay that shapes it."""
+    if link is not None:
+        return conn, link
+    from ..common.wire.protocol import decode_config
+    from ..worker.connection import Connection
+    from ..worker.hosting import client_link, config_links
+
+    links = config_links(decode_config(status.config))
+    if links is None:
+        return conn, None
+    if args.client_id is None:
+        if any(p.is_shaped for p in links):
+            logging.getLogger("efmuon.worker").warning(
+                "the run gives its clients links, but this worker's client id is known only once it joined: its "
+                "connection is not shaped (give --client-id J, or --link)")
+        return conn, None
+    mine = client_link(links, args.client_id, None)
+    if mine is None:
+        return conn, None
+    conn.close()
+    return Connection(args.server, _measure_wire(args), link=mine, security=security_from_args(args)), mine
+
+
+def _host_clients(args: argparse.Namespace, clients: list[int], conn, status, link) -> int:
+    """--clients: one Connection per client (the first reuses the Status connection where its link is the
+    same), the Workers over one shared task, run in threads (worker.hosting.run_clients)."""
+    from ..common.wire.protocol import decode_config
+    from ..worker.connection import Connection
+    from ..worker.hosting import client_link, config_links
+
+    conns, links = {}, {}
+    try:
+        per_client = config_links(decode_config(status.config)) if link is None else None
+        for j in clients:
+            links[j] = client_link(per_client, j, link)
+            if not conns and links[j] is link:
+                conns[j] = conn
+            else:
+                conns[j] = Connection(args.server, _measure_wire(args), link=links[j],
+                                      security=security_from_args(args, j))
+        if clients[0] not in conns or conns[clients[0]] is not conn:
+            conn.close()
+    except BaseException:
+        conn.close()
+        for c in conns.values():
+            c.close()
+        raise
+    # lazy: torch only once the flags are checked and the server answered (cmd_worker)
+    from ..worker.hosting import run_clients
+    from ..worker.task import for_clients
+
+    workers = for_clients(conns, status, device=args.device, checkpoint_dir=args.checkpoint_dir,
+                          reconnect_timeout=args.reconnect_timeout, connect_timeout=args.connect_timeout)
+    stats = run_clients(workers)
+    if args.stats:
+        import json
+
+        with open(args.stats, "w") as fh:
+            json.dump({"clients": {str(j): _stats_of(stats[j], links[j]) for j in clients}}, fh)
+    if not args.quiet:
+        for j in clients:
+            _print_stats(stats[j])
     return 0
 
 

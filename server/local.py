@@ -2,7 +2,10 @@
 
 `run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes, each
 `efmuon worker --server 127.0.0.1:PORT --client-id j`: forked from one zygote that loaded torch
-once, or exec'd one by one inside network namespaces (server.spawn).
+once, or exec'd one by one inside network namespaces (server.spawn). A run of more than
+`--clients-per-process` K clients starts ceil(n / K) processes instead, each `efmuon worker --clients A-B`
+hosting a contiguous range (worker.hosting; each client's link then comes from the run configuration),
+except inside network namespaces (one process, and one namespace, per client).
 
 Links (`--link`, `--link-mix`, `--link-trace`, a `[links]` table): client j's profile comes from
 `common.links.client_links`, exactly as `efmuon simulate` assigns it, and is emulated by
@@ -57,6 +60,27 @@ class WorkerProcessError(EfmuonError):
     """A local worker process exited with an error."""
 
 
+CLIENTS_PER_PROCESS = 16  # `efmuon run --clients-per-process`: a run with more clients hosts this many per process
+
+
+def process_groups(n: int, per: int, one_each: bool = False) -> list[list[int]]:
+    """The clients of each local worker process: one each when n <= per (or `one_each`: network
+    namespaces, one per client), else ceil(n / per) processes of contiguous ranges."""
+    if one_each or n <= per:
+        return [[j] for j in range(n)]
+    return [list(range(a, min(n, a + per))) for a in range(0, n, per)]
+
+
+def clients_args(address: str, clients: list[int], stats: str | None = None) -> list[str]:
+    """`efmuon worker` flags of a local process hosting `clients` (a contiguous range): each client's link
+    comes from the run configuration (worker.hosting.config_links), as `worker_args` would give it."""
+    spec = f"{clients[0]}-{clients[-1]}" if len(clients) > 1 else str(clients[0])
+    args = ["--server", address, "--clients", spec, "--quiet"]
+    if stats:
+        args += ["--stats", stats]
+    return args
+
+
 def worker_args(address: str, client_id: int, link=None, stats: str | None = None) -> list[str]:
     """Local worker j's `efmuon worker` flags. Without a shaped link it connects straight to the server
     (which counts the wire bytes itself); with one, its relay shapes the link and reports its own counts."""
@@ -108,7 +132,12 @@ def _print_links(summary: dict, stream) -> None:
         print(f"... {len(summary) - 16} more clients in the report's summary.links", file=stream or sys.stdout)
 
 
-async def _watch(procs: list[asyncio.subprocess.Process]) -> None:
+def _process_name(p: int, groups: list[list[int]] | None) -> str:
+    ids = groups[p] if groups is not None else [p]
+    return f"worker {ids[0]}" if len(ids) == 1 else f"worker process {p} (clients {ids[0]}-{ids[-1]})"
+
+
+async def _watch(procs: list[asyncio.subprocess.Process], groups: list[list[int]] | None = None) -> None:
     """Returns when every worker exited with 0; raises when one fails."""
     waits = {asyncio.ensure_future(p.wait()): j for j, p in enumerate(procs)}
     try:
@@ -119,18 +148,22 @@ async def _watch(procs: list[asyncio.subprocess.Process]) -> None:
                 if f.result() in (130, -signal.SIGINT, -signal.SIGTERM):
                     await asyncio.sleep(1.0)  # Ctrl-C reached the workers too: let the server's handler see it
                 if f.result() != 0:
-                    raise WorkerProcessError(f"worker {j} exited with code {f.result()} (its error is printed above)")
+                    raise WorkerProcessError(f"{_process_name(j, groups)} exited with code {f.result()} (its error "
+                                             "is printed above)")
     finally:
         for f in waits:
             f.cancel()
 
 
-def local_worker_flags(options, j: int) -> list[str]:
+def local_worker_flags(options, j: int | list[int]) -> list[str]:
     """Flags that give local worker j what the server's options need: its token, TLS trust (the CA, or
     ca.pem next to the server certificate), client-j.pem/.key next to the CA for mutual TLS, and a
-    worker checkpoint directory CKPT/worker-j."""
+    worker checkpoint directory CKPT/worker-j. For a process hosting several clients (`j` a list):
+    client-{j}.pem/.key (each must exist) and CKPT, where each client checkpoints to CKPT/client-J."""
     if options is None:
         return []
+    ids = j if isinstance(j, list) else [j]
+    several = isinstance(j, list) and len(j) > 1
     out = []
     if options.token_file:
         out += ["--token-file", str(options.token_file)]
@@ -140,13 +173,17 @@ def local_worker_flags(options, j: int) -> list[str]:
         ca = options.tls_ca or str(Path(options.tls_cert).with_name("ca.pem"))
         out += ["--tls-ca", ca]
         if options.tls_ca:
-            cert, key = Path(ca).with_name(f"client-{j}.pem"), Path(ca).with_name(f"client-{j}.key")
-            if not (cert.is_file() and key.is_file()):
-                raise ConfigError(f"mutual TLS (--tls-ca) with local workers needs {cert} and {key} "
-                                  f"(efmuon certs DIR --clients N makes them)")
-            out += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            for i in ids:
+                cert, key = Path(ca).with_name(f"client-{i}.pem"), Path(ca).with_name(f"client-{i}.key")
+                if not (cert.is_file() and key.is_file()):
+                    raise ConfigError(f"mutual TLS (--tls-ca) with local workers needs {cert} and {key} "
+                                      f"(efmuon certs DIR --clients N makes them)")
+            name = "client-{j}" if several else f"client-{ids[0]}"
+            out += ["--tls-cert", str(Path(ca).with_name(f"{name}.pem")),
+                    "--tls-key", str(Path(ca).with_name(f"{name}.key"))]
     if options.checkpoint_dir:
-        out += ["--checkpoint-dir", os.path.join(options.checkpoint_dir, f"worker-{j}")]
+        out += ["--checkpoint-dir", options.checkpoint_dir if several
+                else os.path.join(options.checkpoint_dir, f"worker-{ids[0]}")]
     return out
 
 
@@ -158,31 +195,43 @@ class LocalWorkers:
     """The worker processes of one `efmuon run`: started once the server listens, stopped with it."""
 
     def __init__(self, coordinator: Coordinator, host: str, relay: dict, options, star: Star | None,
-                 stats_dir: str | None, forks: ForkServer | None = None):
+                 stats_dir: str | None, forks: ForkServer | None = None, per_process: int = CLIENTS_PER_PROCESS):
         self.coordinator, self.host, self.relay, self.options = coordinator, host, relay, options
         self.star, self.stats_dir, self.forks = star, stats_dir, forks
+        # the clients of each worker process (network namespaces: one process per client, each in its own)
+        self.groups = process_groups(coordinator.n, per_process, one_each=star is not None)
         self.procs: list = []  # asyncio.subprocess.Process, or spawn.ForkedWorker (the same calls)
         self.address: str | None = None  # HOST:PORT once the server listens
 
-    def stats_path(self, j: int) -> str | None:
-        return os.path.join(self.stats_dir, f"worker{j}.json") if self.stats_dir else None
+    def stats_path(self, p: int) -> str | None:
+        """Worker process p's --stats file (named by its client where it hosts one)."""
+        if not self.stats_dir:
+            return None
+        ids = self.groups[p]
+        return os.path.join(self.stats_dir, f"worker{ids[0]}.json" if len(ids) == 1 else f"process{p}.json")
+
+    def process_args(self, p: int, address: str) -> list[str]:
+        ids = self.groups[p]
+        if len(ids) == 1:
+            return worker_args(address, ids[0], self.relay.get(ids[0]), self.stats_path(p)) \
+                + local_worker_flags(self.options, ids[0])
+        return clients_args(address, ids, self.stats_path(p)) + local_worker_flags(self.options, ids)
 
     async def launch(self, port: int) -> None:
-        """Start the workers (serve's on_ready): forked from the zygote, or (in network namespaces) each
-        exec'd; then watch them: raises when one fails."""
+        """Start the worker processes (serve's on_ready): forked from the zygote, or (in network namespaces)
+        each exec'd; then watch them: raises when one fails."""
         address = self.address = f"{self.host}:{port}"
-        for j in range(self.coordinator.n):
-            args = (worker_args(address, j, self.relay.get(j), self.stats_path(j))
-                    + local_worker_flags(self.options, j))
+        for p, ids in enumerate(self.groups):
+            args = self.process_args(p, address)
             if self.forks is not None:
-                self.procs.append(await self.forks.fork(j, args))
+                self.procs.append(await self.forks.fork(p, args))
                 continue
             cmd = die_with_parent([sys.executable, "-m", "efmuon.worker", *args])
             if self.star is not None:
-                cmd = self.star.exec_prefix(self.star.clients[j]) + cmd
+                cmd = self.star.exec_prefix(self.star.clients[ids[0]]) + cmd
             self.procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                                    env=worker_env()))
-        await _watch(self.procs)
+        await _watch(self.procs, self.groups)
 
     async def serve(self) -> dict:
         """Serve the run with the workers; returns the report once they exited (or were stopped)."""
@@ -209,15 +258,24 @@ class LocalWorkers:
                 await self.forks.aclose()
 
     def stats(self) -> dict[int, dict]:
-        """Each worker's --stats JSON (those that wrote one)."""
+        """Each client's --stats JSON (of the processes that wrote one), by client id."""
         out = {}
-        for j in range(self.coordinator.n):
+        for p, ids in enumerate(self.groups):
             try:
-                with open(self.stats_path(j)) as fh:
-                    out[j] = json.load(fh)
-            except (OSError, ValueError):
-                pass
+                with open(self.stats_path(p)) as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError, TypeError):
+                continue
+            if len(ids) == 1:
+                out[ids[0]] = data
+            else:
+                out.update({int(j): st for j, st in (data.get("clients") or {}).items()})
         return out
+
+    def processes(self) -> list[dict]:
+        """summary.worker_processes: each process's clients (a SPEC) and pid."""
+        return [{"clients": f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), "pid": getattr(proc, "pid", None)}
+                for ids, proc in zip(self.groups, self.procs)]
 
 
 def _shape_netns(star: Star, n: int, links, relay: dict, mechanisms: dict, quiet: bool, stream) -> str:
@@ -250,9 +308,14 @@ def _links_report(cfg: RunConfig, coordinator: Coordinator, links, mechanisms: d
     return report
 
 
-def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None) -> dict:
+def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None,
+              clients_per_process: int = CLIENTS_PER_PROCESS) -> dict:
     """`efmuon run`: the server here and cfg.workers worker processes on 127.0.0.1, or, with
-    shaping 'netns', each in its own network namespace (module docstring)."""
+    shaping 'netns', each in its own network namespace (module docstring). A run of more than
+    `clients_per_process` clients hosts that many per process (`efmuon worker --clients A-B`),
+    except in network namespaces (one process per client)."""
+    if isinstance(clients_per_process, bool) or not isinstance(clients_per_process, int) or clients_per_process < 1:
+        raise ConfigError(f"--clients-per-process {clients_per_process!r} is not a count: give an integer >= 1")
     shaping = cfg.shaping or ("inproc" if has_links(cfg) else None)
     if shaping == "netns":
         check_available()  # fail before the (possibly slow) model setup
@@ -260,13 +323,14 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
     # the workers' zygote loads torch while this process builds the model (server.spawn)
     forks = ForkServer(worker_env()) if shaping != "netns" and spawn_mode() == "fork" else None
     try:
-        return _run_local(cfg, quiet, stream, options, resume, shaping, links, forks)
+        return _run_local(cfg, quiet, stream, options, resume, shaping, links, forks, clients_per_process)
     finally:
         if forks is not None:
             forks.close()
 
 
-def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, forks: ForkServer | None) -> dict:
+def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, forks: ForkServer | None,
+               per_process: int) -> dict:
     coordinator = build_coordinator(cfg, quiet=quiet, stream=stream, links_ok=True, options=options, resume=resume)
     relay: dict[int, object] = {}
     mechanisms: dict[int, str] = {}
@@ -282,14 +346,24 @@ def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, f
         if shaping == "netns":
             star = Star(coordinator.n).up()
             host = _shape_netns(star, coordinator.n, links, relay, mechanisms, quiet, stream)
-        workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir, forks)
+        workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir, forks, per_process)
+        several = len(workers.groups) < coordinator.n
+        if several and not quiet:
+            print(f"efmuon run: {coordinator.n} clients in {len(workers.groups)} worker processes (up to "
+                  f"{per_process} each, --clients-per-process)", file=stream or sys.stdout, flush=True)
         if star is not None:
             with star.enter(star.server):  # the server's sockets live in the server's namespace
                 report = asyncio.run(workers.serve())
         else:
             report = asyncio.run(workers.serve())
+        if several:  # which process hosted which clients (written again below, or here)
+            coordinator.report.summary["worker_processes"] = workers.processes()
         if links is not None:
             report = _links_report(cfg, coordinator, links, mechanisms, workers, shaping, quiet, stream)
+        elif several:
+            if cfg.report:
+                coordinator.report.write(cfg.report)
+            report = coordinator.report.to_dict()
         return report
     finally:
         signal.signal(signal.SIGTERM, old_term)

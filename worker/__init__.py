@@ -8,9 +8,9 @@ tokens: `security.Security`); `WorkerError` is every failure a worker reports.
 connection, reconnect and security modules, loads no torch, so `efmuon worker` reaches its server
 and names a wrong address or a TLS mistake before it spends seconds loading torch.
 """
-from .connection import Connection, WorkerError
+from .connection import Connection, WorkerError, WorkerStopped
 
-__all__ = ["Connection", "Worker", "WorkerError", "for_task"]
+__all__ = ["Connection", "Worker", "WorkerError", "WorkerStopped", "for_task"]
 
 
 def __getattr__(name: str):

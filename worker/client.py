@@ -51,7 +51,7 @@ from ..v1 import service_pb2 as pb
 from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
 from .cohort import ComputeScale, Snapshot, catch_up, expected_frames, split_reply
-from .connection import Connection, WorkerError, rpc_error, split_address
+from .connection import Connection, WorkerError, WorkerStopped, rpc_error, split_address
 from .join import join_request, receive_join, resynced_state
 from .reconnect import (
     CONTACT_RETRY,
@@ -66,7 +66,7 @@ from .reconnect import (
 )
 from .silence import Silence
 
-__all__ = ["Connection", "Worker", "WorkerError", "split_address"]
+__all__ = ["Connection", "Worker", "WorkerError", "WorkerStopped", "split_address"]
 
 log = logging.getLogger("efmuon.worker")
 
@@ -183,6 +183,7 @@ class Worker:
         """Join (or re-join) the run. Keeps this worker's state when the server says it is consistent;
         otherwise takes W and G_j from the server (M_j := G_j: the server does not keep momenta).
         The call ends within `timeout` s, at most `join_timeout()`."""
+        self.conn.check_stopped()
         names, params = zip(*self.model.named_parameters())
         client_id = self.client_id  # as it was: one read from a checkpoint just below is not asked for
         resume = self._resume_round()
@@ -271,6 +272,7 @@ class Worker:
         (the pending submission shares it), which frees one model copy before the downlink is
         reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection.
         The call's deadline is the barrier's wait plus its bytes (`reconnect.call_timeout`)."""
+        self.conn.check_stopped()
         up_payload = sum(map(len, frames))
         timeout = call_timeout(EXCHANGE_WAIT_S, up_payload + self._model_bytes)
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
@@ -285,9 +287,7 @@ class Worker:
                 silence.watch(call)
                 header, parts, down_message = self._read_reply(call, frames)
             except grpc.RpcError as exc:
-                if silence.fired:
-                    raise silence.error(f"Exchange of round {round_}") from None
-                raise rpc_error(f"Exchange of round {round_}", exc) from None
+                raise silence.failure(f"Exchange of round {round_}", exc) from None
         if header is None:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
         if not idle:
@@ -386,6 +386,7 @@ class Worker:
     def _round(self) -> bool:
         """One round: submit (computing the submission if none is pending), take the downlink.
         False when the run is over for this worker."""
+        self.conn.check_stopped()
         if self.next_round > self.cfg.rounds:
             return False  # the run finished while we were away
         if self.cohorts:
@@ -396,6 +397,8 @@ class Worker:
         try:
             header, S = self.exchange(k, frames, loss)
         except WorkerError as exc:
+            if isinstance(exc, WorkerStopped) or self.conn.stopped is not None:
+                raise WorkerStopped(self.conn.stopped) from None
             if not retryable(exc, self.reconnect_timeout, self.client_id):
                 raise explained(exc, self.conn) from None
             self._reconnect(exc)
@@ -490,6 +493,11 @@ class Worker:
             raise
         finally:
             self.conn.close()
+
+    def stop(self, reason: str) -> None:
+        """Ask `run`, running in another thread, to end: the call in flight is cancelled, the worker leaves
+        the run (Leave with `reason`) and `run` raises WorkerStopped (`Connection.stop`)."""
+        self.conn.stop(reason)
 
     def stats(self) -> dict:
         rounds = [h for h in self.history if h["round"] != "join"]

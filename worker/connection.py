@@ -35,6 +35,11 @@ class WorkerError(EfmuonError):
         self.code = code
 
 
+class WorkerStopped(WorkerError):
+    """The worker was asked to stop (`Connection.stop`, `Worker.stop`): e.g. another client hosted in the
+    same process failed. Never retried; the worker leaves with the reason."""
+
+
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -81,6 +86,20 @@ class Connection:
         self.metadata = security.metadata() if security is not None else ()
         self.stub = client_stub(self.channel)  # chunk messages sent pre-serialized, read as views
         self._mark = self.counters()
+        self.stopped: str | None = None  # why the worker was asked to stop (`stop`), or None
+        self.call = None  # the Join or Exchange in flight (silence.Silence.watch), cancelled by `stop`
+
+    def stop(self, reason: str) -> None:
+        """Ask the worker on this connection to stop (from any thread): the call in flight is cancelled
+        and every later call fails with WorkerStopped(reason), never retried."""
+        self.stopped = reason
+        call = self.call
+        if call is not None:
+            call.cancel()
+
+    def check_stopped(self) -> None:
+        if self.stopped is not None:
+            raise WorkerStopped(self.stopped)
 
     def counters(self) -> dict[str, int] | None:
         return self.relay.counters() if self.relay is not None else None

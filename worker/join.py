@@ -18,7 +18,6 @@ from ..common.algorithm import WorkerState
 from ..common.errors import ProtocolError
 from ..common.wire import chunking, protocol, raw
 from ..v1 import service_pb2 as pb
-from .connection import rpc_error
 from .silence import Silence
 
 if TYPE_CHECKING:
@@ -61,9 +60,7 @@ def receive_join(conn: Connection, req: pb.JoinRequest, params: Sequence[torch.T
                     parts.add(msg.chunk)
             msg = None
         except grpc.RpcError as exc:
-            if silence.fired:
-                raise silence.error(f"Join at {conn.server}") from None
-            raise rpc_error(f"Join at {conn.server}", exc) from None
+            raise silence.failure(f"Join at {conn.server}", exc) from None
     if header is None:
         raise ProtocolError("the server closed Join without a reply")
     if header.protocol_version != protocol.PROTOCOL_VERSION:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ..common.wire import protocol
-from .connection import WorkerError
+from .connection import WorkerError, WorkerStopped, rpc_error
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -64,14 +64,27 @@ class Silence:
 
     def watch(self, call) -> None:
         self._call = call
+        self.conn.call = call  # what `Connection.stop` cancels
+        if self.conn.stopped is not None:
+            call.cancel()
 
     def __exit__(self, *exc) -> None:
+        self.conn.call = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
 
     def error(self, what: str) -> ServerSilent:
         return ServerSilent(what, self.conn.server, self.seconds)
+
+    def failure(self, what: str, exc: grpc.RpcError) -> WorkerError:
+        """What the call's failure `exc` means: the worker was stopped (`Connection.stop`), the server went
+        silent, or the call failed (`connection.rpc_error`)."""
+        if self.conn.stopped is not None:
+            return WorkerStopped(self.conn.stopped)
+        if self.fired:
+            return self.error(what)
+        return rpc_error(what, exc)
 
     def _run(self) -> None:
         last, since = self.conn.counters(), time.monotonic()

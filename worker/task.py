@@ -5,6 +5,8 @@ The run configuration comes from the server (Status), the task, model and layer 
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..common.federation import task_setup
@@ -32,23 +34,60 @@ def for_task(server: str, client_id: int | None = None, device: str | None = Non
                       reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout)
 
 
+def run_config(status: pb.StatusReply):
+    """The run configuration of the server's Status reply, without the server's own outputs."""
+    return protocol.decode_config(status.config).replace(report=None, metrics=None)
+
+
 def for_status(conn: Connection, status: pb.StatusReply, client_id: int | None = None, device: str | None = None,
                checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0,
-               connect_timeout: float | None = None) -> Worker:
+               connect_timeout: float | None = None, task=None, threads: int | None = None) -> Worker:
     """`for_task` on a connection that already has the server's Status reply (`reconnect.reach`);
-    the connection is closed when the worker cannot be built."""
+    the connection is closed when the worker cannot be built. `task`: a task built before, shared with
+    other clients of this process (`for_clients`); `threads`: torch threads instead of the run's."""
     try:
-        cfg = protocol.decode_config(status.config).replace(report=None, metrics=None)
-        configure_torch(cfg.threads)
-        setup, batch = task_setup(cfg)
+        cfg = run_config(status)
+        configure_torch(cfg.threads if threads is None else threads)
+        setup, batch = task_setup(cfg, task=task)
     except BaseException:
         conn.close()
         raise
-    task = setup.task
+    return _worker(conn, cfg, setup, batch, client_id, device, checkpoint_dir, reconnect_timeout, connect_timeout,
+                   configure_threads=threads is None)
+
+
+def for_clients(conns: Mapping[int, Connection], status: pb.StatusReply, device: str | None = None,
+                checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0,
+                connect_timeout: float | None = None) -> dict[int, Worker]:
+    """One Worker per client j of `conns` (client j's own Connection), all in this process: the task is
+    built once and shared (each client has its own Setup: model, W, state), torch runs 1 thread when
+    there are several clients (they run in threads: `hosting.run_clients`), and client j checkpoints
+    to `checkpoint_dir`/client-J. Every connection is closed when the workers cannot be built."""
+    threads = 1 if len(conns) > 1 else None
+    workers: dict[int, Worker] = {}
+    try:
+        cfg = run_config(status)
+        configure_torch(cfg.threads if threads is None else threads)
+        shared = None
+        for j, conn in conns.items():  # one after another: building a model forks torch's global RNG
+            setup, batch = task_setup(cfg, task=shared)
+            shared = setup.task
+            ckpt = os.path.join(checkpoint_dir, f"client-{j}") if checkpoint_dir else None
+            workers[j] = _worker(conn, cfg, setup, batch, j, device, ckpt, reconnect_timeout, connect_timeout,
+                                 configure_threads=threads is None)
+    except BaseException:
+        for conn in conns.values():
+            conn.close()
+        raise
+    return workers
+
+
+def _worker(conn: Connection, cfg, setup, batch, client_id, device, checkpoint_dir, reconnect_timeout,
+            connect_timeout, configure_threads: bool) -> Worker:
     holder: dict = {}
-    worker = Worker(setup.model, task.loss, lambda k: batch(holder["w"].client_id, k), server=conn,
+    worker = Worker(setup.model, setup.task.loss, lambda k: batch(holder["w"].client_id, k), server=conn,
                     client_id=client_id, device=device or cfg.device, specs=setup.specs,
                     checkpoint_dir=checkpoint_dir, reconnect_timeout=reconnect_timeout,
-                    connect_timeout=connect_timeout)
+                    connect_timeout=connect_timeout, configure_threads=configure_threads)
     holder["w"] = worker
     return worker

@@ -38,6 +38,13 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--on-deadline", choices=("fail", "proceed"), default=None,
                    help="at the deadline: fail the run loudly (default) or proceed with the clients present "
                         "(G += (1/n) sum over them; the others re-sync when they come back)")
+    f = p.add_argument_group("federation (with --clients/--participation/--deadline: cohort rounds, docs/design.md §6)")
+    f.add_argument("--min-cohort", type=int, default=None, metavar="M",
+                   help="a round needs at least M eligible clients to draw its cohort from; with fewer it waits "
+                        "for clients up to --round-deadline, then proceeds or fails by --on-deadline (default 1)")
+    f.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a member with no call open and not heard from for this long is left out of the cohorts "
+                        "until it calls again (it vanished; default 60)")
     m = p.add_argument_group("the trained model")
     m.add_argument("--save-model", metavar="PATH.safetensors", default=None,
                    help="when the run has finished, write W (the model the workers hold) here as safetensors, "
@@ -75,7 +82,7 @@ _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "roun
                  "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
                  "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model",
-                 "metrics_port": "metrics_port"}
+                 "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):

@@ -77,21 +77,26 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--ns-coeffs", choices=NS_COEFFS, help="Newton-Schulz coefficients (default jordan)")
     a.add_argument("--ef14-variant", choices=("classic", "airbench"), help="with --method ef14")
     a.add_argument("--ef14-bits", type=int, help="airbench variant: bits of the quantised update (4/8/16/32)")
-    f = p.add_argument_group("federated (simulate: n clients, partial participation, per-client links, simulated clock; "
-                             "run: --link/--link-mix/--link-trace shape each worker, see --shaping)")
-    f.add_argument("--clients", type=int, help="number of clients n (federated; sets n, --workers stays the synchronous count)")
+    f = p.add_argument_group("federated (n clients, a cohort per round, per-client links; simulate on a simulated clock, "
+                             "run/server over the network with the same rules and bits; links shape each worker, see --shaping)")
+    f.add_argument("--clients", type=int, help="number of clients n (federated: the server then samples a cohort per round; "
+                   "--workers stays the synchronous count)")
     f.add_argument("--participation", type=float, metavar="P",
-                   help="fraction of the n clients sampled per round, in (0, 1] (at least 1; deterministic per seed and round)")
+                   help="fraction of the n clients sampled per round, in (0, 1] (at least 1; deterministic per seed and "
+                        "round; the networked server draws from the clients that are live; default 1)")
     f.add_argument("--link", metavar="PROFILE", help="one link for every client: a preset (none, dsl, lte, wifi, dc-10g) "
                    "or 'up=10mbit,down=50mbit,delay=20ms[,jitter=5ms,loss=0.1%%]'")
     f.add_argument("--link-mix", metavar="MIX", help="per-client presets drawn from a distribution, e.g. 'dsl=0.3,lte=0.5,wifi=0.2'")
     f.add_argument("--link-trace", metavar="FILE.csv", help="per-client links, rows client,up_bps,down_bps,delay_ms[,jitter_ms]")
     f.add_argument("--deadline", type=float, metavar="SECONDS",
-                   help="simulated round deadline: sampled clients slower than this are dropped from the round (stragglers)")
+                   help="round deadline: sampled clients slower than this are dropped from the round (stragglers; simulate: "
+                        "on the simulated clock, run/server: seconds after the round opened; default: none)")
     f.add_argument("--compute-scale", metavar="DIST", help="per-client compute speed factor: a number, 'lognormal:SIGMA' "
-                   "(median 1) or 'uniform:LO:HI' (default 1)")
+                   "(median 1) or 'uniform:LO:HI', then optionally ',J=FACTOR' per client (e.g. '1,3=40'); networked "
+                   "workers sleep to emulate it (default 1)")
     f.add_argument("--compute-seconds", type=float, metavar="S",
-                   help="simulated gradient time per client and round (default: measured in this process)")
+                   help="gradient time per client and round before --compute-scale (simulate: simulated; networked workers "
+                        "pad their compute to it; default: measured)")
     g.add_argument("--plots", metavar="DIR", help="write PNG plots here (default: next to --report; 'none' to skip)")
     c = p.add_argument_group("compression")
     c.add_argument("--uplink", metavar="SPEC", help=f"worker->server compressor (default {DEFAULT_UPLINK}); {SPEC_HELP}")

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import torch
 from conftest import Harness, batches_of, loss_fn, make_cfg, tiny_model
 from efmuon.common.federation import sample_clients, sample_cohort
+from efmuon.common.wire import protocol
 from efmuon.server.cohorts import mean_estimators
 from efmuon.server.options import ServerOptions
+from efmuon.v1 import service_pb2 as pb
+from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
@@ -179,3 +186,76 @@ async def test_a_late_member_and_a_vanished_one_keep_g_the_mean_over_the_members
     assert report["summary"]["federated"]["members"] == 8
     # its G_j stays in G (the mean is over all 8 members): G_6 is frozen at what it last sent
     assert torch.isfinite(torch.cat([g.flatten() for g in c.state.G])).all()
+
+
+# ------------------------------------------------------------------------------------------- a client killed
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], log_path) -> subprocess.Popen:
+    return subprocess.Popen(CLI + args, stdout=open(log_path, "a"), stderr=subprocess.STDOUT, text=True)
+
+
+def status_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: float = 90) -> int:
+    """Poll Status until the server collects round >= at_least; returns that round."""
+    deadline = time.monotonic() + timeout
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
+    stub = pb_grpc.ParameterServerStub(channel)
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                st = stub.Status(pb.StatusRequest(), timeout=1)
+                if st.round >= at_least:
+                    return st.round
+            except grpc.RpcError:
+                pass
+            time.sleep(0.003)
+    finally:
+        channel.close()
+    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_client_killed_mid_run_and_restarted_from_its_checkpoint_keeps_simulates_bits(tmp_path):
+    """efmuon server and two worker processes (clients 0-6 in one, client 7 alone, each with --checkpoint-dir);
+    client 7's process is SIGKILLed at round >= 5 and started again: it resumes from its own checkpoint
+    (W, M_j, G_j, the submission in flight), the rounds it is sampled in wait for it, and the run ends with
+    simulate's bits."""
+    flags = ["--task", "digits", "--clients", "8", "--participation", "0.5", "--rounds", "16", "--seed", "2"]
+    sim = cli("simulate", *flags, "--plots", "none", "--report", str(tmp_path / "sim.json"))
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    port = free_port()
+    srv = start(["server", "--host", "127.0.0.1", "--port", str(port), *flags, "--plots", "none",
+                 "--report", str(tmp_path / "net.json")], tmp_path / "server.log")
+    address = f"127.0.0.1:{port}"
+    many = start(["worker", "--server", address, "--clients", "0-6", "--checkpoint-dir", str(tmp_path / "ck")],
+                 tmp_path / "many.log")
+    seven = ["worker", "--server", address, "--client-id", "7", "--checkpoint-dir", str(tmp_path / "ck7")]
+    one = start(seven, tmp_path / "seven.log")
+    procs = [srv, many, one]
+    try:
+        status_round(port, 5, srv, tmp_path / "server.log")
+        one.send_signal(signal.SIGKILL)  # Execute
+        one.wait(timeout=10)
+        again = start(seven, tmp_path / "seven.log")
+        procs.append(again)
+        codes = [p.wait(timeout=180) for p in (srv, many, again)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = {f.name: f.read_text() for f in tmp_path.glob("*.log")}
+
+    # Assert
+    assert codes == [0, 0, 0], {k: v[-2000:] for k, v in logs.items()}
+    assert "continues from its own state" in logs["seven.log"] or "resumed from its checkpoint" in logs["seven.log"]
+    net, ref = load(tmp_path / "net.json"), load(tmp_path / "sim.json")
+    assert net["summary"]["w_sha256"] == ref["summary"]["w_sha256"]
+    assert [r["cohort"] for r in net["rounds"]] == [sorted(int(j) for j in r["clients"]) for r in ref["rounds"]]

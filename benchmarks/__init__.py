@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_wire, memory, scaling, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_wire, federation, memory, scaling, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

@@ -8,6 +8,7 @@ bit for bit use the same count); `resolve_device` turns cpu/cuda/auto into a dev
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -92,3 +93,11 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far, in bytes (getrusage; Linux counts kB)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)

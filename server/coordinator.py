@@ -61,7 +61,7 @@ from ..common.errors import ConfigError
 from ..common.export import save_model
 from ..common.outputs import write_outputs
 from ..common.report import Report
-from ..common.runtime import return_freed_memory, trim_heap
+from ..common.runtime import peak_rss_bytes, return_freed_memory, trim_heap
 from ..common.wire import protocol
 from .errors import Rejected, RunAborted
 from .estimators import EstimatorStore
@@ -421,7 +421,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
             uncompressed_bytes=uncompressed,
             w_sha256=extra["w_sha256"], x_sha256=extra["x_sha256"], parameters=self.numel, workers=n,
             client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
-            resilience=resilience, wire_source=self.ledger.wire_source,
+            resilience=resilience, wire_source=self.ledger.wire_source, server_peak_rss_bytes=peak_rss_bytes(),
             **({"federated": self.federated_summary()} if self.cohorts else {}),
             **({"partial": True} if partial else {}),
         )

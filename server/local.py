@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError, EfmuonError
-from ..common.federation import client_links, has_links
+from ..common.federation import client_links, federation_size, has_links
 from .app import build_coordinator
 from .coordinator import Coordinator
 from .netns import Star, check_available
@@ -319,7 +319,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
     shaping = cfg.shaping or ("inproc" if has_links(cfg) else None)
     if shaping == "netns":
         check_available()  # fail before the (possibly slow) model setup
-    links = client_links(cfg, int(cfg.workers)) if shaping is not None else None
+    links = client_links(cfg, federation_size(cfg)) if shaping is not None else None
     # the workers' zygote loads torch while this process builds the model (server.spawn)
     forks = ForkServer(worker_env()) if shaping != "netns" and spawn_mode() == "fork" else None
     try:

@@ -178,3 +178,39 @@ def test_run_netns_interrupted_tears_everything_down(tmp_path, how):
     assert p.returncode == 130, out
     assert namespaces(prefix) == []
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["partial"] is True
+
+
+@pytest.mark.slow
+def test_run_netns_sixteen_client_federation_with_a_link_mix(tmp_path):
+    """A cohort run (16 clients, 4 per round) where every client sits in its own namespace behind tc tbf
+    with the profile the link mix gives it (the one `efmuon simulate` gives it): every link is shaped in
+    the kernel, the achieved rates are reported, and the run ends in simulate's bits."""
+    from efmuon.common.config import from_mapping
+    from efmuon.common.federation import client_links
+
+    flags = ["--task", "digits", "--clients", "16", "--participation", "0.25", "--link-mix", "dsl=0.3,lte=0.5,wifi=0.2",
+             "--uplink", "identity", "--downlink", "identity", "--rounds", "3", "--seed", "0", "--plots", "none"]
+    sim = subprocess.run([sys.executable, "-m", "efmuon.cli", "simulate", *flags, "--report", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+
+    # Act
+    run = subprocess.run([sys.executable, "-m", "efmuon.cli", "run", *flags, "--shaping", "netns",
+                          "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+
+    # Assert
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    s = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert s["w_sha256"] == json.loads((tmp_path / "s.json").read_text())["summary"]["w_sha256"]
+    assert s["links_shaping"] == "netns" and namespaces(s["links_netns_prefix"]) == []
+    want = client_links(from_mapping({"link_mix": "dsl=0.3,lte=0.5,wifi=0.2", "seed": 0}), 16)
+    assert sorted(s["links"], key=int) == [str(j) for j in range(16)]
+    for j, (name, prof) in enumerate(want):
+        link = s["links"][str(j)]
+        assert link["profile"] == name and link["mechanism"] in ("tbf+relay-delay", "tbf+netem")
+        assert link["up"]["configured_bps"] == prof.up_bps and link["down"]["configured_bps"] == prof.down_bps
+        up = link["up"]
+        assert up["transfers"] >= 1 and up["achieved_bps"] > 0, link
+        # an upper bound only: tbf lets its burst (16 KiB here) through at once, the rest at most at the rate
+        burst, per = max(16 << 10, prof.up_bps / 8 * 0.002), up["bytes"] / up["transfers"]
+        assert up["achieved_bps"] <= prof.up_bps * per / max(1.0, per - burst), link

@@ -289,7 +289,9 @@ def participation(report: dict) -> Participation | None:
 
     A client in `rounds[k].clients` was sampled: it was dropped when its entry says `dropped`, or it
     is in the round's `dropped` (simulate) or `skipped_clients` (the server's partial rounds) list,
-    and took part otherwise. A client absent from `clients` was not sampled. Columns run over every
+    and took part otherwise. A client absent from `clients` was not sampled. Where a round names its
+    `cohort` (the networked server's cohort rounds) that list is who was sampled: its `clients` may also
+    hold bytes of others (a late uplink counted in the oldest open round, the final `done` replies). Columns run over every
     round number from the first to the last entry; a round without an entry, or without `clients`,
     is NO_RECORD. Rows are the client ids 0 .. n-1 (n from the summary, else the largest id seen),
     or the ids seen, sorted, when some are not integers. Extra keys are ignored.
@@ -306,6 +308,8 @@ def participation(report: dict) -> Participation | None:
         late = {str(j) for key in ("dropped", "skipped_clients") if isinstance(r.get(key), (list, tuple))
                 for j in r[key]}
         late |= {str(j) for j, v in clients.items() if isinstance(v, dict) and v.get("dropped")}
+        if isinstance(r.get("cohort"), (list, tuple)):
+            clients = {str(j): None for j in r["cohort"]}
         per_round[int(r["round"])] = ({str(j): v for j, v in clients.items()}, late)
         seen |= set(clients) | late
     seen = {str(j) for j in seen}

@@ -205,3 +205,17 @@ def test_participation_raster_for_many_clients_and_rounds(tmp_path):
     paths = write_plots(rep, str(tmp_path), "big")
     assert [p.rsplit("-", 1)[1] for p in paths[-2:]] == ["participation.png", "catchup.png"]
     assert all(_png(p) for p in paths)
+
+
+def test_a_rounds_cohort_says_who_was_sampled_when_the_server_names_it():
+    """The networked server's cohort rounds name their `cohort`; its `clients` may also hold bytes of others
+    (a late uplink counted in the oldest open round, the final `done` replies): they were not sampled."""
+    bytes_ = {"up": {"payload": 1}, "down": {"payload": 1}}
+    rep = {"summary": {"workers": 4}, "rounds": [
+        {"round": 1, "cohort": [0, 1], "dropped": [1], "clients": {"0": bytes_, "1": bytes_, "3": bytes_}},
+        {"round": 2, "cohort": [2], "dropped": [], "clients": {"0": bytes_, "1": bytes_, "2": bytes_, "3": bytes_}}]}
+
+    part = participation(rep)
+
+    assert part.state[:, 0].tolist() == [SUBMITTED, DROPPED, NOT_SAMPLED, NOT_SAMPLED]
+    assert part.state[:, 1].tolist() == [NOT_SAMPLED, NOT_SAMPLED, SUBMITTED, NOT_SAMPLED]

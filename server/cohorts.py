@@ -157,7 +157,7 @@ class Cohorts:
         """A NEW submission of the round being collected must come from its cohort (or be a late member's
         initial submission); raises Rejected."""
         if init:
-            if round_ != self.collecting or j in self.members or (self.collecting == 0):
+            if round_ != self.collecting or j in self.members or (self.collecting == 0 and self._processing < 0):
                 raise Rejected("FAILED_PRECONDITION", f"client {j}: an initial submission (init) is for a client "
                                f"that registers after round 0, of the round being collected ({self.collecting}); "
                                + ("it is a member already" if j in self.members else "Join again"))
@@ -206,7 +206,7 @@ class Cohorts:
             log.info("client %d is a member now (%d members)", j, len(self.members))
 
     def _quorum(self) -> int:
-        return min(max(1, self.opts.min_cohort or 1), max(1, len(self.members)))
+        return max(1, self.opts.min_cohort or 1)
 
     def sample_now(self, k: int) -> list[int] | None:
         """The cohort of round k, drawn when round k-1 is processed (before its step); None when fewer
@@ -228,6 +228,11 @@ class Cohorts:
                     len(self.eligible()), want, "" if limit is None else f" up to {limit:g} s")
         t0 = time.monotonic()
         while True:
+            if self.registrations:  # clients registering meanwhile count towards the quorum
+                async with self._lock:
+                    regs, self.registrations = self.registrations, {}
+                    await self._run(self.state.register, regs)
+                    self.members |= set(regs)
             el = self.eligible()
             if len(el) >= want:
                 return self._draw(k, el)
@@ -299,7 +304,7 @@ class Cohorts:
         if j in self.members and a is not None and L <= a <= c:
             log.info("client %d resumes with its own state at round %d (server at %d)", j, a, c)
             return {**base, "resync": False}, [], 0
-        if c == 0 and not sub:
+        if c == 0 and not sub and self._processing < 0:
             lengths, chunks = await self.initial_w()
             return {**base, "resync": True, "frame_lengths": lengths}, chunks, sum(lengths)
         if j not in self.members:

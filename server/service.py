@@ -229,6 +229,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 self.wire.uplink(call, c.collecting, j, c.collecting, now=True)
             else:
                 kind = c.classify(s, h.round)
+                if h.init and kind in (SubmissionKind.RESYNC, SubmissionKind.LATE):
+                    kind = SubmissionKind.NEW  # a registration is not part of the round's barrier
                 previous = h.previous if h.HasField("previous") else None
                 if kind == SubmissionKind.NEW:
                     c.check_cohort_submission(j, h.round, h.init)

@@ -259,3 +259,32 @@ def test_a_client_killed_mid_run_and_restarted_from_its_checkpoint_keeps_simulat
     net, ref = load(tmp_path / "net.json"), load(tmp_path / "sim.json")
     assert net["summary"]["w_sha256"] == ref["summary"]["w_sha256"]
     assert [r["cohort"] for r in net["rounds"]] == [sorted(int(j) for j in r["clients"]) for r in ref["rounds"]]
+
+
+@pytest.mark.parametrize("policy", ["fail", "proceed"])
+async def test_min_cohort_waits_for_clients_then_fails_or_proceeds(policy):
+    """3 client ids, --min-cohort 3, only clients 0 and 1 start: round 0 proceeds with them (a federation
+    starts with those there), then round 1 is short of the quorum and waits --round-deadline: the run fails
+    naming the quorum, or (proceed) client 2 joins during the wait, registers, and the rounds go on with all 3."""
+    cfg = make_cfg(workers=3, rounds=4, clients=3, participation=1.0)
+    opts = ServerOptions(round_deadline=2.0, on_deadline=policy, min_cohort=3)
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(6))
+    async with Harness(cfg, options=opts) as h:
+        c = h.coordinator
+        runs = [asyncio.ensure_future(asyncio.to_thread(h.worker(j).run)) for j in range(2)]
+        if policy == "proceed":  # once round 0 closed (at its deadline) and round 1's draw waits for the quorum
+            while c._processing < 0:
+                await asyncio.sleep(0.005)
+            runs.append(asyncio.ensure_future(asyncio.to_thread(h.worker(2).run)))
+        await asyncio.wait_for(c.finished.wait(), 60)
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        report = c.report.to_dict()
+
+    # Assert
+    if policy == "fail":
+        assert c.failed is not None and "fewer than --min-cohort 3" in str(c.failed), c.failed
+        assert all("fewer than --min-cohort 3" in str(r) for r in results), results
+    else:
+        assert c.failed is None and all(isinstance(r, dict) for r in results), results
+        assert [r["cohort"] for r in report["rounds"]] == [[0, 1, 2]] * 4
+        assert report["rounds"][0]["members"] == 3 and report["summary"]["federated"]["members"] == 3

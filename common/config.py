@@ -91,6 +91,7 @@ class RunConfig:
     deadline: float | None = None  # simulated round deadline (s): slower sampled clients are dropped
     compute_scale: str | None = None  # per-client speed factor: a number, 'lognormal:SIGMA' or 'uniform:LO:HI'
     compute_seconds: float | None = None  # simulated gradient time per round (None: measured in this process)
+    adaptive_deadline: float | None = None  # K: round deadline = median + K * MAD of recent client times (<= deadline)
     links: dict = field(default_factory=dict)  # {client id: link profile}: per-client links, over link/link_mix/link_trace
     # --- `efmuon run` link emulation: 'inproc' (the worker's relay shapes; default when a link is given)
     # or 'netns' (network namespaces + tc tbf, needs root); see efmuon.server.netns
@@ -207,6 +208,7 @@ def _validate_federated(cfg: RunConfig) -> None:
     _positive("clients", cfg.clients, integer=True)
     _positive("deadline", cfg.deadline)
     _positive("compute_seconds", cfg.compute_seconds, allow_zero=True)
+    _positive("adaptive_deadline", cfg.adaptive_deadline, allow_zero=True)
     if cfg.participation is not None:
         _positive("participation", cfg.participation)
         if cfg.participation > 1:

@@ -12,7 +12,7 @@ from .links import LOSS_SEGMENT, MIN_RTO, PRESETS, LinkProfile, load_link_trace,
 from .tasks import derive_seed, make_task
 
 FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
-                  "compute_seconds")
+                  "compute_seconds", "adaptive_deadline")
 
 
 def is_federated(cfg: RunConfig) -> bool:
@@ -21,7 +21,7 @@ def is_federated(cfg: RunConfig) -> bool:
 
 
 # the settings that make the networked server run cohorts (links alone keep its synchronous rounds)
-COHORT_KEYS = ("clients", "participation", "deadline", "compute_scale", "compute_seconds")
+COHORT_KEYS = ("clients", "participation", "deadline", "compute_scale", "compute_seconds", "adaptive_deadline")
 
 
 def runs_cohorts(cfg: RunConfig) -> bool:
@@ -84,6 +84,40 @@ def clients_per_round(participation: float | None, n: int) -> int:
     if participation is None:
         return n
     return max(1, min(n, int(math.floor(participation * n + 0.5))))
+
+
+ADAPTIVE_ROUNDS = 10  # the adaptive deadline looks at the clients' times of this many recent rounds
+ADAPTIVE_MIN_TIMES = 10  # ... once it has at least this many
+
+
+class AdaptiveDeadline:
+    """The round deadline of `--adaptive-deadline K` (hivemind's recurring request): median + K * MAD of the
+    completion times of the clients that made the last ADAPTIVE_ROUNDS rounds, never above `deadline`
+    (the fixed one, when given); before ADAPTIVE_MIN_TIMES times are known, `deadline` (or None). A pure
+    function of the times fed to it, so `simulate` (simulated times) and the server (measured) share it."""
+
+    def __init__(self, k: float | None, deadline: float | None):
+        self.k, self.cap = k, deadline
+        self.rounds: list[list[float]] = []
+
+    def add_round(self, times) -> None:
+        self.rounds = (self.rounds + [list(times)])[-ADAPTIVE_ROUNDS:]
+
+    def current(self) -> float | None:
+        if self.k is None:
+            return self.cap
+        times = sorted(t for r in self.rounds for t in r)
+        if len(times) < ADAPTIVE_MIN_TIMES:
+            return self.cap
+        med = _median(times)
+        mad = _median(sorted(abs(t - med) for t in times))
+        d = med + self.k * mad
+        return d if self.cap is None else min(d, self.cap)
+
+
+def _median(xs) -> float:
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def transfer_seconds(profile: LinkProfile, direction: str, nbytes: int, rng: random.Random) -> float:

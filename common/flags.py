@@ -91,6 +91,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--deadline", type=float, metavar="SECONDS",
                    help="round deadline: sampled clients slower than this are dropped from the round (stragglers; simulate: "
                         "on the simulated clock, run/server: seconds after the round opened; default: none)")
+    f.add_argument("--adaptive-deadline", type=float, metavar="K",
+                   help="adaptive round deadline: median + K * MAD of the completion times of the clients that made "
+                        "the last 10 rounds (once 10 times are known; before that --deadline or none), never above "
+                        "--deadline (default: off)")
     f.add_argument("--compute-scale", metavar="DIST", help="per-client compute speed factor: a number, 'lognormal:SIGMA' "
                    "(median 1) or 'uniform:LO:HI', then optionally ',J=FACTOR' per client (e.g. '1,3=40'); networked "
                    "workers sleep to emulate it (default 1)")
@@ -112,7 +116,7 @@ _FLAG_TO_KEY = {
     "uplink": "uplink", "downlink": "downlink", "plots": "plots",
     "clients": "clients", "participation": "participation", "link": "link", "link_mix": "link_mix",
     "link_trace": "link_trace", "deadline": "deadline", "compute_scale": "compute_scale",
-    "compute_seconds": "compute_seconds",
+    "compute_seconds": "compute_seconds", "adaptive_deadline": "adaptive_deadline",
 }
 
 

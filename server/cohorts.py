@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common.compress import parse_spec
-from ..common.federation import clients_per_round, federation_size, runs_cohorts, sample_cohort
+from ..common.federation import AdaptiveDeadline, clients_per_round, federation_size, runs_cohorts, sample_cohort
 from ..v1 import service_pb2 as pb
 from .errors import Rejected
 from .plan import Plan
@@ -112,6 +112,10 @@ class Cohorts:
         self.full_w_bytes = sum(ident.frame_size(tuple(s.shape)) for s in self.model.specs)
         self.client_timeout = self.opts.client_timeout if self.opts.client_timeout is not None else CLIENT_TIMEOUT_S
         self.poll_s = POLL_S
+        self.deadlines = AdaptiveDeadline(self.cfg.adaptive_deadline, self.cfg.deadline)
+        self.round_deadline_used: float | None = None  # the open round's deadline (cohort rounds)
+        self.round_opened = time.monotonic()
+        self.round_times: list[float] = []  # seconds from the open round's start to each submission in time
 
     @staticmethod
     def federation_n(cfg) -> int:
@@ -190,6 +194,8 @@ class Cohorts:
             missing = sorted(self.cohort - set(present))
             if missing:
                 self.dropped[k] = missing
+            self.deadlines.add_round(self.round_times)
+            self.round_times = []
 
     def set_members_count(self, present: list[int]) -> None:
         """Round 0's mean is over the clients present (they become the members)."""
@@ -383,8 +389,11 @@ class Cohorts:
         cohort = self.cohort_of.get(k, [])
         dropped = self.dropped.get(k, [])
         cu = self.catchups.get(k, {})
-        return {"sampled": len(cohort), "cohort": list(cohort), "dropped": list(dropped),
-                "catchup": sum(cu.values()), "members": len(self.members)}
+        out = {"sampled": len(cohort), "cohort": list(cohort), "dropped": list(dropped),
+               "catchup": sum(cu.values()), "members": len(self.members)}
+        if self.cfg.adaptive_deadline is not None:
+            out["deadline"] = self.round_deadline_used
+        return out
 
     def client_facts(self, k: int) -> dict[int, dict]:
         """Round k's per-client entries: catch-up bytes and whether it was dropped (for every cohort member)."""
@@ -414,6 +423,7 @@ class Cohorts:
         return {"clients": self.n, "members": len(self.members), "per_round":
                 clients_per_round(self.cfg.participation, max(1, len(self.members))),
                 "participation": self.cfg.participation or 1.0, "deadline": self.cfg.deadline,
+                "adaptive_deadline": self.cfg.adaptive_deadline,
                 "dropped": n_drop, "catchup_bytes": sum(sum(v.values()) for v in self.catchups.values()),
                 "full_w_bytes": self.full_w_bytes, "client_timeout": self.client_timeout,
                 "min_cohort": self.opts.min_cohort or 1}

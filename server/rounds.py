@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -175,6 +176,8 @@ class RoundBarrier:
         if kind != SubmissionKind.NEW:
             return kind
         self._store(j, round_, decoded, zeroed, train_loss)
+        if self.cohorts and round_ >= 1:
+            self.round_times.append(time.monotonic() - self.round_opened)
         self.ledger.record(round_, j, "up", "payload", payload)
         self.ledger.record(round_, j, "up", "message", message)
         self.ledger.record_client_report(j, previous)
@@ -244,8 +247,11 @@ class RoundBarrier:
             self._deadline_task.cancel()
             self._deadline_task = None
         seconds = self.opts.round_deadline
-        if self.cohorts and k >= 1 and self.cfg.deadline is not None:
-            seconds = float(self.cfg.deadline)  # stragglers: the round closes this long after it opened
+        self.round_opened = time.monotonic()
+        if self.cohorts and k >= 1:
+            self.round_deadline_used = self.deadlines.current()
+            if self.round_deadline_used is not None:  # stragglers: the round closes this long after it opened
+                seconds = float(self.round_deadline_used)
         if seconds is not None and k <= self.rounds:
             self._deadline_task = self._spawn(self._deadline(k, seconds))
 
@@ -256,7 +262,7 @@ class RoundBarrier:
         self._deadline_task = None
         expected = self.cohort if self.cohorts else set(range(self.n))
         missing = sorted(expected - self.submitted)
-        if self.cohorts and k >= 1 and self.cfg.deadline is not None:  # stragglers, exactly as simulate drops them
+        if self.cohorts and k >= 1 and self.round_deadline_used is not None:  # stragglers, as simulate drops them
             log.info("round %d: client(s) %s missed the %g s deadline: dropped from the round", k, missing, seconds)
             self._start_processing(k, missing)
             return

@@ -60,6 +60,7 @@ from ..common.algorithm import ServerState, WorkerState, params_sha256
 from ..common.compress import parse_spec
 from ..common.config import RunConfig
 from ..common.federation import (
+    AdaptiveDeadline,
     client_batch,
     clients_per_round,
     compute_factors,
@@ -143,6 +144,8 @@ class FederatedSim:
         self.full_w_bytes = sum(ident.frame_size(s.shape) for s in setup.specs)
         self.sim_time = 0.0
         self.sim_join_seconds = 0.0
+        self.deadlines = AdaptiveDeadline(cfg.adaptive_deadline, cfg.deadline)
+        self.deadline = cfg.deadline  # this round's (adaptive: from the clients' recent times)
         self.uncompressed = {"up": 0, "down": 0}
         self.stream, self.quiet = stream, quiet
 
@@ -216,6 +219,7 @@ class FederatedSim:
             raise ValueError(f"round {k} after round {self.server.round}")
         cfg, server = self.cfg, self.server
         sampled = sample_clients(cfg.seed, k, self.n, self.m) if sampled is None else sorted(set(sampled))
+        self.deadline = self.deadlines.current()
         prev_w = None if self.exact_w else [w.clone() for w in server.W]
         frames = server.step()
         flen = sum(len(f) for f in frames)
@@ -240,11 +244,13 @@ class FederatedSim:
                                "down": {"payload": c.ndown, "message": None, "wire": None},
                                "catchup": c.catchup, "sim_seconds": c.seconds, "dropped": c.late}
         server.aggregate(ups)
-        sim_seconds = float(cfg.deadline) if dropped else max(times, default=0.0)
+        self.deadlines.add_round(times)
+        sim_seconds = float(self.deadline) if dropped else max(times, default=0.0)
         self.sim_time += sim_seconds
         return {"bytes": {"up": {"payload": up_total, "message": None, "wire": None},
                           "down": {"payload": down_total, "message": None, "wire": None}},
                 "catchup": catchup_total, "sim_seconds": sim_seconds, "sim_time": self.sim_time,
+                **({"deadline": self.deadline} if cfg.adaptive_deadline is not None else {}),
                 "sampled": len(sampled), "dropped": dropped,
                 "train_loss": (sum(losses) / len(losses)) if losses else None, "clients": clients}
 
@@ -256,7 +262,7 @@ class FederatedSim:
         catchup = self._catch_up(j, k, prev_w)
         ws.apply_downlink(frames)
         saved = None
-        if cfg.deadline is not None:
+        if self.deadline is not None:
             saved = ([m.clone() for m in ws.M], [g.clone() for g in ws.Gj],
                      None if ws.error is None else [e.clone() for e in ws.error])
         t0 = time.perf_counter()
@@ -271,7 +277,7 @@ class FederatedSim:
         t_down = transfer_seconds(prof, "down", ndown, rng)
         t_up = transfer_seconds(prof, "up", nup, rng)
         t = self._compute_seconds(measured, j) + t_down + t_up
-        late = cfg.deadline is not None and t > cfg.deadline
+        late = self.deadline is not None and t > self.deadline
         st.rounds += 1
         st.down_bytes += ndown
         st.down_seconds += t_down
@@ -352,7 +358,8 @@ def simulate_federated(cfg: RunConfig, quiet: bool = False, stream=None) -> dict
             val_w = evaluate(eval_model, sim.server.W, task.eval_loss)
         report.add_round(k, loss_w, loss_x, seconds, r["bytes"], train_loss=r["train_loss"], val_loss_w=val_w,
                          sim_seconds=r["sim_seconds"], sim_time=r["sim_time"], catchup=r["catchup"],
-                         sampled=r["sampled"], dropped=r["dropped"], clients=r["clients"])
+                         sampled=r["sampled"], dropped=r["dropped"], clients=r["clients"],
+                         **({"deadline": r["deadline"]} if "deadline" in r else {}))
     dropped = _finish(report, sim, eval_model, initial_w, wall0)
     if not quiet:
         report.print_summary()
@@ -394,7 +401,8 @@ def _finish(report: Report, sim: FederatedSim, eval_model, initial_w: float, wal
         sim_time=sim.sim_time,
         sim_join_seconds=sim.sim_join_seconds,
         federated={"clients": n, "per_round": sim.m, "participation": cfg.participation or 1.0,
-                   "shards": sim.shards, "deadline": cfg.deadline, "dropped": dropped,
+                   "shards": sim.shards, "deadline": cfg.deadline, "adaptive_deadline": cfg.adaptive_deadline,
+                   "dropped": dropped,
                    "catchup_bytes": sum(st.catchup for st in sim.stats),
                    "compute": "measured" if cfg.compute_seconds is None else cfg.compute_seconds,
                    "compute_scale": cfg.compute_scale or "1", "full_w_bytes": sim.full_w_bytes,

@@ -288,3 +288,41 @@ async def test_min_cohort_waits_for_clients_then_fails_or_proceeds(policy):
         assert c.failed is None and all(isinstance(r, dict) for r in results), results
         assert [r["cohort"] for r in report["rounds"]] == [[0, 1, 2]] * 4
         assert report["rounds"][0]["members"] == 3 and report["summary"]["federated"]["members"] == 3
+
+
+# ------------------------------------------------------------------------------------------- adaptive deadline
+def test_the_adaptive_deadline_is_median_plus_k_mad_capped_and_waits_for_enough_times():
+    from efmuon.common.federation import AdaptiveDeadline
+
+    d = AdaptiveDeadline(3.0, 10.0)
+    d.add_round([1.0, 2.0, 3.0])
+    assert d.current() == 10.0  # fewer than 10 times: the fixed deadline
+    d.add_round([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])  # 10 times: median 3, MAD 1.5 -> 3 + 3 * 1.5
+    assert d.current() == pytest.approx(7.5)
+    d.add_round([100.0] * 20)
+    assert d.current() == 10.0  # never above the cap
+    assert AdaptiveDeadline(None, 4.0).current() == 4.0 and AdaptiveDeadline(2.0, None).current() is None
+    for _ in range(12):  # only the last 10 rounds count
+        d.add_round([1.0])
+    assert d.current() == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_an_adaptive_deadline_drops_the_slow_client_in_simulate_and_over_the_network(tmp_path):
+    """Client 3 is 200x slower; --adaptive-deadline 3 (no fixed deadline): the first rounds wait for it, then
+    the deadline follows the fast clients' times and drops it, in simulate and over the network."""
+    flags = ["--task", "digits", "--clients", "6", "--participation", "1", "--rounds", "6", "--seed", "1",
+             "--adaptive-deadline", "3", "--compute-seconds", "0.01", "--compute-scale", "1,3=200", "--plots", "none"]
+    sim = cli("simulate", *flags, "--report", str(tmp_path / "sim.json"))
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    net = cli("run", *flags, "--report", str(tmp_path / "net.json"))
+    assert net.returncode == 0, net.stdout[-2000:] + net.stderr[-3000:]
+    for rep in (load(tmp_path / "sim.json"), load(tmp_path / "net.json")):
+        rounds = rep["rounds"]
+        assert rounds[0]["deadline"] is None and rounds[0]["dropped"] == []  # 5 times known: no deadline yet
+        late = [r for r in rounds if r["deadline"] is not None]
+        assert late and all(3 in r["dropped"] and r["deadline"] < 1.0 for r in late), rounds
+        assert rep["summary"]["federated"]["adaptive_deadline"] == 3
+    # on the simulated clock the fast clients' times are exact (0.01 s): only the slow one is dropped; over the
+    # network the deadline follows measured times, which a loaded machine may stretch for a fast client too
+    assert all(r["dropped"] == [3] for r in load(tmp_path / "sim.json")["rounds"] if r["deadline"] is not None)

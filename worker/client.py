@@ -356,7 +356,8 @@ class Worker:
             else:
                 loss, frames = math.nan, []
         else:
-            if self.cohorts and self.cfg.deadline is not None:  # a deadline may drop it: keep M_j, G_j
+            if self.cohorts and (self.cfg.deadline is not None or self.cfg.adaptive_deadline is not None):
+                # a deadline may drop it: keep M_j, G_j
                 self._snapshot = Snapshot(self.state, k)
             t0 = time.perf_counter()
             loss, g = self._gradients(k)

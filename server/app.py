@@ -38,9 +38,12 @@ def run_server(cfg: RunConfig, host: str, port: int, quiet: bool = False, option
         coordinator = build_coordinator(cfg, quiet=quiet, options=options, resume=resume)
 
         def ready(bound: int) -> None:
-            print(f"efmuon server: listening on {host}:{bound} for {coordinator.n} workers "
+            who = (f"a federation of {coordinator.n} clients (cohort rounds, participation "
+                   f"{coordinator.cfg.participation or 1:g})" if coordinator.cohorts else f"{coordinator.n} workers")
+            print(f"efmuon server: listening on {host}:{bound} for {who} "
                   f"({coordinator.rounds} rounds, task {coordinator.cfg.task}); "
-                  f"start them with: efmuon worker --server HOST:{bound} --client-id J", file=sys.stderr, flush=True)
+                  f"start them with: efmuon worker --server HOST:{bound} --client-id J (or --clients A-B)",
+                  file=sys.stderr, flush=True)
 
         return await serve(coordinator, host, port, on_ready=ready)
 

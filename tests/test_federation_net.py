@@ -215,17 +215,20 @@ def status_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout:
 
 
 @pytest.mark.slow
-def test_a_client_killed_mid_run_and_restarted_from_its_checkpoint_keeps_simulates_bits(tmp_path):
-    """efmuon server and two worker processes (clients 0-6 in one, client 7 alone, each with --checkpoint-dir);
-    client 7's process is SIGKILLed at round >= 5 and started again: it resumes from its own checkpoint
-    (W, M_j, G_j, the submission in flight), the rounds it is sampled in wait for it, and the run ends with
-    simulate's bits."""
+def test_a_killed_server_and_a_killed_client_resume_and_keep_simulates_bits(tmp_path):
+    """efmuon server (--checkpoint-every 1) and two worker processes (clients 0-6 in one, client 7 alone, each
+    with --checkpoint-dir). The server is SIGKILLed at round >= 4 and resumed from its checkpoint; the workers
+    reconnect by themselves. Then client 7's process is SIGKILLed at round >= 9 and started again: it resumes
+    from its own checkpoint (W, M_j, G_j, the submission in flight) and the rounds it is sampled in wait for it.
+    The run ends with simulate's bits."""
     flags = ["--task", "digits", "--clients", "8", "--participation", "0.5", "--rounds", "16", "--seed", "2"]
     sim = cli("simulate", *flags, "--plots", "none", "--report", str(tmp_path / "sim.json"))
     assert sim.returncode == 0, sim.stderr[-2000:]
     port = free_port()
-    srv = start(["server", "--host", "127.0.0.1", "--port", str(port), *flags, "--plots", "none",
-                 "--report", str(tmp_path / "net.json")], tmp_path / "server.log")
+    serve = ["server", "--host", "127.0.0.1", "--port", str(port), "--plots", "none",
+             "--report", str(tmp_path / "net.json")]
+    srv = start([*serve, *flags, "--checkpoint-dir", str(tmp_path / "srv"), "--checkpoint-every", "1"],
+                tmp_path / "server.log")
     address = f"127.0.0.1:{port}"
     many = start(["worker", "--server", address, "--clients", "0-6", "--checkpoint-dir", str(tmp_path / "ck")],
                  tmp_path / "many.log")
@@ -233,8 +236,13 @@ def test_a_client_killed_mid_run_and_restarted_from_its_checkpoint_keeps_simulat
     one = start(seven, tmp_path / "seven.log")
     procs = [srv, many, one]
     try:
-        status_round(port, 5, srv, tmp_path / "server.log")
-        one.send_signal(signal.SIGKILL)  # Execute
+        status_round(port, 4, srv, tmp_path / "server.log")
+        srv.send_signal(signal.SIGKILL)  # Execute: the server dies ...
+        srv.wait(timeout=10)
+        srv = start([*serve, "--resume", str(tmp_path / "srv")], tmp_path / "server2.log")  # ... and comes back
+        procs.append(srv)
+        status_round(port, 9, srv, tmp_path / "server2.log")
+        one.send_signal(signal.SIGKILL)  # then client 7 dies and comes back
         one.wait(timeout=10)
         again = start(seven, tmp_path / "seven.log")
         procs.append(again)
@@ -247,6 +255,7 @@ def test_a_client_killed_mid_run_and_restarted_from_its_checkpoint_keeps_simulat
 
     # Assert
     assert codes == [0, 0, 0], {k: v[-2000:] for k, v in logs.items()}
+    assert "resumed from" in logs["server2.log"]
     assert "continues from its own state" in logs["seven.log"] or "resumed from its checkpoint" in logs["seven.log"]
     net, ref = load(tmp_path / "net.json"), load(tmp_path / "sim.json")
     assert net["summary"]["w_sha256"] == ref["summary"]["w_sha256"]

@@ -153,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, resume = config_and_resume(args)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
+    if getattr(args, "server_link", None):
+        cfg = from_mapping({"server_link": args.server_link}, cfg, where="flags")
     if args.print_config:
         from .inspect import print_config  # lazy: torch only when a command runs
 
@@ -202,6 +204,11 @@ def add_run_parser(sub) -> None:
         help="how --link/--link-mix/--link-trace/[links] are emulated: inproc (default: each worker's relay "
              "shapes its connection, no root) or netns (a network namespace per worker and the server on a "
              "bridge, tc tbf per client and direction; delay by netem or the worker relay; needs root)")
+    p.add_argument("--server-link", metavar="PROFILE", default=None,
+                   help="with --shaping netns, the server's own link (tc tbf on its interface; up = towards the "
+                        "server, the n uplinks together; down = from it, n copies of the downlink), a profile like "
+                        "--link's; 'none' leaves it unshaped (default: the clients' link when --link gives them all "
+                        "one, else unshaped)")
     p.add_argument_group("local worker processes").add_argument(
         "--clients-per-process", type=int, default=CLIENTS_PER_PROCESS, metavar="K",
         help=f"a run of more than K clients starts ceil(n / K) worker processes, each hosting K clients of a "

@@ -96,6 +96,9 @@ class RunConfig:
     # --- `efmuon run` link emulation: 'inproc' (the worker's relay shapes; default when a link is given)
     # or 'netns' (network namespaces + tc tbf, needs root); see efmuon.server.netns
     shaping: str | None = None
+    # the server's own link under shaping 'netns' (a profile; up = towards the server): default the clients' link
+    # when they all share one (`link`), else unshaped
+    server_link: str | None = None
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -223,6 +226,10 @@ def _validate_federated(cfg: RunConfig) -> None:
     if cfg.link is not None:
         parse_link(cfg.link)
     _choice("shaping", cfg.shaping, SHAPINGS)
+    if cfg.server_link is not None:
+        if not isinstance(cfg.server_link, str) or not cfg.server_link.strip():
+            raise ConfigError(f"server_link={cfg.server_link!r} must be a link profile (a preset or 'up=..,down=..')")
+        parse_link(cfg.server_link)
     if isinstance(cfg.links, dict):
         for key, spec in cfg.links.items():
             try:

@@ -2,7 +2,7 @@
 
 `run_local` serves on 127.0.0.1 (a free port the OS picks) and starts n worker processes, each
 `efmuon worker --server 127.0.0.1:PORT --client-id j`: forked from one zygote that loaded torch
-once, or exec'd one by one inside network namespaces (server.spawn). A run of more than
+once (inside network namespaces too: each child enters its client's), or exec'd (server.spawn). A run of more than
 `--clients-per-process` K clients starts ceil(n / K) processes instead, each `efmuon worker --clients A-B`
 hosting a contiguous range (worker.hosting; each client's link then comes from the run configuration),
 except inside network namespaces (one process, and one namespace, per client).
@@ -38,6 +38,7 @@ from ..common.errors import ConfigError, EfmuonError
 from ..common.federation import client_links, federation_size, has_links
 from .app import build_coordinator
 from .coordinator import Coordinator
+from ..common.links import parse_link
 from .netns import Star, check_available
 from .service import serve
 from .spawn import ForkServer, die_with_parent, spawn_mode
@@ -218,13 +219,14 @@ class LocalWorkers:
         return clients_args(address, ids, self.stats_path(p)) + local_worker_flags(self.options, ids)
 
     async def launch(self, port: int) -> None:
-        """Start the worker processes (serve's on_ready): forked from the zygote, or (in network namespaces)
-        each exec'd; then watch them: raises when one fails."""
+        """Start the worker processes (serve's on_ready): forked from the zygote (each entering its client's
+        network namespace under netns), or each exec'd; then watch them: raises when one fails."""
         address = self.address = f"{self.host}:{port}"
         for p, ids in enumerate(self.groups):
             args = self.process_args(p, address)
-            if self.forks is not None:
-                self.procs.append(await self.forks.fork(p, args))
+            if self.forks is not None:  # in network namespaces too: the child enters its client's namespace
+                netns = self.star.clients[ids[0]] if self.star is not None else None
+                self.procs.append(await self.forks.fork(p, args, netns=netns))
                 continue
             cmd = die_with_parent([sys.executable, "-m", "efmuon.worker", *args])
             if self.star is not None:
@@ -278,11 +280,25 @@ class LocalWorkers:
                 for ids, proc in zip(self.groups, self.procs)]
 
 
-def _shape_netns(star: Star, n: int, links, relay: dict, mechanisms: dict, quiet: bool, stream) -> str:
-    """Shape each client's link in the namespaces; returns the server's address there."""
+def server_link_of(cfg: RunConfig, links) -> tuple[str, object] | None:
+    """(spec, profile) of the server's own link under --shaping netns: `server_link` ('none': unshaped), else the
+    clients' link when `link` gives them all one, else None (unshaped)."""
+    spec = cfg.server_link if cfg.server_link is not None else cfg.link
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    prof = parse_link(spec)
+    return (spec.strip().lower(), prof) if prof.is_shaped else None
+
+
+def _shape_netns(star: Star, n: int, links, relay: dict, mechanisms: dict, quiet: bool, stream,
+                 server_link=None) -> str:
+    """Shape each client's link in the namespaces, and the server's own (`server_link_of`); returns the
+    server's address there."""
     netem = star.netem_available()
     for j, (_, prof) in enumerate(links):
         relay[j], mechanisms[j] = star.shape(j, prof, netem)
+    if server_link is not None:
+        star.server_mechanism = star.shape_server(server_link[1], netem)
     if not quiet:
         print(f"netns: {n} workers in namespaces {star.prefix}-c0..c{n - 1}, server {star.server} at "
               f"{star.server_addr}; delay/jitter/loss by {'netem' if netem else 'the worker relay'}",
@@ -300,12 +316,30 @@ def _links_report(cfg: RunConfig, coordinator: Coordinator, links, mechanisms: d
     s["links_server_address"] = workers.address
     if workers.star is not None:
         s["links_netns_prefix"] = workers.star.prefix
+        s["server_link"] = _server_link_summary(cfg, links, workers.star, coordinator.report)
     if cfg.report:
         coordinator.report.write(cfg.report)
     report = coordinator.report.to_dict()
     if not quiet:
         _print_links(summary, stream)
     return report
+
+
+def _server_link_summary(cfg: RunConfig, links, star: Star, report) -> dict:
+    """summary.server_link: the server's profile and mechanism and, per direction, the configured rate, what its
+    shaper sent and held back (tc), and the mean rate over the rounds (the server's wire bytes of every round /
+    the rounds' wall time: a lower bound of the achieved rate, since rounds also compute)."""
+    link = server_link_of(cfg, links)
+    counters = star.server_qdisc_counters()
+    secs = sum(r.get("seconds") or 0.0 for r in report.rounds)
+    out = {"profile": link[0] if link else "none",
+           "mechanism": getattr(star, "server_mechanism", "none") if link else "none"}
+    for d in ("up", "down"):
+        wire = sum((r["bytes"][d].get("wire") or 0) for r in report.rounds)
+        out[d] = {"configured_bps": (link[1].up_bps if d == "up" else link[1].down_bps) if link else None,
+                  "round_wire_bytes": wire, "mean_bps_over_rounds": wire * 8.0 / secs if secs > 0 else None,
+                  "tc": counters.get(d)}
+    return out
 
 
 def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, resume=None,
@@ -321,7 +355,7 @@ def run_local(cfg: RunConfig, quiet: bool = False, stream=None, options=None, re
         check_available()  # fail before the (possibly slow) model setup
     links = client_links(cfg, federation_size(cfg)) if shaping is not None else None
     # the workers' zygote loads torch while this process builds the model (server.spawn)
-    forks = ForkServer(worker_env()) if shaping != "netns" and spawn_mode() == "fork" else None
+    forks = ForkServer(worker_env()) if spawn_mode() == "fork" else None
     try:
         return _run_local(cfg, quiet, stream, options, resume, shaping, links, forks, clients_per_process)
     finally:
@@ -345,7 +379,8 @@ def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, f
         host = "127.0.0.1"
         if shaping == "netns":
             star = Star(coordinator.n).up()
-            host = _shape_netns(star, coordinator.n, links, relay, mechanisms, quiet, stream)
+            host = _shape_netns(star, coordinator.n, links, relay, mechanisms, quiet, stream,
+                                server_link_of(cfg, links))
         workers = LocalWorkers(coordinator, host, relay, options, star, stats_dir, forks, per_process)
         several = len(workers.groups) < coordinator.n
         if several and not quiet:

@@ -197,6 +197,37 @@ class Star:
         self.mechanisms[j] = {"mechanism": mech, "relay": relay}
         return relay, mech
 
+    def shape_server(self, profile: LinkProfile, netem: bool) -> str:
+        """The server's own link: `up` (towards the server, every client's uplink together) on the switch
+        port to the server, `down` (from it) on the server's interface; delay by netem where the kernel has it
+        (the worker relays cannot delay the server's side). Returns the mechanism, e.g. 'tbf'."""
+        needs_delay = bool(profile.delay_s or profile.jitter_s or profile.loss)
+        for direction, ns, dev in (("up", self.switch, "ps"), ("down", self.server, "eth0")):
+            rate = profile.up_bps if direction == "up" else profile.down_bps
+            tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
+            if needs_delay and netem:
+                _run(*tc, "root", "handle", "1:", *netem_args(profile))
+                if rate:
+                    _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(rate))
+            elif rate:
+                _run(*tc, "root", "handle", "1:", *tbf_args(rate))
+        parts = (["tbf"] if (profile.up_bps or profile.down_bps) else []) + (["netem"] if needs_delay and netem else [])
+        mech = "+".join(parts) or "none"
+        if needs_delay and not netem:
+            mech += " (no delay: this kernel has no netem)"
+        return mech
+
+    def server_qdisc_counters(self) -> dict:
+        """Per direction of the server's link: bytes the shaper sent and how often it held packets back
+        (`overlimits`: the link was the bottleneck), from `tc -s qdisc`."""
+        out = {}
+        for direction, ns, dev in (("up", self.switch, "ps"), ("down", self.server, "eth0")):
+            text = _run("ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev, check=False).stdout
+            m = re.search(r"Sent (\d+) bytes (\d+) pkt \(dropped (\d+), overlimits (\d+)", text)
+            out[direction] = ({"sent_bytes": int(m.group(1)), "dropped": int(m.group(3)),
+                               "overlimits": int(m.group(4))} if m else None)
+        return out
+
     def qdisc_stats(self, j: int) -> dict:
         """`tc -s qdisc` text of client j's two shaped interfaces (for debugging and tests)."""
         up = _run("ip", "netns", "exec", self.clients[j], "tc", "-s", "qdisc", "show", "dev", "eth0", check=False)

@@ -1,10 +1,11 @@
 """How `efmuon run` starts its local worker processes.
 
-`ForkServer` (Linux, no network namespaces): one zygote process (`efmuon.cli.zygote`) loads torch
-while the run builds its own model, and each worker is a fork of it, so n local workers load torch
-once instead of n times (seconds of CPU each on a small machine) and share its pages. Elsewhere,
-and inside network namespaces (each worker is exec'd by `ip netns exec`), every worker is its own
-`python -m efmuon.worker` process. Both hand back objects with the `asyncio.subprocess.Process`
+`ForkServer` (Linux): one zygote process (`efmuon.cli.zygote`) loads torch while the run builds its
+own model, and each worker is a fork of it, so n local workers load torch once instead of n times
+(seconds of CPU each on a small machine) and share its pages. Under `--shaping netns` each forked
+worker enters its client's network namespace (setns) before it opens a socket. Elsewhere (or with
+EFMUON_WORKER_SPAWN=exec) every worker is its own `python -m efmuon.worker` process, inside a
+namespace by `ip netns exec`. Both hand back objects with the `asyncio.subprocess.Process`
 calls `server.local` uses: `wait()`, `returncode`, `terminate()`, `kill()`, `pid`.
 """
 from __future__ import annotations
@@ -103,13 +104,14 @@ class ForkServer:
         self._reader: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def fork(self, j: int, args: list[str]) -> ForkedWorker:
-        """Worker j, running `efmuon worker ARGS` in the zygote's environment; returns once it is forked."""
+    async def fork(self, j: int, args: list[str], netns: str | None = None) -> ForkedWorker:
+        """Worker j, running `efmuon worker ARGS` in the zygote's environment (inside network namespace
+        `netns` when given: the child enters it before it opens any socket); returns once it is forked."""
         if self._writer is None:
             reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
             self._reader = asyncio.ensure_future(self._read(reader))
         w = self._workers[j] = ForkedWorker(j)
-        self._writer.write((json.dumps({"j": j, "argv": args}) + "\n").encode())
+        self._writer.write((json.dumps({"j": j, "argv": args, **({"netns": netns} if netns else {})}) + "\n").encode())
         await self._writer.drain()
         await asyncio.wait([w._started, self._reader], return_when=asyncio.FIRST_COMPLETED)
         if not w._started.done():

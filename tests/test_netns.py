@@ -118,7 +118,8 @@ def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
         [sys.executable, "-m", "efmuon.cli", "run", "--task", "lsq", "--task-option", "d_in=1024",
          "--task-option", "d_out=512", "--workers", "4", "--rounds", "1", "--uplink", "identity",
          "--downlink", "identity", "--link", "up=10mbit,down=10mbit,delay=20ms", "--shaping", "netns",
-         "--report", str(report), "--plots", "none"], capture_output=True, text=True, timeout=120)
+         "--server-link", "none", "--report", str(report), "--plots", "none"], capture_output=True, text=True,
+        timeout=120)
 
     # Assert
     assert run.returncode == 0, run.stderr
@@ -141,6 +142,7 @@ def test_run_netns_four_workers_rate_and_full_model_round(tmp_path):
     # other, so the round takes at least their time at the rate and a one-way delay each way. tbf
     # counts L2 bytes: TCP payload x 1.0456 at MTU 1500 (research notes, section 2); its burst
     # (16 KiB each way) is under 1 % of this
+    assert s["server_link"]["profile"] == "none" and s["server_link"]["up"]["configured_bps"] is None
     rnd = r["rounds"][0]
     per_client = [c["down"]["wire"] + c["up"]["wire"] for c in rnd["clients"].values()]
     expected = max(per_client) * 8 * 1.0456 / rate + 2 * delay
@@ -196,7 +198,8 @@ def test_run_netns_sixteen_client_federation_with_a_link_mix(tmp_path):
 
     # Act
     run = subprocess.run([sys.executable, "-m", "efmuon.cli", "run", *flags, "--shaping", "netns",
-                          "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+                          "--server-link", "up=40mbit,down=40mbit", "--report", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
 
     # Assert
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -214,3 +217,9 @@ def test_run_netns_sixteen_client_federation_with_a_link_mix(tmp_path):
         # an upper bound only: tbf lets its burst (16 KiB here) through at once, the rest at most at the rate
         burst, per = max(16 << 10, prof.up_bps / 8 * 0.002), up["bytes"] / up["transfers"]
         assert up["achieved_bps"] <= prof.up_bps * per / max(1.0, per - burst), link
+    # the server's own link (--server-link): tbf both ways, its shaper's counters and the rounds' mean rate
+    sl = s["server_link"]
+    assert sl["profile"] == "up=40mbit,down=40mbit" and sl["mechanism"] == "tbf", sl
+    for d in ("up", "down"):
+        assert sl[d]["configured_bps"] == 40e6 and sl[d]["tc"]["sent_bytes"] >= sl[d]["round_wire_bytes"] > 0, sl
+        assert 0 < sl[d]["mean_bps_over_rounds"] <= 40e6, sl  # a mean over the rounds: never above the rate

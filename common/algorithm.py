@@ -49,6 +49,7 @@ _MASK64 = (1 << 63) - 1
 
 MAX_ABS_VALUE = 1e30  # an uplink entry larger than this is refused: G would overflow float32
 NAN_POLICIES = ("reject", "zero")  # what `ServerState.decode_uplink` does with a NaN/Inf: refuse, or zero it
+MUONMAX = ("muonmax", "muonmax-momo")  # the presets whose every layer steps by the (stale) sum of nuclear norms
 
 
 def frame_seed(run_seed: int, direction: int, round_: int, layer: int, client: int = 0) -> int:
@@ -155,6 +156,11 @@ class ServerState:
         self.up = layer_compressors(specs, cfg.uplink, cfg.uplink_layers)
         self.down = layer_compressors(specs, cfg.downlink, cfg.downlink_layers)
         self.stale_nuclear: float | None = None  # muonmax: sum of nuclear norms from the last step
+        # muonmax-momo (`observe_losses`, `momo_step`): the loss model (EMA of f - <W, g>), <W, G> at the
+        # end of the last step, and the last step's truncated t; None for every other preset
+        self.momo: dict | None = ({"loss_model": 0.0, "wg": None, "t": None}
+                                  if cfg.preset == "muonmax-momo" else None)
+        self._momo_xg = 0.0  # <X, G> at the start of the step being taken
         self.ef14_buffer = [torch.zeros_like(x) for x in self.X] if self._airbench else None
         if self._airbench:
             bits = cfg.ef14_bits
@@ -322,7 +328,7 @@ class ServerState:
                 dn = dual_norm(g, s, direction=d)
                 out.append(t * m * dn / (cfg.gluon_l0 + cfg.gluon_l1 * dn))
             return out
-        if cfg.preset == "muonmax":
+        if cfg.preset in MUONMAX:
             # MuonMax: every layer's step is scaled by the sum of nuclear norms (the dual of the max-norm
             # over layers). Stale trick: use the sum from the previous step, fresh only on the first.
             scale = self.stale_nuclear
@@ -330,8 +336,64 @@ class ServerState:
                 if layers is not None and len(layers) != len(self.specs):
                     raise ValueError("the first MuonMax step needs every layer's direction at once")
                 scale = self._nuclear_sum(directions, G, specs) if nuclear is None else nuclear
+            if self.momo is not None:
+                t = self.momo_step(t, scale)
             return [t * m * scale for m in mult]
         return [t * m for m in mult]
+
+    # ------------------------------------------------------------------ Momo (muonmax-momo)
+    @staticmethod
+    def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+        """sum_i <a_i, b_i> over the layers, each in float64, added in layer order."""
+        total = 0.0
+        for x, y in zip(a, b):
+            if x.numel():
+                total += float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()))
+        return total
+
+    def _spectral_mult(self) -> float:
+        """The reference's muon_lr_scale: the lr multiplier of the (first) spectral layer, 1 without one."""
+        for s in self.specs:
+            if s.norm == "spectral":
+                return float(self.cfg.lr_mult.get(s.norm, s.lr_mult))
+        return 1.0
+
+    def observe_losses(self, losses: Mapping[int, float], init: bool = False) -> None:
+        """muonmax-momo: update the loss model with round k's losses, right after its uplinks are applied.
+
+        f = the mean of the finite `losses` ({client: train loss at W_k}, added in client-id order); with
+        G_k = (1 - beta) G_{k-1} + beta g_k defining the gradient g_k that G absorbed this round,
+            loss_model <- (1 - beta) loss_model + beta (f - <W_k, g_k>)
+                        = (1 - beta) (loss_model + <W_k, G_{k-1}>) + beta f - <W_k, G_k>
+        (the notes' EMA of f - <x, g>, with the momentum's beta, linearised at W where the losses and
+        gradients are taken). `init` (the 'grad' initialisation, G_0 = g_0): loss_model = f_0 - <W_0, G_0>.
+        A round without a finite loss leaves the model as it is. No-op for every other preset."""
+        if self.momo is None:
+            return
+        vals = [float(losses[j]) for j in sorted(losses) if math.isfinite(float(losses[j]))]
+        if not vals:
+            return
+        f = sum(vals) / len(vals)
+        wg = self._dot(self.W, self.G)
+        prev = self.momo["wg"]
+        if init or prev is None:
+            self.momo["loss_model"] = f - wg
+        else:
+            beta = float(self.cfg.beta)
+            self.momo["loss_model"] = (1.0 - beta) * (self.momo["loss_model"] + prev) + beta * f - wg
+
+    def momo_step(self, t: float, scale: float) -> float:
+        """The Momo-truncated step of this round (notes §5, GPT-opt's MuonMaxMomo):
+
+            t_k = min(t, (loss_model - F* + <X, G>)_+ / dual^2),   dual^2 = muon_lr_scale * scale^2
+
+        with `scale` the (stale) sum of nuclear norms that MuonMax steps by, muon_lr_scale the spectral
+        layers' lr multiplier, and <X, G> taken before the step moves X. A zero dual (G == 0) keeps t."""
+        dual2 = self._spectral_mult() * scale * scale
+        gap = max(self.momo["loss_model"] - float(self.cfg.f_star) + self._momo_xg, 0.0)
+        out = min(t, gap / dual2) if dual2 > 0 else t
+        self.momo["t"] = out
+        return out
 
     @staticmethod
     def _nuclear_sum(directions, G, specs, start: float = 0.0) -> float:
@@ -360,7 +422,7 @@ class ServerState:
         n = len(self.specs)
         nbytes = [4 * x.numel() for x in self.X]
         budget = max(self.LMO_BLOCK_MIN_BYTES, self.LMO_BLOCK_FRACTION * sum(nbytes))
-        if sum(nbytes) <= budget or (self.cfg.preset == "muonmax" and self.stale_nuclear is None):
+        if sum(nbytes) <= budget or (self.cfg.preset in MUONMAX and self.stale_nuclear is None):
             return [list(range(n))]
         spectral = [i for i, s in enumerate(self.specs) if s.norm == "spectral" and nbytes[i]]
         units = []  # layers that must share an lmo_all call
@@ -393,7 +455,9 @@ class ServerState:
         if self.ef14_buffer is not None:
             G = [g + b for g, b in zip(G, self.ef14_buffer)]
         wd = self.cfg.weight_decay
-        muonmax = self.cfg.preset == "muonmax"
+        muonmax = self.cfg.preset in MUONMAX
+        if self.momo is not None:
+            self._momo_xg = self._dot(self.X, self.G)
         frames: list = [None] * len(self.specs)
         nuclear = 0.0
         for block in self.lmo_blocks():
@@ -410,6 +474,8 @@ class ServerState:
             del directions, Gb
         if muonmax:
             self.stale_nuclear = nuclear
+        if self.momo is not None:
+            self.momo["wg"] = self._dot(self.W, self.G)
         self.round = k
         return frames
 

@@ -157,6 +157,8 @@ def save_server(directory: str | os.PathLike, state, cfg: RunConfig | None = Non
     m = _base_manifest("server", state.round, cfg, state.specs, extra)
     m["n_clients"] = int(state.n)
     m["stale_nuclear"] = None if state.stale_nuclear is None else float(state.stale_nuclear)
+    momo = getattr(state, "momo", None)  # muonmax-momo: the loss model, <W, G> after the last step, its t
+    m["momo"] = None if momo is None else {k: (None if v is None else float(v)) for k, v in momo.items()}
     m["w_sha256"] = params_sha256(state.W, [s.name for s in state.specs])
     for key, ts in (("X", state.X), ("W", state.W), ("G", state.G)):
         for i, t in enumerate(ts):
@@ -196,7 +198,7 @@ def load_server(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
 
 def restore_server(state, loaded: tuple[dict[str, torch.Tensor], dict], *, check_cfg: bool = True,
                    ignore: Iterable[str] = (), restore_rng: bool = True) -> dict:
-    """Put a loaded server checkpoint into `state` (X, W, G, estimators, round, stale_nuclear, ef14 buffer).
+    """Put a loaded server checkpoint into `state` (X, W, G, estimators, round, stale_nuclear, Momo state, ef14 buffer).
 
     Everything is validated first (layer names, shapes, dtypes, client ids, configuration unless
     `check_cfg=False`); `state` is changed only when all of it matches. Returns the manifest.
@@ -233,8 +235,17 @@ def restore_server(state, loaded: tuple[dict[str, torch.Tensor], dict], *, check
     sn = m.get("stale_nuclear")
     if sn is not None and not isinstance(sn, (int, float)):
         raise FrameError(f"{where}: stale_nuclear {sn!r} is not a number")
+    momo = m.get("momo")
+    if getattr(state, "momo", None) is not None:
+        if not isinstance(momo, dict) or not isinstance(momo.get("loss_model"), (int, float)) or not all(
+                v is None or isinstance(v, (int, float)) for v in momo.values()):
+            raise ConfigError(f"{where} has no Momo state (loss model) though this run's preset is muonmax-momo; "
+                              "resume it with the preset it was written with")
     # all checked: commit
     state.X, state.W, state.G = X, W, G
+    if getattr(state, "momo", None) is not None:
+        state.momo = {"loss_model": float(momo["loss_model"]),
+                      **{k: None if momo.get(k) is None else float(momo[k]) for k in ("wg", "t")}}
     if est is not None:
         state.estimators = est
     if buf is not None:

@@ -19,7 +19,7 @@ from .links import parse_link, parse_link_mix
 # the same; tests/test_tasks.py checks that they agree). Spelled here so that building the command line
 # (`efmuon --help`) needs no torch.
 TASKS = ("lsq", "digits", "gpt-char")
-PRESETS = ("muon", "scion", "gluon", "muonmax")
+PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo")
 
 METHODS = ("ef21", "ef14")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -64,6 +64,7 @@ class RunConfig:
     norms: dict = field(default_factory=dict)  # {param-name pattern: norm[:scale_rule]}
     gluon_l0: float = 1.0
     gluon_l1: float = 1.0
+    f_star: float = 0.0  # muonmax-momo: the lower bound F* of the loss that the Momo truncation uses
     ef14_variant: str = "classic"
     ef14_bits: int = 8
     ef14_decay: float = 0.9
@@ -182,6 +183,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("log_every", cfg.log_every, integer=True)
     _positive("gluon_l0", cfg.gluon_l0, allow_zero=True)
     _positive("gluon_l1", cfg.gluon_l1, allow_zero=True)
+    if not isinstance(cfg.f_star, (int, float)) or isinstance(cfg.f_star, bool) or not math.isfinite(cfg.f_star):
+        raise ConfigError(f"f_star={cfg.f_star!r} must be a finite number (a lower bound of the training loss; 0 for "
+                          "a non-negative loss)")
     if cfg.gluon_l0 == 0 and cfg.gluon_l1 == 0:
         raise ConfigError("gluon_l0 and gluon_l1 cannot both be 0 (the Gluon step t = ||G||_*/(L0 + L1||G||_*) would divide by zero)")
     if cfg.beta is not None:

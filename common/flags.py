@@ -75,6 +75,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--init", choices=INITS, help="G_j = M_j = g_j(X_0) sent once (grad, default) or 0 (zero)")
     a.add_argument("--ns-steps", type=int, help="Newton-Schulz steps (default 5)")
     a.add_argument("--ns-coeffs", choices=NS_COEFFS, help="Newton-Schulz coefficients (default jordan)")
+    a.add_argument("--f-star", type=float, metavar="F",
+                   help="--preset muonmax-momo: lower bound F* of the training loss in the Momo truncation "
+                        "t = min(lr, (model - F*)_+ / dual^2) (default 0)")
     a.add_argument("--ef14-variant", choices=("classic", "airbench"), help="with --method ef14")
     a.add_argument("--ef14-bits", type=int, help="airbench variant: bits of the quantised update (4/8/16/32)")
     f = p.add_argument_group("federated (n clients, a cohort per round, per-client links; simulate on a simulated clock, "
@@ -113,6 +116,7 @@ _FLAG_TO_KEY = {
     "log_every": "log_every", "method": "method", "preset": "preset", "lr": "lr", "beta": "beta",
     "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "init": "init",
     "ns_steps": "ns_steps", "ns_coeffs": "ns_coeffs", "ef14_variant": "ef14_variant", "ef14_bits": "ef14_bits",
+    "f_star": "f_star",
     "uplink": "uplink", "downlink": "downlink", "plots": "plots",
     "clients": "clients", "participation": "participation", "link": "link", "link_mix": "link_mix",
     "link_trace": "link_trace", "deadline": "deadline", "compute_scale": "compute_scale",

@@ -196,6 +196,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
                 try:
                     await self._aggregate(k, present, decoded, zeroed)
                     del decoded
+                    if losses:  # muonmax-momo's loss model (a no-op for the other presets)
+                        await self._run(self.state.observe_losses, losses, k == 0)
                     if self.cohorts:
                         self.cohort_round_applied(k, present)
                         regs, self.registrations = self.registrations, {}

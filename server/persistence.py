@@ -83,7 +83,8 @@ class Persistence:
                 est.flush()
                 est = est.as_float32_dict()
             view = types.SimpleNamespace(round=st.round, cfg=st.cfg, specs=st.specs, n=st.ids,
-                                         stale_nuclear=st.stale_nuclear, X=st.X, W=st.W, G=st.G,
+                                         stale_nuclear=st.stale_nuclear,
+                                         momo=None if st.momo is None else dict(st.momo), X=st.X, W=st.W, G=st.G,
                                          estimators=est, ef14_buffer=st.ef14_buffer)
             return save_server(self.opts.checkpoint_dir, view, self.cfg, meta, clients=clients,
                                extra_tensors=tensors, keep=self.opts.checkpoint_keep)

@@ -170,7 +170,7 @@ class FederatedSim:
         cfg, full = self.cfg, self.full_w_bytes
         W0 = [w.clone() for w in self.server.W]
         up_total, seconds = 0, 0.0
-        ups = {}
+        ups, init_losses = {}, {}
         for j in range(self.n):
             prof = self.links[j][1]
             rng = self._rng("join", 0, j)
@@ -184,7 +184,7 @@ class FederatedSim:
                 if not self.exact_w:
                     ws.W = W0  # read only here (init_uplink checks shapes against W)
                 t0 = time.perf_counter()
-                _, g = self._grads(j, 0, ws.W)
+                init_losses[j], g = self._grads(j, 0, ws.W)
                 frames = ws.init_uplink(g)
                 measured = time.perf_counter() - t0
                 if not self.exact_w:
@@ -202,6 +202,7 @@ class FederatedSim:
             seconds = max(seconds, t)
         if ups:
             self.server.aggregate(ups, init=True)
+        self.server.observe_losses(init_losses, init=True)
         self.sim_join_seconds = seconds
         self.sim_time = seconds
         self.uncompressed["down"] += self.n * 4 * self.setup.numel
@@ -226,7 +227,7 @@ class FederatedSim:
         self.cum_frames.append(self.cum_frames[-1] + flen)
         if self.exact_w:
             self.history.append(list(frames))
-        ups, losses, clients = {}, [], {}
+        ups, losses, clients, by_client = {}, [], {}, {}
         up_total = down_total = catchup_total = 0
         times, dropped = [], []
         for j in sampled:
@@ -239,11 +240,13 @@ class FederatedSim:
                 ups[j] = c.frames
                 up_total += c.nup
                 losses.append(c.loss)
+                by_client[j] = c.loss
                 times.append(c.seconds)
             clients[str(j)] = {"up": {"payload": 0 if c.late else c.nup, "message": None, "wire": None},
                                "down": {"payload": c.ndown, "message": None, "wire": None},
                                "catchup": c.catchup, "sim_seconds": c.seconds, "dropped": c.late}
         server.aggregate(ups)
+        server.observe_losses(by_client)
         self.deadlines.add_round(times)
         sim_seconds = float(self.deadline) if dropped else max(times, default=0.0)
         self.sim_time += sim_seconds

@@ -47,11 +47,12 @@ class SyncSim:
         n, full = self.n, self.full
         init = {"down": {"payload": n * full}, "up": {"payload": 0}}
         if self.cfg.init == "grad":
-            ups = {}
+            ups, losses = {}, {}
             for j in range(n):
-                _, g = self.grads_of(j, 0)
+                losses[j], g = self.grads_of(j, 0)
                 ups[j] = self.workers[j].init_uplink(g)
             self.server.aggregate(ups, init=True)
+            self.server.observe_losses(losses, init=True)
             init["up"]["payload"] = sum(sum(len(f) for f in fr) for fr in ups.values())
             for j, fr in ups.items():
                 self.per_client[str(j)]["up"]["payload"] += sum(len(f) for f in fr)
@@ -72,6 +73,7 @@ class SyncSim:
             losses.append(loss)
             ups[j] = self.workers[j].make_uplink(g)
         self.server.aggregate(ups)
+        self.server.observe_losses(dict(enumerate(losses)))
         seconds = time.perf_counter() - t0
         for j, fr in ups.items():
             self.per_client[str(j)]["up"]["payload"] += sum(len(f) for f in fr)

@@ -32,6 +32,8 @@ ROWS = {
     "memory": (lambda r: r, {"params", "model_MB", "idle_MB", "server_peak_MB", "worker_peak_MB",
                              "server_copies", "worker_copies"}, {"params", "idle_MB", "server_peak_MB",
                                                                  "worker_peak_MB"}),
+    "lr-robustness": (lambda r: r, {"preset", "x_tuned", "lr", "final_val_loss_w", "diverged", "seconds"},
+                      {"lr", "x_tuned"}),
 }
 # Real networked runs (a server and worker processes each, ~10 s apiece even at the smoke level, over
 # this file's budget): their runs are tested end to end elsewhere (test_service_e2e, test_service_cli).

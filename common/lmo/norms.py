@@ -16,12 +16,12 @@ from ..errors import ConfigError
 
 NORMS = ("spectral", "sign", "colnorm", "rownorm", "bias_rms")
 SCALE_RULES = ("muon", "scion", "moonlight")
-PRESETS = ("muon", "scion", "gluon", "muonmax")
+PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo")
 
 # preset -> scale rule of its spectral layers.  gluon uses Scion's norms (its adaptive layer-wise
 # step sizes live in the step-size schedule, not here); muonmax uses Muon's norms (its global step
 # scaled by the sum of nuclear norms lives in the step-size schedule too).
-_PRESET_SCALE_RULE = {"muon": "muon", "scion": "scion", "gluon": "scion", "muonmax": "muon"}
+_PRESET_SCALE_RULE = {"muon": "muon", "scion": "scion", "gluon": "scion", "muonmax": "muon", "muonmax-momo": "muon"}
 
 # Scion's nanoGPT config gives the Sign (tied embedding / lm_head) group a radius 60x the blocks'
 # (scale 3000 vs 50; CNN example: 16x).  We do NOT make it the default (default lr_mult is 1.0 for
@@ -171,7 +171,7 @@ def assign_norms(
          EMBEDDING_PATTERN (a name component containing 'embed', or wte/wpe/tok_emb*/pos_emb*) or
          HEAD_PATTERN ('lm_head|head|classifier|output' + '.weight' at the end).
       4. everything else (hidden 2-D matrices, conv filters) -> spectral.
-    Presets choose the spectral scale rule: muon/muonmax -> 'muon', scion/gluon -> 'scion'.
+    Presets choose the spectral scale rule: muon/muonmax/muonmax-momo -> 'muon', scion/gluon -> 'scion'.
     Other scales: sign 1/d_in, colnorm sqrt(d_out), rownorm 1/sqrt(d_in), bias_rms 1.
 
     lr_mult: {norm: multiplier}; default 1.0 for every norm.  Scion's own configs give sign

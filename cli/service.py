@@ -29,6 +29,11 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "its configuration and server options, TLS and tokens included (flags may change only "
                         "execution settings and options given again). New checkpoints go to DIR (the parent of "
                         "a round-NNNNNN). Workers reconnect by themselves")
+    r.add_argument("--auto-resume", action="store_true",
+                   help="with --checkpoint-dir DIR: continue the run checkpointed there when DIR holds a checkpoint "
+                        "(as --resume DIR, with the same flags), else start it; for a server that a service manager "
+                        "restarts (systemd, Kubernetes, Compose: deploy/). Default: off (a DIR with checkpoints is "
+                        "refused without --resume or --fresh)")
     r.add_argument("--fresh", action="store_true",
                    help="start a new run in a --checkpoint-dir that holds an earlier run's checkpoints, deleting "
                         "them (without it, such a directory is refused: resume it with --resume DIR)")
@@ -117,6 +122,23 @@ def resume_dir(args: argparse.Namespace) -> str | None:
     return os.path.dirname(p) if os.path.isfile(os.path.join(p, "manifest.msgpack")) else p
 
 
+def apply_auto_resume(args: argparse.Namespace) -> None:
+    """--auto-resume: set --resume to --checkpoint-dir when that holds a checkpoint (else a new run starts there)."""
+    if not getattr(args, "auto_resume", False):
+        return
+    if not args.checkpoint_dir:
+        raise ConfigError("--auto-resume continues the run in --checkpoint-dir: give --checkpoint-dir DIR")
+    if args.resume or args.fresh:
+        raise ConfigError(f"--auto-resume chooses between resuming and starting: give it without "
+                          f"{'--resume' if args.resume else '--fresh'}")
+    from ..common.checkpoint_format import list_checkpoints  # lazy: torch only when the command runs
+
+    if list_checkpoints(args.checkpoint_dir):
+        logging.getLogger("efmuon.server").warning("--auto-resume: %s holds a checkpoint; resuming it",
+                                                   args.checkpoint_dir)
+        args.resume = args.checkpoint_dir
+
+
 def config_and_resume(args: argparse.Namespace):
     """The run configuration (with --resume DIR: the checkpoint's, overlaid by the flags) and the loaded checkpoint."""
     if not args.resume:
@@ -150,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.clients_per_process < 1:
         raise ConfigError(f"--clients-per-process {args.clients_per_process} is not a count: give an integer >= 1")
+    apply_auto_resume(args)
     cfg, resume = config_and_resume(args)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
@@ -175,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    apply_auto_resume(args)
     if not (args.resume or args.print_config) and (args.tls_cert is None) == (args.tls_key is None):
         # before torch is imported, so that a wrong --host/--port/TLS file fails at once; run_server checks
         # again with the final options (a resumed run's TLS files come from its checkpoint)

@@ -156,7 +156,7 @@ def config_and_resume(args: argparse.Namespace):
 def default_run_report(cfg: RunConfig) -> str:
     """runs/<YYYYmmdd-HHMMSS>-<task>/report.json under the current directory (a new one per run)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{stamp}-{cfg.task}")
+    base = os.path.join("runs", f"{stamp}-{(cfg.model or cfg.task).replace(':', '-')}")
     path, n = base, 1
     while os.path.exists(path):
         n += 1

@@ -1,4 +1,4 @@
-"""`efmuon worker` (also `python -m efmuon.worker`): one worker of a built-in task run."""
+"""`efmuon worker` (also `python -m efmuon.worker`): one worker of a run (a built-in task or a user's --model)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                           "--checkpoint-dir DIR becomes DIR/client-J, --token-file gives each client its own "
                           "token, {j} in --tls-cert/--tls-key names each client's certificate, --stats writes "
                           '{"clients": {J: stats}} (default: one client, --client-id)')
+    p.add_argument("--model", metavar="MODULE:FACTORY", default=None,
+                   help="the user model (module:factory) this worker expects: refused with a clear error when the "
+                        "server runs another model or a built-in task (default: whatever the server runs; a --model "
+                        "run's module must be importable here: the current folder counts, else PYTHONPATH)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="where this worker computes (default: the run configuration's device)")
     wire = p.add_mutually_exclusive_group()
@@ -113,6 +117,21 @@ def _check_flags(args: argparse.Namespace) -> list[int] | None:
     return clients
 
 
+def _check_model(args: argparse.Namespace, status) -> None:
+    """--model M: the server must run M (before torch loads and the module is imported)."""
+    if args.model is None:
+        return
+    from ..common.config import check_model_spec
+    from ..common.wire.protocol import decode_config
+
+    check_model_spec(args.model)
+    cfg = decode_config(status.config)
+    if cfg.model != args.model.strip():
+        runs = f"model {cfg.model!r}" if cfg.model else f"the built-in task {cfg.task!r}"
+        raise ConfigError(f"--model {args.model!r}: the server at {args.server} runs {runs}; start this worker "
+                          f"without --model (it takes the server's) or point it at the server of that model")
+
+
 def _stats_of(stats: dict, link) -> dict:
     out = {k: v for k, v in stats.items() if k != "history"}
     out["link"] = link.to_spec() if link is not None else None
@@ -140,6 +159,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     first = clients[0] if clients is not None else args.client_id
     conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
                          _measure_wire(args), link, security_from_args(args, first))
+    try:
+        _check_model(args, status)
+    except BaseException:
+        conn.close()
+        raise
     if clients is not None:
         return _host_clients(args, clients, conn, status, link)
     try:

@@ -44,7 +44,8 @@ class RunConfig:
     """Everything that determines a run. Fields set to None take the task's recommended value."""
 
     # --- what to train
-    task: str = "gpt-char"
+    task: str = "gpt-char"  # a built-in task; with `model` set, the model's spec (resolve fills it in)
+    model: str | None = None  # a user's model: 'package.module:factory' (common.usermodel); replaces `task`
     task_options: dict = field(default_factory=dict)
     workers: int = 4
     rounds: int | None = None
@@ -122,7 +123,15 @@ def from_mapping(data: dict[str, Any], base: RunConfig | None = None, where: str
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys are: {', '.join(sorted(valid))}"
         )
-    cfg = dataclasses.replace(base, **{k.replace("-", "_"): v for k, v in data.items()})
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    if data.get("model") is not None:
+        if "task" in data and data["task"] != data["model"]:
+            raise ConfigError(f"{where}: give either task ({data['task']!r}) or model ({data['model']!r}), not both: "
+                              f"a model from your own module replaces the built-in task")
+        data["task"] = data["model"]  # a model given here replaces a task of the base (flags over the file)
+    elif "task" in data and base.model is not None and data["task"] != base.model:
+        data["model"] = None  # a built-in task given here replaces the base's model
+    cfg = dataclasses.replace(base, **data)
     validate(cfg)
     return cfg
 
@@ -144,6 +153,19 @@ def load_toml(path: str, base: RunConfig | None = None) -> RunConfig:
     return from_mapping(data, base, where=path)
 
 
+def check_model_spec(spec: Any) -> tuple[str, str]:
+    """'package.module:factory' -> (module, attribute), or ConfigError saying how it is spelt (no import)."""
+    how = "spell it package.module:factory, e.g. --model mymodels.cnn:make (a module importable here, a colon, " \
+          "a function in it)"
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"model={spec!r} is not module:factory; {how}")
+    module, attr = (s.strip() for s in spec.split(":"))
+    if not module or not attr or not all(p.isidentifier() for p in module.split(".")) \
+            or not all(a.isidentifier() for a in attr.split(".")):
+        raise ConfigError(f"model={spec!r} is not module:factory; {how}")
+    return module, attr
+
+
 def _choice(name: str, value, allowed) -> None:
     if value is not None and value not in allowed:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
@@ -162,7 +184,12 @@ def _positive(name: str, value, allow_zero: bool = False, integer: bool = False)
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field; raise ConfigError naming the field and the allowed values."""
-    _choice("task", cfg.task, TASKS)
+    if cfg.model is not None:
+        check_model_spec(cfg.model)
+        if cfg.task != cfg.model:
+            _choice("task", cfg.task, TASKS)  # a RunConfig(model=...) built in Python: resolve sets task = model
+    else:
+        _choice("task", cfg.task, TASKS)
     _choice("method", cfg.method, METHODS)
     _choice("preset", cfg.preset, PRESETS)
     _choice("schedule", cfg.schedule, SCHEDULES)
@@ -261,6 +288,8 @@ def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
             fill[key] = task_defaults.get(key, fallback)
     if not cfg.lr_mult and task_defaults.get("lr_mult"):
         fill["lr_mult"] = dict(task_defaults["lr_mult"])
+    if cfg.model is not None and cfg.task != cfg.model:
+        fill["task"] = cfg.model  # the run is reported under the user's model, never a built-in task's name
     out = dataclasses.replace(cfg, **fill)
     validate(out)
     if out.warmup >= out.rounds:

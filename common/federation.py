@@ -10,6 +10,7 @@ from .config import RunConfig, parse_compute_scale
 from .errors import ConfigError
 from .links import LOSS_SEGMENT, MIN_RTO, PRESETS, LinkProfile, load_link_trace, parse_link, parse_link_mix
 from .tasks import derive_seed, make_task
+from .usermodel import make_run_task
 
 FEDERATED_KEYS = ("clients", "participation", "link", "link_mix", "link_trace", "deadline", "compute_scale",
                   "compute_seconds", "adaptive_deadline")
@@ -138,6 +139,8 @@ def transfer_seconds(profile: LinkProfile, direction: str, nbytes: int, rng: ran
 def task_for_clients(cfg: RunConfig, n: int):
     """The task cut into S shards: S = n if it allows, else the largest S that works (binary search)."""
     opts = cfg.task_options
+    if getattr(cfg, "model", None):  # a user's model serves any client j: no shards to cut
+        return make_run_task(cfg, n), n
     try:
         return make_task(cfg.task, n, seed=cfg.seed, **opts), n
     except ConfigError as first:

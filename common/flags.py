@@ -46,6 +46,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="FILE.toml", help="TOML file of settings; flags override it; unknown keys are an error")
     g.add_argument("--task", choices=TASKS, help="built-in task (default gpt-char)")
+    g.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="train your own model instead of a built-in task: a function in a module importable here "
+                        "and on every worker (the current folder counts; else PYTHONPATH) that returns "
+                        "efmuon.common.usermodel.UserModel (README, 'Your own model'); replaces --task (default: none)")
     g.add_argument("--task-option", action="append", type=_kv, default=None, metavar="KEY=VALUE",
                    help="task option, e.g. dirichlet=0.3 for digits (repeatable)")
     g.add_argument("--workers", type=int, help="number of workers n (default 4)")
@@ -111,7 +115,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_TO_KEY = {
-    "task": "task", "workers": "workers", "rounds": "rounds", "seed": "seed", "device": "device",
+    "task": "task", "model": "model", "workers": "workers", "rounds": "rounds", "seed": "seed", "device": "device",
     "threads": "threads", "lmo_threads": "lmo_threads", "report": "report", "metrics": "metrics", "eval_every": "eval_every",
     "log_every": "log_every", "method": "method", "preset": "preset", "lr": "lr", "beta": "beta",
     "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "init": "init",

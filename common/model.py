@@ -10,11 +10,14 @@ import torch
 
 from .config import RunConfig, resolve
 from .lmo import LayerSpec, assign_norms
-from .tasks import make_task
+from .usermodel import make_run_task
 
 
 def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head_names=()) -> list[LayerSpec]:
-    """Layer norms for every parameter of `model`, from the preset and the config's overrides."""
+    """Layer norms for every parameter of `model`, from the preset and the config's overrides (a config
+    whose preset is unset takes the generic default, as `resolve` fills it)."""
+    if cfg.preset is None:
+        cfg = resolve(cfg, {})
 
     names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     emb = set(embedding_names) | {
@@ -69,7 +72,7 @@ class Setup:
     """Everything both sides derive from the config: the task, model, names, initial params, layer specs."""
 
     def __init__(self, cfg: RunConfig, task=None):
-        self.task = task if task is not None else make_task(cfg.task, cfg.workers, seed=cfg.seed, **cfg.task_options)
+        self.task = task if task is not None else make_run_task(cfg)
         self.cfg = resolve(cfg, getattr(self.task, "defaults", {}) or {})
         self.model = self.task.build_model()
         self.names, self.params = parameters_of(self.model)

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..common.algorithm import ServerState, params_sha256
-from ..common.config import RunConfig
+from ..common.config import RunConfig, resolve
 from ..common.errors import ConfigError
 from ..common.export import save_model
 from ..common.outputs import write_outputs
@@ -108,7 +108,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
                  quiet: bool = False, stream=None, leave_timeout: float = LEAVE_TIMEOUT,
                  options: ServerOptions | None = None, resume=None):
         self.opts = (options or ServerOptions()).validate()
-        self.cfg = cfg
+        self.cfg = cfg = resolve(cfg, {})  # fields left unset take the generic defaults (a Setup's cfg has none)
         self.n, self.rounds = Cohorts.federation_n(cfg), int(cfg.rounds)
         if self.n > self.opts.max_clients:
             raise ConfigError(f"workers={self.n} is more than --max-clients {self.opts.max_clients}")

@@ -1,4 +1,4 @@
-"""`for_task`: the Worker of the server's built-in task, what `efmuon worker` runs.
+"""`for_task`: the Worker of the server's task (built-in, or a user's `--model`), what `efmuon worker` runs.
 
 The run configuration comes from the server (Status), the task, model and layer specs from
 `Setup(cfg)` exactly as `efmuon simulate` builds them, so a networked run has the simulator's bits.

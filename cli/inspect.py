@@ -21,6 +21,9 @@ def print_config(cfg: RunConfig, stream=None) -> None:
     rows = [(s.name, "x".join(map(str, s.shape)) or "scalar", s.norm, u.spec, d.spec)
             for s, u, d in zip(setup.specs, up, down)]
     widths = [max(len(r[i]) for r in rows + [("name", "shape", "norm", "uplink", "downlink")]) for i in range(5)]
+    summary = getattr(setup.task, "model_summary", None)
+    if summary is not None:
+        print("\n" + summary(), file=out)
     print(f"\nparameters (name, shape, norm, uplink, downlink): {len(rows)}, {setup.numel:,} entries", file=out)
     for r in rows:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)), file=out)

@@ -42,7 +42,8 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                         "--link-trace or [links], as `efmuon simulate` assigns them, with --client-id or "
                         "--clients; else none: unshaped)")
     p.add_argument("--stats", metavar="PATH.json", default=None,
-                   help="write this worker's stats (bytes, transfer timings per call) as JSON when it finishes")
+                   help="write this worker's stats (bytes, transfer timings per call, the process's peak_rss_bytes) as "
+                        "JSON when it finishes (default: none)")
     r = p.add_argument_group("resilience and security")
     r.add_argument("--checkpoint-dir", metavar="DIR", default=None,
                    help="checkpoint this worker's state (W, M_j, G_j, the submission in flight) here every round; "
@@ -133,8 +134,11 @@ def _check_model(args: argparse.Namespace, status) -> None:
 
 
 def _stats_of(stats: dict, link) -> dict:
+    from ..common.runtime import peak_rss_bytes
+
     out = {k: v for k, v in stats.items() if k != "history"}
     out["link"] = link.to_spec() if link is not None else None
+    out["peak_rss_bytes"] = peak_rss_bytes()  # this process's, at the end of its run (all its clients)
     return out
 
 

@@ -18,7 +18,7 @@ from .links import parse_link, parse_link_mix
 # The values the config accepts for `task` and `preset` (common.tasks.TASKS and common.lmo.PRESETS name
 # the same; tests/test_tasks.py checks that they agree). Spelled here so that building the command line
 # (`efmuon --help`) needs no torch.
-TASKS = ("lsq", "digits", "gpt-char")
+TASKS = ("lsq", "digits", "gpt-char", "gpt")
 PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo")
 
 METHODS = ("ef21", "ef14")

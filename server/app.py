@@ -23,7 +23,8 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, options=
     the workers (each shapes its connection with its profile; `efmuon run --shaping netns` in the kernel)."""
     configure_torch(cfg.threads)
     setup, _ = task_setup(cfg)
-    return Coordinator(setup.cfg, ServerModel.from_setup(setup), device=resolve_device(setup.cfg.device),
+    device = resolve_device(setup.cfg.device)
+    return Coordinator(setup.cfg, ServerModel.from_setup(setup, device), device=device,
                        quiet=quiet, stream=stream, options=options, resume=resume)
 
 

@@ -372,7 +372,7 @@ def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, f
         for j, (_, prof) in enumerate(links):
             relay[j] = prof if prof.is_shaped else None
             mechanisms[j] = "relay" if prof.is_shaped else "none"
-    stats_dir = tempfile.mkdtemp(prefix="efmuon-stats-") if links is not None else None
+    stats_dir = tempfile.mkdtemp(prefix="efmuon-stats-")  # each worker's --stats: links, peak RSS
     star = None
     old_term = signal.signal(signal.SIGTERM, _on_term)
     try:
@@ -393,9 +393,12 @@ def _run_local(cfg: RunConfig, quiet, stream, options, resume, shaping, links, f
             report = asyncio.run(workers.serve())
         if several:  # which process hosted which clients (written again below, or here)
             coordinator.report.summary["worker_processes"] = workers.processes()
+        peaks = [st["peak_rss_bytes"] for st in workers.stats().values() if st.get("peak_rss_bytes")]
+        if peaks:  # the largest worker process's peak RSS (written again below, or here)
+            coordinator.report.summary["worker_peak_rss_bytes"] = max(peaks)
         if links is not None:
             report = _links_report(cfg, coordinator, links, mechanisms, workers, shaping, quiet, stream)
-        elif several:
+        elif several or peaks:
             if cfg.report:
                 coordinator.report.write(cfg.report)
             report = coordinator.report.to_dict()

@@ -29,10 +29,13 @@ class ServerModel:
     final: Callable[[list, list], dict] | None = None
 
     @classmethod
-    def from_setup(cls, setup) -> "ServerModel":
-        """A built-in task, evaluated exactly as `efmuon simulate` does."""
+    def from_setup(cls, setup, device=None) -> "ServerModel":
+        """A built-in task, evaluated exactly as `efmuon simulate` does (on `device`, the server's, as
+        simulate evaluates on --device: a 124M model's evaluation on a CUDA server stays on the GPU)."""
 
         eval_model = setup.task.build_model()
+        if device is not None:
+            eval_model = eval_model.to(device)
         task = setup.task  # the hooks keep the task, not the Setup (its model and initial parameters)
 
         def per_round(W, X) -> dict:

@@ -86,3 +86,12 @@ def _build_off_rng(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         return factory()
 
+
+
+def _on_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` moved to the device of `model`'s parameters (the tasks' data live on the CPU; a
+    worker or simulator on --device cuda holds the model there). A no-op on the CPU."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type == "cpu":
+        return tensors
+    return tuple(t.to(p.device, non_blocking=True) for t in tensors)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Task, _build_off_rng, _generator, derive_seed
+from .base import Task, _build_off_rng, _generator, _on_model_device, derive_seed
 from .options import _float_opt, _int_opt
 
 
@@ -126,23 +126,29 @@ class DigitsTask(Task):
         return self.x_train[idx], self.y_train[idx]
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
+        x, y = _on_model_device(model, *batch)
         return F.cross_entropy(model(x), y)
 
     @torch.no_grad()
     def train_eval_loss(self, model: nn.Module) -> float:
         """Exact f = (1/n) sum_j (mean loss over shard j), one pass over the training set."""
-        per = F.cross_entropy(model(self.x_train), self.y_train, reduction="none")
-        return float((per.double() * self._train_weights).sum())
+        x, y = _on_model_device(model, self.x_train, self.y_train)
+        per = F.cross_entropy(model(x), y, reduction="none")
+        return float((per.double().cpu() * self._train_weights).sum())
 
     @torch.no_grad()
     def eval_loss(self, model: nn.Module) -> float:
-        return float(F.cross_entropy(model(self.x_val), self.y_val))
+        return float(F.cross_entropy(*self._logits_targets(model, self.x_val, self.y_val)))
+
+    def _logits_targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        x, y = _on_model_device(model, x, y)
+        return model(x), y
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module, split: str = "val") -> float:
         if split not in ("val", "train"):
             raise ConfigError(f"split={split!r}; valid: ['train', 'val']")
         x, y = (self.x_val, self.y_val) if split == "val" else (self.x_train, self.y_train)
-        return float((model(x).argmax(dim=1) == y).double().mean())
+        logits, y = self._logits_targets(model, x, y)
+        return float((logits.argmax(dim=1) == y).double().mean())
 

@@ -8,13 +8,15 @@ import numpy as np
 from ..errors import ConfigError
 from .base import Task
 from .digits import DigitsTask
+from .gpt import GptTask
 from .gptchar import GptCharTask
 from .lsq import LsqTask
 from .options import _resolve_options
 
-TASKS = ("lsq", "digits", "gpt-char")
+TASKS = ("lsq", "digits", "gpt-char", "gpt")
 
-_CLASSES: dict[str, type[Task]] = {"lsq": LsqTask, "digits": DigitsTask, "gpt-char": GptCharTask}
+_CLASSES: dict[str, type[Task]] = {"lsq": LsqTask, "digits": DigitsTask, "gpt-char": GptCharTask,
+                                 "gpt": GptTask}
 
 
 def make_task(name: str, n_workers: int, seed: int = 0, **options: Any) -> Task:

@@ -9,6 +9,7 @@ The model is a plain ``nn.Module`` with a stable parameter order::
     blocks.{i}.mlp.c_fc.weight      (4 d_model, d_model)                    -> spectral
     blocks.{i}.mlp.c_proj.weight    (d_model, 4 d_model)                    -> spectral
     lm_head.weight                  (vocab, d_model)     untied output head -> sign LMO
+                                                         (absent with tie=True: the head is wte)
 
 Linear layers have no bias and LayerNorm has no learnable parameters, so every parameter is a
 matrix. Weights are initialised only through :meth:`GPT.init_weights` with an explicit
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Task, _build_off_rng, _generator
+from .base import Task, _build_off_rng, _generator, _on_model_device
 from .options import _float_opt, _int_opt
 
 
@@ -78,7 +79,7 @@ class GPT(nn.Module):
     """Pre-LayerNorm decoder-only transformer; ``forward(idx) -> logits (B, T, vocab)``."""
 
     def __init__(self, vocab_size: int, context: int, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4):
+                 n_heads: int = 4, tie: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -89,6 +90,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(context, d_model)
         self.blocks = nn.ModuleList([Block(d_model, n_heads) for _ in range(n_layers)])
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie:  # GPT-2's tied embedding: one (vocab, d_model) matrix, named wte.weight
+            self.lm_head.weight = self.wte.weight
 
     @classmethod
     def build(cls, generator: torch.Generator, **kwargs) -> "GPT":
@@ -238,7 +241,7 @@ class GptCharTask(Task):
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
+        x, y = _on_model_device(model, *batch)
         logits = model(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 

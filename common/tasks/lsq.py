@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .base import Task, _build_off_rng, _generator
+from .base import Task, _build_off_rng, _generator, _on_model_device
 from .options import _bool_opt, _float_opt, _int_opt
 
 
@@ -75,9 +75,9 @@ class LsqTask(Task):
         self.head_names = frozenset()
 
     def _f64(self, w: torch.Tensor, b: torch.Tensor | None) -> float:
-        r = self._A64 @ w.double().T - self._B64
+        r = self._A64 @ w.detach().to("cpu", torch.float64).T - self._B64
         if b is not None:
-            r = r + b.double()
+            r = r + b.detach().to("cpu", torch.float64)
         return float(0.5 * (r * r).sum() / r.shape[0])
 
     def build_model(self) -> nn.Module:
@@ -95,7 +95,7 @@ class LsqTask(Task):
         return self.A[worker].clone(), self.B[worker].clone()
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        a, b = batch
+        a, b = _on_model_device(model, *batch)
         r = model(a) - b
         return 0.5 * (r * r).sum() / a.shape[0]
 
@@ -110,8 +110,8 @@ class LsqTask(Task):
     @torch.no_grad()
     def suboptimality(self, model: nn.Module) -> float:
         """f(model) - f_star computed without cancellation: 1/(2N) ||A_all (W - W*)^T + ...||^2."""
-        r = self._A64 @ (model.weight.double() - self.optimum["weight"]).T
+        r = self._A64 @ (model.weight.detach().to("cpu", torch.float64) - self.optimum["weight"]).T
         if "bias" in self.optimum:
-            r = r + (model.bias.double() - self.optimum["bias"])
+            r = r + (model.bias.detach().to("cpu", torch.float64) - self.optimum["bias"])
         return float(0.5 * (r * r).sum() / r.shape[0])
 

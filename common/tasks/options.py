@@ -1,4 +1,4 @@
-"""Task options: the checkers of one option's value (integer, number in a range, boolean) and the
+"""Task options: the checkers of one option's value (integer, number in a range, one of named choices, boolean) and the
 resolution of the given options against a task's table of (default, checker), naming the valid
 options when one is unknown."""
 from __future__ import annotations
@@ -11,8 +11,10 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def _int_opt(minimum: int) -> Callable[[str, Any], int]:
-    def check(key: str, value: Any) -> int:
+def _int_opt(minimum: int, allow_none: bool = False) -> Callable[[str, Any], int | None]:
+    def check(key: str, value: Any) -> int | None:
+        if value is None and allow_none:
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
@@ -37,6 +39,14 @@ def _float_opt(minimum: float, *, strict: bool = False, maximum: float | None = 
         if bad:
             rng = f"{'>' if strict else '>='} {minimum}" + (f" and < {maximum}" if maximum else "")
             raise ConfigError(f"task option {key}={value!r} must be a finite number {rng}")
+        return value
+    return check
+
+
+def _choice_opt(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"task option {key}={value!r} must be one of {list(choices)}")
         return value
     return check
 

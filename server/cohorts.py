@@ -102,6 +102,7 @@ class Cohorts:
         self.held: dict[int, int] = {}  # client -> the round of the W it holds, as far as the server knows
         self.history: dict[int, Plan] = {}  # round i -> S_i, the replay window (newest, <= one full W of bytes)
         self.full_w: tuple[int, Plan] | None = None  # (k, W_{k-1} as identity frames) for round k's catch-ups
+        self._current_w: Plan | None = None  # W_k as identity frames (the fallback catch-up of round k)
         self.registrations: dict[int, list | None] = {}  # decoded initial estimators, applied between rounds
         self.seen: dict[int, float] = {}  # client -> last time a call of it started or ended (monotonic)
         self.calls: dict[int, int] = {}  # client -> calls open
@@ -343,7 +344,9 @@ class Cohorts:
             return CohortReply(k, plan, replay, False, held, late=late)
         if self.full_w is not None and self.full_w[0] == k:
             return CohortReply(k, plan, [self.full_w[1]], True, held, late=late)
-        return CohortReply(k, plan, late=late, resync=True)  # neither at hand: take W by re-joining
+        # neither at hand (the window was lost with a server restart, or the client resumed an old checkpoint):
+        # W_k itself, which is W_{k-1} + S_k bit for bit (`current_w_reply`)
+        return CohortReply(k, plan, [], True, held, late=late, resync=True)
 
     async def next_reply(self, j: int, held: int, late: bool = False) -> CohortReply:
         """Hold client j's Exchange until it is sampled (module docstring, replies); `wait` after POLL_S."""
@@ -355,6 +358,8 @@ class Cohorts:
             if self.stopping:
                 raise self._stopping_error()
             rep = self.reply_now(j, held, late)
+            if rep is not None and rep.resync and rep.catchup_full:
+                rep = await self.current_w_reply(rep)
             if rep is not None:
                 return rep
             if self._published is None:
@@ -367,6 +372,19 @@ class Cohorts:
                 await asyncio.wait_for(ev.wait(), left)
             except asyncio.TimeoutError:
                 pass
+
+    async def current_w_reply(self, rep: CohortReply) -> CohortReply | None:
+        """The fallback catch-up: the server's W_k (round k open) as identity frames and no S_k (the client sets
+        W and computes round k). Built once per round under the lock, so no step runs meanwhile; None when the
+        round moved on (the caller looks again)."""
+        async with self._lock:
+            k = rep.round
+            if self.collecting != k:
+                return None
+            if self._current_w is None or self._current_w.round != k:
+                ident = parse_spec("identity")
+                self._current_w = await self._run(lambda: Plan.build(k, [ident.encode(w, 0) for w in self.state.W]))
+            return CohortReply(k, Plan(k, False, []), [self._current_w], True, rep.catchup_from, late=rep.late)
 
     def record_reply(self, rep: CohortReply, j: int, message: int) -> None:
         """A reply was streamed to client j: its bytes, its catch-up, the W it holds now."""

@@ -327,3 +327,36 @@ def test_an_adaptive_deadline_drops_the_slow_client_in_simulate_and_over_the_net
     # on the simulated clock the fast clients' times are exact (0.01 s): only the slow one is dropped; over the
     # network the deadline follows measured times, which a loaded machine may stretch for a fast client too
     assert all(r["dropped"] == [3] for r in load(tmp_path / "sim.json")["rounds"] if r["deadline"] is not None)
+
+
+async def _cohort_run(forget: bool) -> tuple[str, int]:
+    """A 6-client cohort run in-process (2 per round); with `forget` the server drops its replay window and
+    W_{k-1} after every round, as a server resumed from a checkpoint has neither. Returns (W hash, fallbacks)."""
+    cfg = make_cfg(workers=6, rounds=10, clients=6, participation=0.34)
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(8))
+    async with Harness(cfg) as h:
+        c = h.coordinator
+
+        def on_event(what, k, t0, t1):
+            if forget and what == "process":
+                c.history = {r: p for r, p in c.history.items() if r == c.collecting}
+                c.full_w = None
+        c.events = on_event
+        workers = [h.worker(j) for j in range(6)]
+        await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
+        await asyncio.wait_for(c.finished.wait(), 60)
+        report = c.report.to_dict()
+    fallbacks = sum(1 for r in report["rounds"] for j, e in r["clients"].items()
+                    if e.get("catchup") and e["down"]["payload"] == e["catchup"])
+    return report["summary"]["w_sha256"], fallbacks
+
+
+async def test_without_replay_or_w_before_the_step_a_returning_client_gets_the_current_w_and_the_bits_hold():
+    """The fallback catch-up (a server resumed from a checkpoint keeps neither the replay window nor W_{k-1}):
+    the client gets W_k itself (identity frames, no S_k), W_{k-1} + S_k bit for bit, so the run ends in the
+    same W as one with every catch-up at hand."""
+    plain, none_ = await _cohort_run(False)
+    forgetful, used = await _cohort_run(True)
+
+    assert none_ == 0 and used > 0  # the forgetful server did serve the fallback
+    assert forgetful == plain

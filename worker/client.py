@@ -132,6 +132,7 @@ class Worker:
         self._init = False
         self._snapshot: Snapshot | None = None
         self._speed: ComputeScale | None = None
+        self._fresh = False  # the next Join asks for the server's state (no resume_round, no checkpoint)
         self.sampled = 0  # rounds this client computed (cohort runs: those it was sampled in)
         self.late = 0  # of which dropped as a straggler
         self.catchup_bytes = 0
@@ -216,6 +217,7 @@ class Worker:
             log.info("client %d continues from its own state at round %d", self.client_id,
                      self.pending[0] if self.pending is not None else self.state.round)
         self.checkpoints.discard()
+        self._fresh = False
         self._wire = self.conn.since_mark(-1)
         self.history.append({"round": "join", "down_payload": parts.total if parts is not None else 0,
                              "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
@@ -241,6 +243,8 @@ class Worker:
 
     def _resume_round(self) -> int | None:
         """The round of the submission this worker holds (its state is at that round), or None."""
+        if self._fresh:  # re-sync from the server (it said its state cannot be brought up to date)
+            return None
         if self.cohorts and self.state is not None and (self._idle or (self.pending is not None and self._acknowledged)):
             return self.state.round  # waiting for a sampled round: it holds the W of that round
         if self.state is not None and self.pending is not None:
@@ -441,6 +445,7 @@ class Worker:
         if header.resync:  # the server cannot bring this state up to date: take W and G_j from it
             self.pending, self.state, self._idle, self._snapshot = None, None, False, None
             self.session = ""
+            self._fresh = True  # not from this worker's checkpoint either: it is what the server refused
             self.join()
             return True
         self.pending, self._init, self._idle = None, False, True  # the server has the submission (or the wait)
@@ -462,9 +467,10 @@ class Worker:
             return True
         catchup, S = split_reply(header, parts)
         self.catchup_bytes += sum(map(len, catchup))
-        catch_up(self.state, header, catchup)  # W_{round-1}
+        catch_up(self.state, header, catchup)  # W_{round-1} (or W_round itself: no S follows)
         del catchup
-        self.state.apply_downlink(S, consume=True)  # state.round = header.round
+        if self.state.round != header.round:
+            self.state.apply_downlink(S, consume=True)  # state.round = header.round
         self._traced("apply_downlink")
         del S
         self.next_round = int(header.round)

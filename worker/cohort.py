@@ -50,7 +50,8 @@ def catch_up(state: WorkerState, header: pb.DownlinkHeader, frames: Sequence[byt
         W = [ident.decode(f, s.shape, device=state.device) for f, s in zip(frames, state.specs)]
         for w, new in zip(state.W, W):
             w.copy_(new)
-        state.round = target
+        # no S frames: the frames are W_round itself (the server's current W); else W_{round-1}
+        state.round = target + 1 if not header.frame_lengths else target
         return
     if len(frames) != layers * (target - start):
         raise ProtocolError(f"a catch-up of {len(frames)} frames for rounds {start + 1}..{target}: expected "

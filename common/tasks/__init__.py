@@ -1,4 +1,4 @@
-"""Built-in training tasks that need no download: ``lsq``, ``digits`` and ``gpt-char``.
+"""Built-in training tasks that need no download: ``lsq``, ``digits``, ``gpt-char`` and ``gpt-moe``.
 
 A task owns the data, the split into ``n_workers`` shards (worker j's local objective f_j), the
 model and the losses. Everything is a pure function of ``(name, n_workers, seed, options)``:
@@ -22,7 +22,7 @@ k = 0 .. rounds-1::
                   constant: lr;  linear: lr * (1 - p);  cosine: lr * (1 + cos(pi p)) / 2
 
 Modules: ``base`` (seeds, the `Task` interface), ``options`` (option checkers), ``lsq``,
-``digits``, ``gptchar`` (the task and its GPT model), ``factory`` (`make_task`, `TASKS`).
+``digits``, ``gptchar`` (the task and its GPT model), ``gptmoe`` (gpt-char's data, an MLA + MoE GPT), ``factory`` (`make_task`, `TASKS`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .base import Task, derive_seed
 from .digits import DigitsMLP, DigitsTask
 from .factory import TASKS, make_task
 from .gptchar import GPT, GptCharTask, load_corpus
+from .gptmoe import GptMoeTask, MoEGPT
 from .lsq import LsqTask
 
 __all__ = ["TASKS", "Task", "LsqTask", "DigitsTask", "GptCharTask", "make_task", "derive_seed",
-           "load_corpus", "DigitsMLP", "GPT"]
+           "load_corpus", "DigitsMLP", "GPT", "GptMoeTask", "MoEGPT"]

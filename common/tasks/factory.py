@@ -9,12 +9,14 @@ from ..errors import ConfigError
 from .base import Task
 from .digits import DigitsTask
 from .gptchar import GptCharTask
+from .gptmoe import GptMoeTask
 from .lsq import LsqTask
 from .options import _resolve_options
 
-TASKS = ("lsq", "digits", "gpt-char")
+TASKS = ("lsq", "digits", "gpt-char", "gpt-moe")
 
-_CLASSES: dict[str, type[Task]] = {"lsq": LsqTask, "digits": DigitsTask, "gpt-char": GptCharTask}
+_CLASSES: dict[str, type[Task]] = {"lsq": LsqTask, "digits": DigitsTask, "gpt-char": GptCharTask,
+                                   "gpt-moe": GptMoeTask}
 
 
 def make_task(name: str, n_workers: int, seed: int = 0, **options: Any) -> Task:

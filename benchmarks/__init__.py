@@ -8,6 +8,7 @@
     memory      peak RSS of real server and worker processes vs model size
     bytes_wire  payload vs wire bytes of a real networked run (run_local)
     soak        many workers over many rounds: does the server's memory stay flat?
+    moe         Muon vs the adamw preset on gpt-moe (MLA + MoE): rounds to the same validation loss
   and what the service benchmarks share:
     synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
     proc        starting helper processes, reading their JSON, /proc memory and CPU figures
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_wire, federation, memory, scaling, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_wire, federation, memory, moe, scaling, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

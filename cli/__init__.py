@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 # every option of every command states one).
 DEFAULTS = {
     "--config": "none", "--report": "none; `efmuon run`: runs/<time>-<task>/report.json",
-    "--metrics": "none", "--lr": "the task's: gpt-char 0.05, digits 0.05, lsq 0.03",
+    "--metrics": "none", "--lr": "the task's: gpt-char 0.05, gpt-moe 0.05 (adamw 3e-3), digits 0.05, lsq 0.03; adamw elsewhere 1e-3",
     "--schedule": "the task's, usually cosine", "--warmup": "the task's, usually 0", "--weight-decay": "0",
     "--ef14-variant": "classic", "--ef14-bits": "8", "--clients": "none: the synchronous --workers clients",
     "--participation": "1: every client every round", "--link": "none: unshaped", "--link-mix": "none",

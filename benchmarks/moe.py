@@ -24,7 +24,7 @@ def bench_moe(level: str) -> dict:
     """Muon vs adamw on gpt-moe (MLA + MoE), default compression: rounds to the same validation loss."""
     rounds, every, adam_lrs, options, workers = by_level(
         level,
-        full=(200, 5, (3e-3, 1e-2), {}, 4),
+        full=(200, 5, (1e-3, 3e-3, 1e-2), {}, 4),
         quick=(60, 5, (3e-3,), {}, 4),
         smoke=(4, 1, (3e-3,), {"n_layers": 1, "context": 16, "batch_size": 4, "d_ff": 32}, 2))
     runs = [_run("muon", rounds, every, options, workers, preset="muon")]

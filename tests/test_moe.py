@@ -238,9 +238,10 @@ def test_gpt_moe_trains_with_the_default_compression(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["muon", "adamw"])
-def test_gpt_moe_run_equals_simulate_bit_for_bit(tmp_path, preset):
-    flags = [*SMALL, "--rounds", "3", "--preset", preset]
+@pytest.mark.parametrize("preset,extra", [("muon", []), ("adamw", []), ("muon", ["--uplink", "rankk:4"])])
+def test_gpt_moe_run_equals_simulate_bit_for_bit(tmp_path, preset, extra):
+    """The default compression (and rankk, rank 4 per expert on the stacks) over the network."""
+    flags = [*SMALL, "--rounds", "3", "--preset", preset, *extra]
     a = _cli("run", *flags, "--report", str(tmp_path / "net.json"))
     assert a.returncode == 0, a.stdout + a.stderr
     b = _cli("simulate", *flags, "--report", str(tmp_path / "sim.json"))

@@ -214,7 +214,7 @@ def test_gpt_moe_model_layout_and_loss():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     assert float(m.blocks[0].moe.router.weight.grad.abs().sum()) > 0  # the router learns (gates + aux)
-    assert float(loss) > t.eval_loss(m) - 0.5  # CE + small aux, close to the evaluation CE
+    assert float(loss.detach()) > t.eval_loss(m) - 0.5  # CE + small aux, close to the evaluation CE
     assert "q_proj" in "".join(n for n, _ in make_task("gpt-moe", 2, q_latent=0, n_layers=1).build_model().named_parameters())
     with pytest.raises(ConfigError, match="top_k"):
         make_task("gpt-moe", 2, experts=2, top_k=3)

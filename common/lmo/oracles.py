@@ -112,8 +112,9 @@ def lmo_all(
 
     Spectral layers (per dtype and device) are batched as `spectral_groups` says: same-size matrices
     of either orientation in one Newton-Schulz call, tiny ones of different long sides zero-padded
-    into one when that saves more than it costs.  The result equals the per-layer one to float
-    rounding; every direction is a fresh contiguous tensor.
+    into one when that saves more than it costs.  A stacked (per-expert) spectral layer is one batched
+    call on its own (E, rows, cols) stack.  The result equals the per-layer one to float rounding;
+    every direction is a fresh contiguous tensor.
 
     threads: torch intra-op threads for the Newton-Schulz products; None = `lmo_threads(flops)`
     (every core this process may use once the work is large enough).  The thread count is restored

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, transport, scaling, memory, soak",
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, moe, transport, scaling, memory, soak",
                        description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
                                    "--markdown updates its section of BENCHMARKS.md.")
     b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 # every option of every command states one).
 DEFAULTS = {
     "--config": "none", "--report": "none; `efmuon run`: runs/<time>-<task>/report.json",
-    "--metrics": "none", "--lr": "the task's: gpt-char 0.05, gpt 0.05, digits 0.05, lsq 0.03",
+    "--metrics": "none", "--lr": "the task's: gpt-char 0.05, gpt 0.05, gpt-moe 0.05 (adamw 3e-3), digits 0.05, lsq 0.03; adamw elsewhere 1e-3",
     "--schedule": "the task's, usually cosine", "--warmup": "the task's, usually 0", "--weight-decay": "0",
     "--ef14-variant": "classic", "--ef14-bits": "8", "--clients": "none: the synchronous --workers clients",
     "--participation": "1: every client every round", "--link": "none: unshaped", "--link-mix": "none",

@@ -97,7 +97,10 @@ def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mappin
             if fnmatchcase(s.name, pat):
                 chosen = spec
                 break
-        out.append(parse_spec(chosen))
+        c = parse_spec(chosen)
+        if s.stacked and hasattr(c, "per_expert"):  # rankk: rank r per expert matrix
+            c = c.per_expert(s.shape[0])
+        out.append(c)
     return out
 
 
@@ -162,6 +165,9 @@ class ServerState:
                                   if cfg.preset == "muonmax-momo" else None)
         self._momo_xg = 0.0  # <X, G> at the start of the step being taken
         self.ef14_buffer = [torch.zeros_like(x) for x in self.X] if self._airbench else None
+        # preset 'adamw': Adam's moments of G (m, v per layer), kept in checkpoints; no LMO step
+        self.adam = ([torch.zeros_like(x) for x in self.X], [torch.zeros_like(x) for x in self.X]) \
+            if cfg.preset == "adamw" else None
         if self._airbench:
             bits = cfg.ef14_bits
             self.down = [parse_spec("identity") if bits == 32 else parse_spec(f"quant:{bits}:{max(1, x.numel())}")
@@ -424,7 +430,8 @@ class ServerState:
         budget = max(self.LMO_BLOCK_MIN_BYTES, self.LMO_BLOCK_FRACTION * sum(nbytes))
         if sum(nbytes) <= budget or (self.cfg.preset in MUONMAX and self.stale_nuclear is None):
             return [list(range(n))]
-        spectral = [i for i, s in enumerate(self.specs) if s.norm == "spectral" and nbytes[i]]
+        # stacked (per-expert) layers are one Newton-Schulz call of their own: each its own unit
+        spectral = [i for i, s in enumerate(self.specs) if s.norm == "spectral" and not s.stacked and nbytes[i]]
         units = []  # layers that must share an lmo_all call
         for g in spectral_groups([matrix_dims(self.specs[i].shape) for i in spectral]):
             members = [spectral[j] for j in g.idx]
@@ -459,6 +466,11 @@ class ServerState:
         if self.momo is not None:
             self._momo_xg = self._dot(self.X, self.G)
         frames: list = [None] * len(self.specs)
+        if self.adam is not None:
+            for i in range(len(self.specs)):
+                frames[i] = self._update_layer(i, k, t, self._adam_direction(i, k, G[i]), t, wd)
+            self.round = k
+            return frames
         nuclear = 0.0
         for block in self.lmo_blocks():
             Gb, specs = [G[i] for i in block], [self.specs[i] for i in block]
@@ -478,6 +490,17 @@ class ServerState:
             self.momo["wg"] = self._dot(self.W, self.G)
         self.round = k
         return frames
+
+    def _adam_direction(self, i: int, k: int, g: torch.Tensor) -> torch.Tensor:
+        """Preset 'adamw', layer i of step k: m <- b1 m + (1-b1) G, v <- b2 v + (1-b2) G^2; returns
+        -(m / (1-b1^k)) / (sqrt(v / (1-b2^k)) + eps), torch.optim.AdamW's update direction (so
+        X <- X(1 - t wd) + t * it). lr_mult does not apply: every layer steps t."""
+        b1, b2, eps = self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps
+        m, v = self.adam[0][i], self.adam[1][i]
+        m.mul_(b1).add_(g, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** k)).add_(eps)
+        return (m / denom).mul_(-1.0 / (1.0 - b1 ** k))
 
     def _update_layer(self, i: int, k: int, t: float, d: torch.Tensor, ti: float, wd: float) -> bytes:
         """Layer i of step k: X_i += t_i d (+ decay), its downlink frame, W_i += decode(frame)."""

@@ -6,7 +6,7 @@ configuration (`RunConfig.to_dict()`), the layer names and shapes, caller metada
 per-client `clients`) and the tensor entries.
 
 Tensor names. Server: ``X/i``, ``W/i``, ``G/i`` (layer i), ``G_j/j/i`` (client j's estimator),
-``ef14/i`` (airbench error buffer); worker: ``W/i``, ``M/i``, ``Gj/i``, ``error/i``; both:
+``ef14/i`` (airbench error buffer), ``adam_m/i``, ``adam_v/i`` (preset adamw's moments); worker: ``W/i``, ``M/i``, ``Gj/i``, ``error/i``; both:
 ``rng/torch`` (torch.get_rng_state()), ``rng/numpy`` (numpy's global MT19937 key) and
 ``extra/NAME`` for caller tensors (e.g. a data sampler's torch.Generator state).
 
@@ -174,6 +174,12 @@ def save_server(directory: str | os.PathLike, state, cfg: RunConfig | None = Non
     if state.ef14_buffer is not None:
         for i, t in enumerate(state.ef14_buffer):
             w.add(f"ef14/{i}", t)
+    adam = getattr(state, "adam", None)
+    m["adam"] = adam is not None
+    if adam is not None:
+        for key, ts in zip(("adam_m", "adam_v"), adam):
+            for i, t in enumerate(ts):
+                w.add(f"{key}/{i}", t)
     m["clients"] = [[int(j), packable(dict(v), f"clients[{j}]")] for j, v in sorted((clients or {}).items())]
     for name, t in (extra_tensors or {}).items():
         w.add(f"extra/{name}", t)
@@ -232,6 +238,12 @@ def restore_server(state, loaded: tuple[dict[str, torch.Tensor], dict], *, check
         if not m.get("ef14_buffer"):
             raise ConfigError(f"{where} has no ef14 airbench buffer, but the configuration uses one")
         buf = [_expect(tensors, f"ef14/{i}", x, where) for i, x in enumerate(state.X)]
+    adam = None
+    if getattr(state, "adam", None) is not None:
+        if not m.get("adam"):
+            raise ConfigError(f"{where} has no Adam moments, but the configuration uses preset adamw")
+        adam = tuple([_expect(tensors, f"{key}/{i}", x, where) for i, x in enumerate(state.X)]
+                     for key in ("adam_m", "adam_v"))
     sn = m.get("stale_nuclear")
     if sn is not None and not isinstance(sn, (int, float)):
         raise FrameError(f"{where}: stale_nuclear {sn!r} is not a number")
@@ -250,6 +262,8 @@ def restore_server(state, loaded: tuple[dict[str, torch.Tensor], dict], *, check
         state.estimators = est
     if buf is not None:
         state.ef14_buffer = buf
+    if adam is not None:
+        state.adam = adam
     state.stale_nuclear = None if sn is None else float(sn)
     state.round = int(m["round"])
     if restore_rng:

@@ -18,8 +18,8 @@ from .links import parse_link, parse_link_mix
 # The values the config accepts for `task` and `preset` (common.tasks.TASKS and common.lmo.PRESETS name
 # the same; tests/test_tasks.py checks that they agree). Spelled here so that building the command line
 # (`efmuon --help`) needs no torch.
-TASKS = ("lsq", "digits", "gpt-char", "gpt")
-PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo")
+TASKS = ("lsq", "digits", "gpt-char", "gpt", "gpt-moe")
+PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo", "adamw")
 
 METHODS = ("ef21", "ef14")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -69,6 +69,9 @@ class RunConfig:
     ef14_variant: str = "classic"
     ef14_bits: int = 8
     ef14_decay: float = 0.9
+    adam_beta1: float = 0.9  # preset 'adamw' (Adam on the aggregate G, no LMO): first-moment decay
+    adam_beta2: float = 0.95  # second-moment decay
+    adam_eps: float = 1e-8
     # --- compression (docs/design.md §2)
     uplink: str = DEFAULT_UPLINK
     downlink: str = DEFAULT_DOWNLINK
@@ -223,6 +226,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"ef14_bits={cfg.ef14_bits!r} is not valid; choose one of: 4, 8, 16, 32")
     if not 0 <= cfg.ef14_decay < 1:
         raise ConfigError(f"ef14_decay={cfg.ef14_decay!r} must be in [0, 1)")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ConfigError(f"{name}={v!r} must be a number in [0, 1)")
+    _positive("adam_eps", cfg.adam_eps)
     for name in ("task_options", "lr_mult", "norms", "uplink_layers", "downlink_layers", "links"):
         if not isinstance(getattr(cfg, name), dict):
             raise ConfigError(f"{name} must be a table (mapping), got {type(getattr(cfg, name)).__name__}")
@@ -281,6 +289,10 @@ def _validate_federated(cfg: RunConfig) -> None:
 def resolve(cfg: RunConfig, task_defaults: dict) -> RunConfig:
     """Fill the fields left as None from the task's recommended settings."""
     fill = {}
+    if (cfg.preset or task_defaults.get("preset")) == "adamw":
+        # a task's Muon settings (lr, lr_mult) do not suit Adam: its `adamw` table overrides them
+        task_defaults = {**task_defaults, "lr": 1e-3, "beta": 1.0, "lr_mult": {},
+                         **task_defaults.get("adamw", {})}
     generic = {"rounds": 100, "preset": "muon", "lr": 0.02, "beta": 0.1, "schedule": "cosine", "warmup": 0,
                "eval_every": 1}
     for key, fallback in generic.items():

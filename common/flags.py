@@ -70,7 +70,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, help="print a progress line every N rounds (default 10)")
     a = p.add_argument_group("algorithm (EF21-Muon)")
     a.add_argument("--method", choices=METHODS, help="ef21 (default) or ef14 (classic residual error feedback, a baseline)")
-    a.add_argument("--preset", choices=PRESETS, help="LMO preset (default: the task's, usually muon)")
+    a.add_argument("--preset", choices=PRESETS, help="LMO preset, or adamw: AdamW on the aggregate G, no LMO (default: the task's, usually muon)")
     a.add_argument("--lr", type=float, help="step size t (radius of the LMO step)")
     a.add_argument("--beta", type=float, help="momentum weight of the NEW gradient, in (0, 1] (default 0.1)")
     a.add_argument("--schedule", choices=SCHEDULES, help="step-size schedule after warm-up")

@@ -13,7 +13,8 @@ from .lmo import LayerSpec, assign_norms
 from .usermodel import make_run_task
 
 
-def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head_names=()) -> list[LayerSpec]:
+def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head_names=(),
+                stacked_names=()) -> list[LayerSpec]:
     """Layer norms for every parameter of `model`, from the preset and the config's overrides (a config
     whose preset is unset takes the generic default, as `resolve` fills it)."""
     if cfg.preset is None:
@@ -26,7 +27,7 @@ def model_specs(model: torch.nn.Module, cfg: RunConfig, embedding_names=(), head
         if isinstance(m, torch.nn.Embedding)
     }
     return assign_norms(names, preset=cfg.preset, overrides=cfg.norms or None,
-                        embedding_names=emb, head_names=set(head_names))
+                        embedding_names=emb, head_names=set(head_names), stacked_names=set(stacked_names))
 
 
 def parameters_of(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
@@ -77,7 +78,7 @@ class Setup:
         self.model = self.task.build_model()
         self.names, self.params = parameters_of(self.model)
         self.specs = model_specs(self.model, self.cfg, getattr(self.task, "embedding_names", ()),
-                                 getattr(self.task, "head_names", ()))
+                                 getattr(self.task, "head_names", ()), getattr(self.task, "stacked_names", ()))
         self.numel = sum(p.numel() for p in self.params)
 
     def uncompressed_round_bytes(self) -> int:

@@ -29,6 +29,7 @@ ROWS = {
                               "send_s", "process_s", "compute_busy_s", "busy_per_round", "processed_rounds",
                               "replies", "submissions"},
                 {"round_s", "decode_s", "lmo_s", "process_s", "compute_busy_s", "processed_rounds", "replies"}),
+    "moe": (lambda r: r["rows"], {"optimizer", "rounds", "rounds_to_target", "final_val_loss_w"}, {"rounds"}),
     "memory": (lambda r: r, {"params", "model_MB", "idle_MB", "server_peak_MB", "worker_peak_MB",
                              "server_copies", "worker_copies"}, {"params", "idle_MB", "server_peak_MB",
                                                                  "worker_peak_MB"}),

@@ -20,7 +20,8 @@ def _qr(a: torch.Tensor) -> torch.Tensor:
 
 
 class RankK(Compressor):
-    """Rank-r approximation C(x) = P Q^T of x viewed as m x n (m = shape[0], n = numel/m).
+    """Rank-r approximation C(x) = P Q^T of x viewed as m x n (m = shape[0], n = numel/m); for a
+    stacked parameter (`per_expert(E)`: shape (E, m, ...)) rank r per expert, P (E, m, r), Q (E, n, r).
 
     Randomized range finder seeded by ``seed``: Gaussian sketch of the smaller side, 2 power
     iterations, orthonormal basis by QR (kept only if it captures at least the energy of the plain
@@ -45,14 +46,17 @@ class RankK(Compressor):
     def __init__(self, codec, spec, r):
         super().__init__(codec, spec)
         self.r = r
+        self.experts = 1  # > 1: a stacked parameter, rank r per expert (`per_expert`)
 
     def _geom(self, shape):
+        """(numel, m, n, r) of one matrix (one expert's when stacked); r = 0: the dense fallback."""
         shape = _as_shape(shape)
         d = _numel(shape)
-        if len(shape) < 2 or d == 0:
+        e = self.experts
+        if len(shape) < (3 if e > 1 else 2) or d == 0 or (e > 1 and shape[0] != e):
             return d, 0, 0, 0
-        m = shape[0]
-        n = d // m
+        m = shape[1] if e > 1 else shape[0]
+        n = d // (e * m)
         r = min(self.r, m, n)
         if r * (m + n) >= m * n:
             return d, m, n, 0
@@ -72,7 +76,15 @@ class RankK(Compressor):
         d, m, n, r = self._geom(shape)
         if r == 0:
             return self.FIXED + self.codec.size(d)
-        return self.FIXED + self.codec.size(m * r) + self.codec.size(n * r)
+        e = self.experts
+        return self.FIXED + self.codec.size(e * m * r) + self.codec.size(e * n * r)
+
+    def per_expert(self, experts: int) -> "RankK":
+        """This compressor for a stacked (E, rows, cols...) parameter: rank r per expert matrix (both
+        ends build it from the layer spec, so the frame need not say so)."""
+        c = RankK(self.codec, self.spec, self.r)
+        c.experts = int(experts)
+        return c
 
     def encode(self, x, seed=0):
         v = _flat_f32(x)
@@ -80,7 +92,20 @@ class RankK(Compressor):
         if r == 0:
             parts = [self._header(d), _U32.pack(0)] + self.codec.encode(v, _subseed(seed, 4))
             return b"".join(parts)
-        X = v.reshape(m, n)
+        if self.experts == 1:
+            Pf, Qf = self._factors(v.reshape(m, n), r, seed)
+        else:  # one range finder per expert (seeded apart), the factors stacked expert by expert
+            X = v.reshape(self.experts, m, n)
+            fs = [self._factors(X[e], r, _subseed(seed, 64 + e)) for e in range(self.experts)]
+            Pf, Qf = torch.stack([f[0] for f in fs]), torch.stack([f[1] for f in fs])
+        parts = [self._header(d), _U32.pack(r)]
+        parts += self.codec.encode(Pf.contiguous().reshape(-1), _subseed(seed, 6))
+        parts += self.codec.encode(Qf.contiguous().reshape(-1), _subseed(seed, 7))
+        return b"".join(parts)
+
+    def _factors(self, X, r, seed):
+        """(P, Q) with C(X) = P Q^T for one m x n matrix X (fp32 tensors)."""
+        m, n = X.shape
         cpu = X.device.type == "cpu"
         # CPU: numpy/LAPACK (torch's threaded kernels stall on thin matrices under CPU contention)
         Xa = X.numpy() if cpu else X
@@ -117,10 +142,7 @@ class RankK(Compressor):
         if cpu:
             Pf = torch.from_numpy(np.ascontiguousarray(Pf, dtype=np.float32))
             Qf = torch.from_numpy(np.ascontiguousarray(Qf, dtype=np.float32))
-        parts = [self._header(d), _U32.pack(r)]
-        parts += self.codec.encode(Pf.contiguous().reshape(-1), _subseed(seed, 6))
-        parts += self.codec.encode(Qf.contiguous().reshape(-1), _subseed(seed, 7))
-        return b"".join(parts)
+        return Pf, Qf
 
     def _roundtrip(self, v):
         buf = b"".join(self.codec.encode(v, 0))
@@ -137,16 +159,18 @@ class RankK(Compressor):
         if r == 0:
             self._check_len(what, mv, self.FIXED + self.codec.size(d))
             return self._out(self.codec.decode(mv, self.FIXED, d, what), shape, device)
-        if len(shape) < 2 or d == 0:
-            raise FrameError(f"{what}: rank {r} factors for shape {shape}, which is not a matrix")
-        m = shape[0]
-        n = d // m
+        _, m, n, _ = self._geom(shape)
+        if m == 0:
+            raise FrameError(f"{what}: rank {r} factors for shape {shape}, which is not a matrix"
+                             + (f" stack of {self.experts} experts" if self.experts > 1 else ""))
         if r > min(m, n):
             raise FrameError(f"{what}: rank {r} exceeds min(m, n) = {min(m, n)} for a {m} x {n} matrix")
-        sp = self.codec.size(m * r)
-        self._check_len(what, mv, self.FIXED + sp + self.codec.size(n * r))
-        P = self.codec.decode(mv, self.FIXED, m * r, what).reshape(m, r)
-        Q = self.codec.decode(mv, self.FIXED + sp, n * r, what).reshape(n, r)
-        out = torch.from_numpy(np.ascontiguousarray(P @ Q.T, dtype=np.float32)).reshape(shape)
+        e = self.experts
+        sp = self.codec.size(e * m * r)
+        self._check_len(what, mv, self.FIXED + sp + self.codec.size(e * n * r))
+        P = self.codec.decode(mv, self.FIXED, e * m * r, what).reshape(e, m, r)
+        Q = self.codec.decode(mv, self.FIXED + sp, e * n * r, what).reshape(e, n, r)
+        PQ = P @ np.swapaxes(Q, 1, 2) if e > 1 else P[0] @ Q[0].T
+        out = torch.from_numpy(np.ascontiguousarray(PQ, dtype=np.float32)).reshape(shape)
         return out if str(device) == "cpu" else out.to(device)
 

@@ -58,7 +58,9 @@ from .norms import (
     SCION_SIGN_LR_MULT,
     LayerSpec,
     assign_norms,
+    EXPERT_PATTERN,
     assign_norms_for_model,
+    block_dims,
     matrix_dims,
     spectral_scale,
 )
@@ -74,6 +76,8 @@ __all__ = [
     "SpectralGroup",
     "available_cores",
     "matrix_dims",
+    "block_dims",
+    "EXPERT_PATTERN",
     "newton_schulz",
     "ns_scalar_map",
     "ns_singular_value_band",

@@ -16,12 +16,13 @@ from ..errors import ConfigError
 
 NORMS = ("spectral", "sign", "colnorm", "rownorm", "bias_rms")
 SCALE_RULES = ("muon", "scion", "moonlight")
-PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo")
+PRESETS = ("muon", "scion", "gluon", "muonmax", "muonmax-momo", "adamw")
 
 # preset -> scale rule of its spectral layers.  gluon uses Scion's norms (its adaptive layer-wise
 # step sizes live in the step-size schedule, not here); muonmax uses Muon's norms (its global step
 # scaled by the sum of nuclear norms lives in the step-size schedule too).
-_PRESET_SCALE_RULE = {"muon": "muon", "scion": "scion", "gluon": "scion", "muonmax": "muon", "muonmax-momo": "muon"}
+_PRESET_SCALE_RULE = {"muon": "muon", "scion": "scion", "gluon": "scion", "muonmax": "muon", "muonmax-momo": "muon",
+                      "adamw": "muon"}  # adamw takes no LMO step; its specs only describe the layers
 
 # Scion's nanoGPT config gives the Sign (tied embedding / lm_head) group a radius 60x the blocks'
 # (scale 3000 vs 50; CNN example: 16x).  We do NOT make it the default (default lr_mult is 1.0 for
@@ -44,9 +45,16 @@ class LayerSpec:
     norm: str
     scale: float
     lr_mult: float = 1.0
+    stacked: bool = False  # the leading dim indexes independent matrices (MoE experts): (E, rows, cols...)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "stacked", bool(self.stacked))
+        if self.stacked and len(self.shape) < 3:
+            raise ConfigError(
+                f"layer {self.name!r}: a stacked (per-expert) parameter needs >= 3 dims (E, rows, cols), "
+                f"got shape {self.shape}"
+            )
         if self.norm not in NORMS:
             raise ConfigError(
                 f"layer {self.name!r}: unknown norm {self.norm!r}; valid norms are {', '.join(NORMS)}"
@@ -75,6 +83,14 @@ def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) == 1:
         return shape[0], 1
     return shape[0], math.prod(shape[1:])
+
+
+def block_dims(spec: "LayerSpec") -> tuple[int, int, int]:
+    """(E, rows, cols): a stacked parameter (E, d_out, d_in...) is E matrices of (d_out, prod(d_in...));
+    any other is one matrix, `matrix_dims` of its shape."""
+    if spec.stacked:
+        return spec.shape[0], *matrix_dims(spec.shape[1:])
+    return 1, *matrix_dims(spec.shape)
 
 
 def spectral_scale(shape: Sequence[int], rule: str) -> float:
@@ -112,6 +128,7 @@ def _default_scale(shape: tuple[int, ...], norm: str, rule: str) -> float:
 EMBEDDING_PATTERN = re.compile(
     r"(^|\.)(\w*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*)(\.|$)", re.IGNORECASE
 )
+EXPERT_PATTERN = re.compile(r"(^|\.)\w*experts?\w*(\.|$)", re.IGNORECASE)
 HEAD_PATTERN = re.compile(r"(^|\.)(lm_head|head|classifier|output)\.weight$", re.IGNORECASE)
 
 
@@ -160,8 +177,15 @@ def assign_norms(
     embedding_names: Iterable[str] = frozenset(),
     head_names: Iterable[str] = frozenset(),
     lr_mult: Mapping[str, float] | None = None,
+    stacked_names: Iterable[str] = frozenset(),
 ) -> list[LayerSpec]:
     """One LayerSpec per (name, shape), in order.
+
+    Stacked (per-expert) parameters: names in `stacked_names`, or >= 3-D parameters whose name has a
+    component containing 'expert' (EXPERT_PATTERN), are E independent matrices (E, rows, cols...): the
+    norm applies to each expert's matrix (spectral: one batched Newton-Schulz over the E matrices, each
+    scaled by the rule of its (rows, cols) shape; sign 1/d_in of one expert), so the dual norm is the
+    sum over the experts.  Every norm but bias_rms may be stacked.
 
     Automatic choice (first rule that applies):
       1. `overrides`: {pattern: "norm" | "norm:scale_rule" | "norm:<scale>"}; patterns are fnmatch
@@ -183,6 +207,7 @@ def assign_norms(
     mults = _lr_mults(lr_mult)
     parsed = [(pat, *_parse_override(pat, val, rule)) for pat, val in (overrides or {}).items()]
     sign_names = set(embedding_names) | set(head_names)
+    stacked_set = set(stacked_names)
 
     specs: list[LayerSpec] = []
     seen: set[str] = set()
@@ -196,11 +221,13 @@ def assign_norms(
             raise ConfigError(
                 f"parameter {name!r} has shape {shape}; the spectral norm needs >= 2 dims"
             )
+        stacked = len(shape) >= 3 and norm != "bias_rms" and (
+            name in stacked_set or EXPERT_PATTERN.search(name) is not None)
         if isinstance(scale_choice, float):
             scale = scale_choice
         else:
-            scale = _default_scale(shape, norm, scale_choice)
-        specs.append(LayerSpec(name, shape, norm, scale, mults[norm]))
+            scale = _default_scale(shape[1:] if stacked else shape, norm, scale_choice)
+        specs.append(LayerSpec(name, shape, norm, scale, mults[norm], stacked))
     return specs
 
 
@@ -234,6 +261,7 @@ def assign_norms_for_model(
     overrides: Mapping[str, str] | None = None,
     head_names: Iterable[str] = frozenset(),
     lr_mult: Mapping[str, float] | None = None,
+    stacked_names: Iterable[str] = frozenset(),
 ) -> list[LayerSpec]:
     """assign_norms over model.named_parameters() (that order), with every nn.Embedding /
     nn.EmbeddingBag weight treated as an embedding (sign) regardless of its name."""
@@ -250,4 +278,5 @@ def assign_norms_for_model(
         embedding_names=embedding_names,
         head_names=head_names,
         lr_mult=lr_mult,
+        stacked_names=stacked_names,
     )

@@ -11,14 +11,18 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .batching import _ns_group, lmo_threads, spectral_groups
+from .batching import _ns_group, lmo_threads, ns_step_flops, spectral_groups
 from .newton_schulz import newton_schulz
-from .norms import NORMS, LayerSpec, matrix_dims
+from .norms import NORMS, LayerSpec, block_dims, matrix_dims
 
 _EPS = 1e-12  # guards the column/row/rms divisions (computed in fp32 or wider)
 
 
-def _as_matrix(G: Tensor) -> Tensor:
+def _as_matrix(G: Tensor, stacked: bool = False) -> Tensor:
+    """The (rows, cols) view of G, or for a stacked parameter the (E, rows, cols) view of its experts."""
+    if stacked:
+        rows, cols = matrix_dims(G.shape[1:])
+        return G.reshape(G.shape[0], rows, cols)
     rows, cols = matrix_dims(G.shape)
     return G.reshape(rows, cols)
 
@@ -40,17 +44,17 @@ def _unit_sign(G: Tensor) -> Tensor:
     return -torch.sign(G)
 
 
-def _unit_colnorm(G: Tensor) -> Tensor:
-    """argmin_{max_j ||Z[:,j]||_2 <= 1} <G, Z> = -G[:,j] / ||G[:,j]||_2 per column."""
-    M = _wide(_as_matrix(G))
-    M = M / M.norm(dim=0, keepdim=True).clamp_min(_EPS)
+def _unit_colnorm(G: Tensor, stacked: bool = False) -> Tensor:
+    """argmin_{max_j ||Z[:,j]||_2 <= 1} <G, Z> = -G[:,j] / ||G[:,j]||_2 per column (per expert)."""
+    M = _wide(_as_matrix(G, stacked))
+    M = M / M.norm(dim=-2, keepdim=True).clamp_min(_EPS)
     return (-M).reshape(G.shape).to(G.dtype)
 
 
-def _unit_rownorm(G: Tensor) -> Tensor:
-    """argmin_{max_i ||Z[i,:]||_2 <= 1} <G, Z> = -G[i,:] / ||G[i,:]||_2 per row."""
-    M = _wide(_as_matrix(G))
-    M = M / M.norm(dim=1, keepdim=True).clamp_min(_EPS)
+def _unit_rownorm(G: Tensor, stacked: bool = False) -> Tensor:
+    """argmin_{max_i ||Z[i,:]||_2 <= 1} <G, Z> = -G[i,:] / ||G[i,:]||_2 per row (per expert)."""
+    M = _wide(_as_matrix(G, stacked))
+    M = M / M.norm(dim=-1, keepdim=True).clamp_min(_EPS)
     return (-M).reshape(G.shape).to(G.dtype)
 
 
@@ -61,22 +65,24 @@ def _unit_bias_rms(G: Tensor) -> Tensor:
     return (-W / rms).to(G.dtype)
 
 
-def _unit_spectral(G: Tensor, ns_steps: int, coeffs: str) -> Tensor:
-    """argmin_{sigma_max(Z) <= 1} <G, Z> = -U V^T  (via Newton-Schulz on the (out, rest) view)."""
-    return (-newton_schulz(_as_matrix(G), ns_steps, coeffs)).reshape(G.shape)
+def _unit_spectral(G: Tensor, ns_steps: int, coeffs: str, stacked: bool = False) -> Tensor:
+    """argmin_{sigma_max(Z) <= 1} <G, Z> = -U V^T  (via Newton-Schulz on the (out, rest) view; for a
+    stacked parameter ONE batched Newton-Schulz call on the (E, rows, cols) stack, each expert's matrix
+    orthogonalised (and Frobenius-normalised) separately)."""
+    return (-newton_schulz(_as_matrix(G, stacked), ns_steps, coeffs)).reshape(G.shape)
 
 
-def _unit_lmo(G: Tensor, norm: str, ns_steps: int, coeffs: str) -> Tensor:
+def _unit_lmo(G: Tensor, norm: str, ns_steps: int, coeffs: str, stacked: bool = False) -> Tensor:
     if G.numel() == 0:
         return torch.zeros_like(G)
     if norm == "spectral":
-        return _unit_spectral(G, ns_steps, coeffs)
+        return _unit_spectral(G, ns_steps, coeffs, stacked)
     if norm == "sign":
         return _unit_sign(G)
     if norm == "colnorm":
-        return _unit_colnorm(G)
+        return _unit_colnorm(G, stacked)
     if norm == "rownorm":
-        return _unit_rownorm(G)
+        return _unit_rownorm(G, stacked)
     if norm == "bias_rms":
         return _unit_bias_rms(G)
     raise ConfigError(f"unknown norm {norm!r}; valid norms are {', '.join(NORMS)}")
@@ -92,7 +98,7 @@ def lmo_direction(G: Tensor, spec: LayerSpec, ns_steps: int = 5, coeffs: str = "
     A zero G gives a zero direction.  The result has G's shape and dtype.
     """
     _check(G, spec)
-    return _unit_lmo(G, spec.norm, ns_steps, coeffs) * spec.scale
+    return _unit_lmo(G, spec.norm, ns_steps, coeffs, spec.stacked) * spec.scale
 
 
 def lmo_all(
@@ -106,8 +112,9 @@ def lmo_all(
 
     Spectral layers (per dtype and device) are batched as `spectral_groups` says: same-size matrices
     of either orientation in one Newton-Schulz call, tiny ones of different long sides zero-padded
-    into one when that saves more than it costs.  The result equals the per-layer one to float
-    rounding; every direction is a fresh contiguous tensor.
+    into one when that saves more than it costs.  A stacked (per-expert) spectral layer is one batched
+    call on its own (E, rows, cols) stack.  The result equals the per-layer one to float rounding;
+    every direction is a fresh contiguous tensor.
 
     threads: torch intra-op threads for the Newton-Schulz products; None = `lmo_threads(flops)`
     (every core this process may use once the work is large enough).  The thread count is restored
@@ -118,16 +125,24 @@ def lmo_all(
         raise ValueError(f"lmo_all: {len(Gs)} tensors but {len(specs)} layer specs")
     out: list[Tensor | None] = [None] * len(Gs)
     by_kind: dict[tuple, list[int]] = {}
+    experts: list[int] = []  # stacked spectral layers: one batched Newton-Schulz call each
     for i, (G, spec) in enumerate(zip(Gs, specs)):
         _check(G, spec)
         if spec.norm == "spectral" and G.numel() > 0:
-            by_kind.setdefault((G.dtype, G.device), []).append(i)
+            if spec.stacked:
+                experts.append(i)
+            else:
+                by_kind.setdefault((G.dtype, G.device), []).append(i)
         else:
             out[i] = lmo_direction(G, spec, ns_steps, coeffs)
     plan = [(idx, g) for idx in by_kind.values()
             for g in spectral_groups([matrix_dims(specs[i].shape) for i in idx])]
     if threads is None:
-        threads = lmo_threads(ns_steps * sum(g.step_flops for _, g in plan))
+        flops = sum(g.step_flops for _, g in plan)
+        for i in experts:
+            e, rows, cols = block_dims(specs[i])
+            flops += e * ns_step_flops(rows, cols)
+        threads = lmo_threads(ns_steps * flops)
     previous = torch.get_num_threads()
     if threads != previous:
         torch.set_num_threads(threads)
@@ -139,6 +154,8 @@ def lmo_all(
                 D = torch.empty(O.shape, dtype=Gs[i].dtype, device=O.device)
                 torch.mul(O, -specs[i].scale, out=D)  # = (-O) * scale exactly, cast and made contiguous
                 out[i] = D.view(specs[i].shape)
+        for i in experts:
+            out[i] = lmo_direction(Gs[i], specs[i], ns_steps, coeffs).contiguous()
     finally:
         if threads != previous:
             torch.set_num_threads(previous)
@@ -157,7 +174,8 @@ def dual_norm(
     With `direction` (= lmo_direction(G, spec), e.g. reused from the step) this returns
     -<G, direction> / spec.scale.  Without it, the exact closed form for sign (||G||_1),
     colnorm (sum_j ||G[:,j]||_2), rownorm (sum_i ||G[i,:]||_2) and bias_rms (sqrt(n) ||G||_2),
-    and -<G, -NS(G)> = sum_i sigma_i p(sigma_i / ||G||_F) for spectral.
+    and -<G, -NS(G)> = sum_i sigma_i p(sigma_i / ||G||_F) for spectral.  A stacked (per-expert)
+    parameter's dual norm is the sum of its experts' dual norms.
 
     The spectral value is APPROXIMATE: it is the nuclear norm sum_i sigma_i weighted by the
     Newton-Schulz output singular values p(.), which lie in the band documented in `newton_schulz`
@@ -175,11 +193,11 @@ def dual_norm(
     if spec.norm == "sign":
         return float(g.abs().sum())
     if spec.norm == "colnorm":
-        return float(_as_matrix(g).norm(dim=0).sum())
+        return float(_as_matrix(g, spec.stacked).norm(dim=-2).sum())
     if spec.norm == "rownorm":
-        return float(_as_matrix(g).norm(dim=1).sum())
+        return float(_as_matrix(g, spec.stacked).norm(dim=-1).sum())
     if spec.norm == "bias_rms":
         return float(math.sqrt(g.numel()) * g.norm())
-    return float(-(g * _unit_spectral(G, ns_steps, coeffs).double()).sum())
+    return float(-(g * _unit_spectral(G, ns_steps, coeffs, spec.stacked).double()).sum())
 
 

@@ -1,5 +1,5 @@
-"""Built-in training tasks that need no download: ``lsq``, ``digits``, ``gpt-char`` and ``gpt``
-(byte-level, sizes small / 10m / 124m).
+"""Built-in training tasks that need no download: ``lsq``, ``digits``, ``gpt-char``, ``gpt``
+(byte-level, sizes small / 10m / 124m) and ``gpt-moe``.
 
 A task owns the data, the split into ``n_workers`` shards (worker j's local objective f_j), the
 model and the losses. Everything is a pure function of ``(name, n_workers, seed, options)``:
@@ -24,7 +24,7 @@ k = 0 .. rounds-1::
 
 Modules: ``base`` (seeds, the `Task` interface), ``options`` (option checkers), ``lsq``,
 ``digits``, ``gptchar`` (the task and its GPT model), ``gpt`` (the byte-level
-GPT in three sizes), ``factory`` (`make_task`, `TASKS`).
+GPT in three sizes), ``gptmoe`` (gpt-char's data, an MLA + MoE GPT), ``factory`` (`make_task`, `TASKS`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from .digits import DigitsMLP, DigitsTask
 from .factory import TASKS, make_task
 from .gpt import SIZES as GPT_SIZES, GptTask
 from .gptchar import GPT, GptCharTask, load_corpus
+from .gptmoe import GptMoeTask, MoEGPT
 from .lsq import LsqTask
 
 __all__ = ["TASKS", "Task", "LsqTask", "DigitsTask", "GptCharTask", "GptTask", "GPT_SIZES", "make_task", "derive_seed",
-           "load_corpus", "DigitsMLP", "GPT"]
+           "load_corpus", "DigitsMLP", "GPT", "GptMoeTask", "MoEGPT"]

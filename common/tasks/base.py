@@ -31,6 +31,7 @@ class Task:
     defaults: dict = {}
     embedding_names: frozenset[str] = frozenset()
     head_names: frozenset[str] = frozenset()
+    stacked_names: frozenset[str] = frozenset()  # (E, rows, cols) parameters: one matrix per expert
 
     def __init__(self, n_workers: int, seed: int, options: dict):
         self.n_workers = n_workers

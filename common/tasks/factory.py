@@ -10,13 +10,14 @@ from .base import Task
 from .digits import DigitsTask
 from .gpt import GptTask
 from .gptchar import GptCharTask
+from .gptmoe import GptMoeTask
 from .lsq import LsqTask
 from .options import _resolve_options
 
-TASKS = ("lsq", "digits", "gpt-char", "gpt")
+TASKS = ("lsq", "digits", "gpt-char", "gpt", "gpt-moe")
 
 _CLASSES: dict[str, type[Task]] = {"lsq": LsqTask, "digits": DigitsTask, "gpt-char": GptCharTask,
-                                 "gpt": GptTask}
+                                   "gpt": GptTask, "gpt-moe": GptMoeTask}
 
 
 def make_task(name: str, n_workers: int, seed: int = 0, **options: Any) -> Task:

@@ -69,10 +69,10 @@ def gpt124m_round() -> dict:
 
 
 def lmo_throughput() -> dict:
-    import torch
+    import torch  # lazy: the skip path (no GPU) answers without loading torch
 
-    from ..common.lmo import assign_norms
-    from .algorithm import _gpt124m_shapes, _lmo_measure
+    from ..common.lmo import assign_norms  # lazy: loads torch
+    from .algorithm import _gpt124m_shapes, _lmo_measure  # lazy: loads torch
 
     t0 = time.perf_counter()
     specs = assign_norms(_gpt124m_shapes(12))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import Task, _generator, _on_model_device
 from .gptchar import GPT
+from .gptchar import load_corpus as char_corpus
 from .options import _bool_opt, _choice_opt, _float_opt, _int_opt
 
 SIZES = {
@@ -57,9 +58,7 @@ def gpt_parameters(n_layers: int, d_model: int, context: int, vocab: int = BYTES
 @functools.lru_cache(maxsize=1)
 def load_corpus() -> bytes:
     """pydoc_data.topics (sorted keys) and then the stdlib's top-level .py files (sorted), as UTF-8 bytes."""
-    from .gptchar import load_corpus as topics
-
-    parts = [topics().encode("utf-8")]
+    parts = [char_corpus().encode("utf-8")]
     for path in sorted(glob.glob(os.path.join(sysconfig.get_path("stdlib"), "*.py"))):
         with open(path, "rb") as fh:
             parts.append(fh.read())

@@ -222,32 +222,52 @@ def test_two_groups_of_two_ranks_train_like_two_workers_and_cost_what_they_cost(
         assert st["client_id"] == j and st["group"] == {"ranks": 2} and st["w_sha256"] == g["w_sha256"]
 
 
+def run_group(server: str, *flags: str) -> list[subprocess.CompletedProcess]:
+    """The 2 ranks of one group (started here with torchrun's variables) to the end; their results."""
+    master = free_port()
+    env = [rank_env(0, 0, r, master) for r in range(2)]
+    for e in env:
+        e.pop("EFMUON_SERVER"), e.pop("EFMUON_CLIENT_ID")
+    procs = [subprocess.Popen(CLI + ["worker", "--server", server, *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=e) for e in env]
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
 @pytest.mark.slow
 def test_a_failing_rank_stops_its_group_naming_it(tmp_path):
     port = free_port()
     server, log = serve(tmp_path, "fail", port, [*TASK, "--workers", "1", "--task-option", "batch_size=1"])
     try:
         # batch_size 1 cannot be split 2 ways: every rank fails computing round 0, the group stops
-        w = subprocess.run(TORCHRUN + ["-m", "efmuon.worker", "--server", f"127.0.0.1:{port}", "--client-id", "0"],
-                           capture_output=True, text=True, timeout=120, env=plain_env())
-        assert w.returncode != 0
-        assert "efmuon worker: error: worker group rank 0 failed computing round 0: the batch has 1 rows, fewer " \
-               "than the group's 2 ranks" in w.stderr, w.stderr[-3000:]
-        # rank 0 left the run saying why; ranks > 0 never reached the server (one client joined, once)
+        ranks = run_group(f"127.0.0.1:{port}", "--client-id", "0")
+        for r in ranks:
+            assert r.returncode == 2
+            assert "efmuon worker: error: worker group rank 0 failed computing round 0: the batch has 1 rows, " \
+                   "fewer than the group's 2 ranks" in r.stderr, r.stderr[-3000:]
+        # rank 0 left the run saying why (the server logs it)
         deadline = time.monotonic() + 30
         while "worker group rank 0 failed" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "worker group rank 0 failed computing round 0" in log.read_text(), log.read_text()[-3000:]
-        # rank 0 cannot reach the server: the other rank is told and names it
+        # rank 0 cannot reach the server: the other rank is told, and both name it
         dead = free_port()
-        w = subprocess.run(TORCHRUN + ["-m", "efmuon.worker", "--server", f"127.0.0.1:{dead}", "--connect-timeout",
-                                       "0", "--reconnect-timeout", "0"],
-                           capture_output=True, text=True, timeout=120, env=plain_env())
-        assert w.returncode != 0
-        assert f"efmuon worker: error: worker group rank 0 failed: nothing listens on 127.0.0.1:{dead}" in w.stderr, \
-            w.stderr[-3000:]
+        ranks = run_group(f"127.0.0.1:{dead}", "--connect-timeout", "0", "--reconnect-timeout", "0")
+        assert [r.returncode for r in ranks] == [2, 2]
+        assert f"efmuon worker: error: nothing listens on 127.0.0.1:{dead}" in ranks[0].stderr, ranks[0].stderr
+        assert f"efmuon worker: error: worker group rank 0 failed: nothing listens on 127.0.0.1:{dead}" in \
+            ranks[1].stderr, ranks[1].stderr[-3000:]
+        assert "Status" not in ranks[1].stderr and "Join" not in ranks[1].stderr  # rank 1 never called the server
     finally:
-        server.kill()
+        if server.poll() is None:
+            server.kill()
         server.wait()
 
 
@@ -367,3 +387,11 @@ def test_the_slurm_script_runs_the_server_and_a_group_per_node(slurm_nodes, tmp_
     s = json.loads(report.read_text())["summary"]
     assert s["rounds"] == 3 and s["workers"] == 2 and sorted(s["client_bytes"]) == ["0", "1"]
     assert s["final_loss_w"] < s["initial_loss"]
+
+
+def test_the_readme_names_every_variable():
+    p = argparse.ArgumentParser()
+    add_worker_flags(p)
+    readme = (ROOT / "README.md").read_text()
+    assert [n for n in track(p) if f"`{n}`" not in readme] == []
+    assert "deploy/slurm/efmuon.sbatch" in readme and "torchrun --standalone --nproc-per-node" in readme

@@ -52,6 +52,7 @@ from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
 from .cohort import ComputeScale, Snapshot, catch_up, expected_frames, split_reply
 from .connection import Connection, WorkerError, WorkerStopped, rpc_error, split_address
+from .group import lead_gradients
 from .join import join_request, receive_join, resynced_state
 from .reconnect import (
     CONTACT_RETRY,
@@ -158,8 +159,6 @@ class Worker:
 
     def _gradients(self, round_: int) -> tuple[float, list[torch.Tensor]]:
         if self.group is not None:  # rank 0 of a worker group: the group's gradient (worker.group)
-            from .group import lead_gradients
-
             out = lead_gradients(self.group, self, round_)
             self._traced("gradients")
             return out

@@ -18,9 +18,9 @@ batch:
 * the uplink, the downlink and every byte on the wire are one client's: a group costs the server what
   one worker costs.
 
-Collectives: `init_process_group("cpu:gloo,cuda:nccl")` when the ranks compute on CUDA (the W broadcast
-and the gradient all-reduce then run on NCCL, rank r on cuda:LOCAL_RANK), else "gloo"; the commands
-are small pickled objects on the CPU (gloo) side. A rank that fails stops the group: an exception
+Collectives: `init_process_group("cpu:gloo,cuda:nccl")` where torch sees CUDA and --device is not cpu
+(the W broadcast and the gradient all-reduce of CUDA tensors then run on NCCL, rank r on cuda:LOCAL_RANK),
+else "gloo"; the commands are small pickled objects on the CPU (gloo) side. A rank that fails stops the group: an exception
 while computing is gathered and every rank raises `GroupError` naming the rank and its error (rank 0
 then leaves the run saying why); rank 0 failing (a refused Join, a lost server) broadcasts the reason
 to the others, which exit naming it; a rank that dies outright closes its sockets, the collectives
@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..common.wire import protocol
 from .connection import WorkerError
 
 log = logging.getLogger("efmuon.worker")
@@ -222,7 +223,7 @@ class Group:
         rank gets it). An error on any rank is gathered and raised on every rank, naming the rank."""
         import torch
 
-        from ..common.model import gradients
+        from ..common.model import gradients  # lazy: torch
 
         error, loss, grads, weight = None, math.nan, None, 0.0
         try:
@@ -287,9 +288,8 @@ def follow(group: Group, first: dict | None = None) -> dict:
     compute each round's part of the gradient at the W rank 0 broadcasts, until rank 0 says done."""
     import torch
 
-    from ..common.federation import task_setup
-    from ..common.runtime import configure_torch
-    from ..common.wire import protocol
+    from ..common.federation import task_setup  # lazy: torch (the task)
+    from ..common.runtime import configure_torch  # lazy: torch
 
     msg = first if first is not None else group.receive()
     if msg.get("op") == "abort":

@@ -271,6 +271,33 @@ def test_a_failing_rank_stops_its_group_naming_it(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_group_and_rank_0_leaves_saying_why(tmp_path):
+    port = free_port()
+    server, log = serve(tmp_path, "dies", port, [*TASK, "--workers", "1", "--rounds", "2000", "--eval-every", "1000"])
+    master = free_port()
+    ranks = [subprocess.Popen(CLI + ["worker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=rank_env(port, 0, r, master)) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while "/2000  loss_w" not in log.read_text():  # the group trains ...
+            assert time.monotonic() < deadline and ranks[0].poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        ranks[1].kill()  # ... until its rank 1 dies outright
+        _, err = ranks[0].communicate(timeout=60)
+        assert ranks[0].returncode == 2, err[-3000:]
+        assert "efmuon worker: error: worker group rank 0: a collective failed (another rank died" in err, err[-3000:]
+        deadline = time.monotonic() + 30
+        while "a collective failed" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "a collective failed" in log.read_text(), log.read_text()[-3000:]  # rank 0 left saying why
+    finally:
+        for p in [server, *ranks]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 # ---------------------------------------------------------------------- the Slurm script, in namespaces
 def _netns_usable() -> str | None:
     if os.geteuid() != 0:
@@ -360,7 +387,8 @@ def test_the_slurm_script_runs_the_server_and_a_group_per_node(slurm_nodes, tmp_
     env = plain_env(
         PATH=f"{bin_}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
         SLURM_JOB_NODELIST="node0,node1,node2", FAKE_SLURM_NETNS=",".join(f"{n}={ns}" for n, ns in where.items()),
-        FAKE_SLURM_LOG=str(tmp_path / "srun.log"), FAKE_SLURM_GPUS_ON_NODE="2", EFMUON_PYTHON=sys.executable,
+        FAKE_SLURM_LOG=str(tmp_path / "srun.log"), FAKE_SLURM_GPUS_ON_NODE="2", SLURM_CPUS_ON_NODE="4",
+        EFMUON_PYTHON=sys.executable,
         EFMUON_PORT="50123", EFMUON_WORKER_ARGS="--reconnect-timeout 60",
         EFMUON_SERVER_ARGS=" ".join([*TASK, "--insecure", "--report", str(report), "--plots", "none"]))
     job = subprocess.Popen(["bash", str(ROOT / "deploy" / "slurm" / "efmuon.sbatch")], stdout=subprocess.PIPE,
@@ -382,7 +410,8 @@ def test_the_slurm_script_runs_the_server_and_a_group_per_node(slurm_nodes, tmp_
     server, groups = steps
     assert server[:3] == ["--nodes=1", "--ntasks=1", "--nodelist=node0"], server
     assert server[server.index("--workers") + 1] == "2" and "--reconnect-timeout" not in server, server
-    assert groups[:5] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=node1,node2", "bash"], groups
+    assert groups[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=node1,node2",
+                          "--cpus-per-task=4", "bash"], groups
     assert "-m efmuon.worker --reconnect-timeout 60" in groups[-1], groups
     s = json.loads(report.read_text())["summary"]
     assert s["rounds"] == 3 and s["workers"] == 2 and sorted(s["client_bytes"]) == ["0", "1"]
@@ -395,3 +424,18 @@ def test_the_readme_names_every_variable():
     readme = (ROOT / "README.md").read_text()
     assert [n for n in track(p) if f"`{n}`" not in readme] == []
     assert "deploy/slurm/efmuon.sbatch" in readme and "torchrun --standalone --nproc-per-node" in readme
+
+
+def test_the_slurm_script_names_a_missing_allocation_or_too_few_nodes(tmp_path):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(SCONTROL)
+    (bin_ / "scontrol").chmod(0o755)
+    script = str(ROOT / "deploy" / "slurm" / "efmuon.sbatch")
+    env = plain_env(PATH=f"{bin_}:{os.environ['PATH']}")
+    env.pop("SLURM_JOB_NODELIST", None)
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode == 2 and "SLURM_JOB_NODELIST is not set: submit this with sbatch" in out.stderr, out.stderr
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30,
+                         env={**env, "SLURM_JOB_NODELIST": "node0"})
+    assert out.returncode == 2 and "the allocation has 1 node(s): give at least 2" in out.stderr, out.stderr

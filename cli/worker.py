@@ -6,11 +6,13 @@ import logging
 import sys
 
 from ..common.errors import ConfigError
+from .environment import epilog, resolve, track
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     """The worker takes the run configuration from the server at Join, so it has only these flags."""
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `efmuon server`")
+    p.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help="address of `efmuon server` (required, no default: this flag or EFMUON_SERVER)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--client-id", type=int, default=None, metavar="J",
                      help="client id 0..n-1 (chooses the data shard); default: the lowest free one")
@@ -66,6 +68,9 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--insecure", action="store_true",
                    help="allow sending the token without --tls-ca to a server off loopback (127.0.0.0/8, ::1, "
                         "localhost); anyone on the path can then read and reuse it")
+    p.add_argument("--group-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a worker group (under torchrun, WORLD_SIZE > 1): how long a rank waits in one collective, "
+                        "e.g. for rank 0's next round (default 86400; a rank that dies ends the group at once)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -109,7 +114,8 @@ def _check_flags(args: argparse.Namespace) -> list[int] | None:
     if args.client_id is not None and args.client_id < 0:
         raise ConfigError(f"--client-id {args.client_id} is not a client id: give 0..n-1 (n = the server's "
                           "--workers), or leave it out to be given the lowest free one")
-    for flag, value in (("--reconnect-timeout", args.reconnect_timeout), ("--connect-timeout", args.connect_timeout)):
+    for flag, value in (("--reconnect-timeout", args.reconnect_timeout), ("--connect-timeout", args.connect_timeout),
+                        ("--group-timeout", args.group_timeout)):
         if value is not None and not (value >= 0 and value < float("inf")):
             raise ConfigError(f"{flag} {value:g} is not a time: give seconds >= 0")
     if clients is not None and len(clients) > 1 and args.tls_cert and "{j}" not in args.tls_cert:
@@ -133,6 +139,17 @@ def _check_model(args: argparse.Namespace, status) -> None:
                           f"without --model (it takes the server's) or point it at the server of that model")
 
 
+def write_stats(args: argparse.Namespace, stats: dict, link) -> None:
+    """--stats and the summary line of one client."""
+    if args.stats:
+        import json
+
+        with open(args.stats, "w") as fh:
+            json.dump(_stats_of(stats, link), fh)
+    if not args.quiet:
+        _print_stats(stats)
+
+
 def _stats_of(stats: dict, link) -> dict:
     from ..common.runtime import peak_rss_bytes
 
@@ -150,9 +167,14 @@ def _print_stats(stats: dict) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ..worker.group import world_size
+
+    resolve(args)  # EFMUON_* for every flag not on the command line
     clients = _check_flags(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if world_size() > 1:  # under torchrun: the ranks are one client (worker.group)
+        return cmd_group(args, clients)
     link = None
     if args.link:
         from ..common.links import parse_link
@@ -171,7 +193,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if clients is not None:
         return _host_clients(args, clients, conn, status, link)
     try:
-        conn, link = _with_config_link(args, conn, status, link)
+        conn, link = with_config_link(args, conn, status, link)
     except BaseException:
         conn.close()
         raise
@@ -183,17 +205,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         checkpoint_dir=args.checkpoint_dir, reconnect_timeout=args.reconnect_timeout,
                         connect_timeout=args.connect_timeout)
     stats = worker.run()
-    if args.stats:
-        import json
-
-        with open(args.stats, "w") as fh:
-            json.dump(_stats_of(stats, link), fh)
-    if not args.quiet:
-        _print_stats(stats)
+    write_stats(args, stats, link)
     return 0
 
 
-def _with_config_link(args: argparse.Namespace, conn, status, link):
+def with_config_link(args: argparse.Namespace, conn, status, link):
     """(connection, link) of the one client: without --link, the link the run configuration gives client J
     (worker.hosting.config_links) on a new connection through a relay that shapes it."""
     if link is not None:
@@ -260,9 +276,63 @@ def _host_clients(args: argparse.Namespace, clients: list[int], conn, status, li
     return 0
 
 
+def cmd_group(args: argparse.Namespace, clients: list[int] | None) -> int:
+    """`efmuon worker` under torchrun (WORLD_SIZE > 1): the ranks are one client, a worker group
+    (efmuon.worker.group). Rank 0 reaches the server and runs the client; ranks > 0 never open a channel."""
+    if clients is not None:
+        raise ConfigError("--clients (EFMUON_CLIENTS) under torchrun (WORLD_SIZE > 1): a worker group is one "
+                          "client; give --client-id J (EFMUON_CLIENT_ID), or neither for the lowest free one")
+    from ..worker.group import DEFAULT_GROUP_TIMEOUT_S, Group, follow, lead, start_message
+
+    timeout = DEFAULT_GROUP_TIMEOUT_S if args.group_timeout is None else args.group_timeout
+    group = Group.from_env(timeout_s=timeout)
+    group.start(args.device)  # every rank, before rank 0 reaches the server: the others wait for its word
+    try:
+        if group.rank != 0:
+            stats = follow(group)
+            if not args.quiet:
+                print(f"worker group rank {group.rank}: {stats['rounds']} gradients", flush=True)
+            return 0
+        try:
+            worker, link, status = _rank0_worker(args)
+            group.send(start_message(status.config, worker.device.type))
+        except BaseException as exc:
+            group.abort(str(exc) or type(exc).__name__)
+            raise
+        write_stats(args, lead(group, worker), link)
+        return 0
+    finally:
+        group.close()
+
+
+def _rank0_worker(args: argparse.Namespace):
+    """The one client's Worker (rank 0), as `efmuon worker` builds it: its link, security and checkpoints."""
+    from ..worker.reconnect import contact_window, reach
+
+    link = None
+    if args.link:
+        from ..common.links import parse_link
+
+        link = parse_link(args.link)
+    conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
+                         _measure_wire(args), link, security_from_args(args))
+    try:
+        conn, link = with_config_link(args, conn, status, link)
+    except BaseException:
+        conn.close()
+        raise
+    from ..worker.task import for_status
+
+    worker = for_status(conn, status, client_id=args.client_id, device=args.device,
+                        checkpoint_dir=args.checkpoint_dir, reconnect_timeout=args.reconnect_timeout,
+                        connect_timeout=args.connect_timeout)
+    return worker, link, status
+
+
 def add_worker_parser(sub) -> None:
     p = sub.add_parser(
         "worker", help="one worker (the run configuration comes from the server)",
         description="Join a running `efmuon server`, build its built-in task and train client J's shard.")
     add_worker_flags(p)
+    p.epilog = epilog(track(p))
     p.set_defaults(func=cmd_worker)

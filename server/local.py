@@ -41,7 +41,7 @@ from .coordinator import Coordinator
 from ..common.links import parse_link
 from .netns import Star, check_available
 from .service import serve
-from .spawn import ForkServer, die_with_parent, spawn_mode
+from .spawn import SPAWN_ENV, ForkServer, die_with_parent, spawn_mode
 
 log = logging.getLogger("efmuon.server")
 
@@ -53,8 +53,13 @@ WORKER_EXIT_TIMEOUT = 60.0  # seconds local workers get to exit after the run fi
 
 
 def worker_env() -> dict[str, str]:
-    """The environment of the local workers: this one, with unbuffered output (their lines come at once)."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The environment of the local workers: this one, with unbuffered output (their lines come at once),
+    without the EFMUON_* variables that would stand for `efmuon worker` flags (`efmuon run` gives its
+    workers their flags itself: a user's EFMUON_CLIENT_ID or EFMUON_LINK must not reach them) and without
+    torchrun's WORLD_SIZE (each local worker is one client, never a worker group)."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("EFMUON_") and k != SPAWN_ENV) and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 class WorkerProcessError(EfmuonError):

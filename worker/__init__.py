@@ -2,7 +2,9 @@
 
 `Worker(model, loss_fn, batches, server="host:port")` wraps any torch model; `for_task(server)`
 builds the server's built-in task (what `efmuon worker` runs). `Connection` is the channel (TLS and
-tokens: `security.Security`); `WorkerError` is every failure a worker reports.
+tokens: `security.Security`); `WorkerError` is every failure a worker reports. Under torchrun the
+ranks of `efmuon worker` are one client, a worker group (`group`: rank 0 the client, the others compute
+their part of its batch).
 
 `Worker` and `for_task` load on first use (PEP 562 `__getattr__`): importing the package, or its
 connection, reconnect and security modules, loads no torch, so `efmuon worker` reaches its server

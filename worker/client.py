@@ -52,6 +52,7 @@ from .stub import submission_messages
 from .checkpoints import Pending, WorkerCheckpoints
 from .cohort import ComputeScale, Snapshot, catch_up, expected_frames, split_reply
 from .connection import Connection, WorkerError, WorkerStopped, rpc_error, split_address
+from .group import lead_gradients
 from .join import join_request, receive_join, resynced_state
 from .reconnect import (
     CONTACT_RETRY,
@@ -88,6 +89,7 @@ class Worker:
     """
 
     trace: Callable[[str], None] | None = None  # called with each step's name (module docstring)
+    group = None  # rank 0 of a torch.distributed worker group (worker.group.lead sets it), or None
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                  batches: Callable[[int], Any] | Iterable, server: str | Connection = "127.0.0.1:50051",
@@ -157,6 +159,10 @@ class Worker:
                 raise WorkerError("the batch iterable is empty") from None
 
     def _gradients(self, round_: int) -> tuple[float, list[torch.Tensor]]:
+        if self.group is not None:  # rank 0 of a worker group: the group's gradient (worker.group)
+            out = lead_gradients(self.group, self, round_)
+            self._traced("gradients")
+            return out
         batch = self._batch(round_)
         self._bind_model()
         out = gradients(self.model, self.state.W, lambda m: self.loss_fn(m, batch))

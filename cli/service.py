@@ -82,7 +82,8 @@ _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "roun
                  "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
                  "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model",
-                 "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout"}
+                 "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout",
+                 "shard": "shard"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):
@@ -180,6 +181,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 
         check_listen(args.host, args.port, args, args.insecure)
     cfg, resume = config_and_resume(args)
+    if args.shard:
+        from ..common.shards import check_shardable, parse_shard
+
+        parse_shard(args.shard)
+        check_shardable(cfg)
     if args.print_config:
         from .inspect import print_config  # lazy: torch only when a command runs
 
@@ -224,5 +230,11 @@ def add_server_parser(sub) -> None:
     n.add_argument("--insecure", action="store_true",
                    help="allow plaintext (no --tls-cert) on an address other than loopback (127.0.0.0/8, ::1, "
                         "localhost); the model, the updates and any tokens then cross the network unencrypted")
+    n.add_argument("--shard", default=None, metavar="I/N",
+                   help="serve shard I of N: only this server's share of the layers (a balanced cut by Newton-Schulz "
+                        "FLOPs and bytes, the same on every process), synchronous rounds only; start one server per "
+                        "shard and give the workers every address in shard order: --server HOST:P0,HOST:P1,... "
+                        "(docs/design.md §6.3; merge the shards' reports with `efmuon report merge`) (default: none, "
+                        "the whole model)")
     add_server_flags(p)
     p.set_defaults(func=cmd_server)

@@ -152,6 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.clients_per_process < 1:
         raise ConfigError(f"--clients-per-process {args.clients_per_process} is not a count: give an integer >= 1")
     cfg, resume = config_and_resume(args)
+    if args.shards is not None:
+        from ..common.shards import check_shardable, parse_shard_count
+
+        parse_shard_count(args.shards)
+        check_shardable(cfg)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
     if args.print_config:
@@ -167,6 +172,15 @@ def cmd_run(args: argparse.Namespace) -> int:
            else f"{cfg.workers} workers")
     print(f"efmuon run: task {cfg.task}, {who}, {rounds} rounds; starting the server and the "
           f"workers (the first progress line follows round 1); report: {cfg.report}", flush=True)
+    if args.shards is not None:
+        from ..server.shardrun import run_sharded  # lazy: torch and grpc only when the command runs
+
+        if resume is not None:
+            raise ConfigError("efmuon run --shards does not resume: resume each shard with `efmuon server --shard I/N "
+                              "--resume DIR/shard-I` and its workers")
+        report = run_sharded(cfg, args.shards, options=options_from_args(args, None),
+                             clients_per_process=args.clients_per_process)
+        return 130 if report["summary"].get("partial") else 0
     report = run_local(cfg, options=options_from_args(args, resume), resume=resume,
                        clients_per_process=args.clients_per_process)
     return 130 if report["summary"].get("partial") else 0
@@ -213,6 +227,12 @@ def add_run_parser(sub) -> None:
         help=f"a run of more than K clients starts ceil(n / K) worker processes, each hosting K clients of a "
              f"contiguous range (`efmuon worker --clients A-B`: threads, one shared task, torch on 1 thread); "
              f"--shaping netns keeps one process per client (default {CLIENTS_PER_PROCESS})")
+    p.add_argument_group("sharded servers").add_argument(
+        "--shards", type=int, default=None, metavar="N",
+        help="serve the model from N shard servers on this machine (each its own port and share of the layers, "
+             "as `efmuon server --shard I/N`); the workers exchange with every shard in parallel, each shard "
+             "writes REPORT.shardI.json and the report is their merge (docs/design.md §6.3); synchronous rounds, "
+             "no links, no --resume (default: none, one server)")
     add_server_flags(p)
     p.set_defaults(func=cmd_run)
 

@@ -22,7 +22,7 @@ from .errors import ConfigError
 # of embeddings and biases is not seen as free
 BYTE_COST = 16
 
-__all__ = ["BYTE_COST", "check_shardable", "layer_costs", "parse_shard", "parse_shard_count", "shard_layers"]
+__all__ = ["BYTE_COST", "check_shardable", "layer_costs", "layer_units", "parse_shard", "parse_shard_count", "shard_layers"]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def layer_costs(specs: Sequence, ns_steps: int = 5) -> list[int]:
     return out
 
 
-def _units(specs: Sequence) -> list[list[int]]:
+def layer_units(specs: Sequence) -> list[list[int]]:
     """Layers that must share a shard: each padded Newton-Schulz batch together, every other layer alone."""
     from .lmo.batching import spectral_groups  # lazy: torch
     from .lmo.norms import matrix_dims  # lazy: torch
@@ -93,7 +93,7 @@ def _units(specs: Sequence) -> list[list[int]]:
 def shard_layers(specs: Sequence, n: int, ns_steps: int = 5) -> list[list[int]]:
     """The global layer indices each of `n` shards owns (module docstring), shard by shard."""
     n = parse_shard_count(n)
-    units = _units(specs)
+    units = layer_units(specs)
     if n > len(units):
         raise ConfigError(f"{n} shards for a model of {len(specs)} layers ({len(units)} that can be split): "
                           f"give at most {len(units)} shards")

@@ -23,17 +23,19 @@ def build_coordinator(cfg: RunConfig, quiet: bool = False, stream=None, options=
     builds them (cut for the n clients in a cohort run). Links in the configuration are emulated by
     the workers (each shapes its connection with its profile; `efmuon run --shaping netns` in the kernel).
     With `options.shard` ('I/N', docs/design.md §6.3) the Coordinator holds shard I's layers only
-    (`ServerModel.shard_of`). `setup`: a task setup built before (efmuon run --shards builds one for all)."""
+    (`ServerModel.shard_of`). `setup`: a task setup built before from `cfg` (efmuon run --shards builds one
+    for all shards; `cfg` is then its `setup.cfg`, with the shard's own outputs)."""
     configure_torch(cfg.threads)
     if setup is None:
         setup, _ = task_setup(cfg)
+        cfg = setup.cfg  # with the task's defaults; a setup given was built from (a copy of) cfg
     shard = getattr(options, "shard", None)
     if shard:
         index, count = parse_shard(shard)
         model = ServerModel.shard_of(setup, index, count)
     else:
         model = ServerModel.from_setup(setup)
-    return Coordinator(setup.cfg, model, device=resolve_device(setup.cfg.device),
+    return Coordinator(cfg, model, device=resolve_device(cfg.device),
                        quiet=quiet, stream=stream, options=options, resume=resume)
 
 

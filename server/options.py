@@ -80,6 +80,10 @@ class ServerOptions:
             raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
         if self.shard is not None:
             parse_shard(self.shard)
+            if self.save_model:
+                raise ConfigError("--save-model with --shard would write only this shard's layers: leave it out; each "
+                                  "shard writes REPORT.layers.safetensors (its W and X) beside its --report, and "
+                                  "`efmuon report merge` puts the whole model's hashes and losses in one report")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port: give 0..65535 (0: any free port)")
         return self

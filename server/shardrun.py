@@ -51,11 +51,15 @@ def run_sharded(cfg: RunConfig, shards: int, quiet: bool = False, stream=None, o
     options = options or ServerOptions()
     if options.shard:
         raise ConfigError("give --shards N (efmuon run) or --shard I/N (efmuon server), not both")
+    if options.save_model:
+        raise ConfigError("--save-model with --shards is not supported yet: each shard writes REPORT.shardI.layers."
+                          "safetensors (its layers' W and X) beside the report; leave --save-model out")
     setup, _ = task_setup(cfg)
     cfg = setup.cfg
     coordinators = []
     for i in range(n):
-        opts = dataclasses.replace(options, shard=f"{i}/{n}", save_model=None,
+        opts = dataclasses.replace(options, shard=f"{i}/{n}",
+                                   metrics_port=options.metrics_port if i == 0 or not options.metrics_port else None,
                                    checkpoint_dir=os.path.join(options.checkpoint_dir, f"shard-{i}")
                                    if options.checkpoint_dir else None)
         ci = cfg.replace(report=shard_report_path(cfg.report, i) if cfg.report else None, plots="none",

@@ -22,7 +22,7 @@ from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
 from .harness import bench, by_level, goal, table
 from .proc import kill_leftovers, read_json, spawn
-from .scaling_shards import sharded_goals, sharded_notes, sharded_rows
+from .scaling_shards import SCOLS, sharded_goals, sharded_notes, sharded_rows
 from .synthetic import synthetic_layers, uplink_messages
 
 EMULATED_CONTEXT = 256  # tokens per sequence of the emulated workers' model
@@ -315,8 +315,6 @@ def bench_scaling(level: str) -> dict:
     sharded_n = by_level(level, full=16, quick=4, smoke=2)
     sharded = sharded_rows(params, sharded_n, by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2]), rounds,
                            uplink, downlink, _SynthClient, _scaling_row)
-    scols = ["shards", "workers", "round_s", "overhead_vs_1_shard", "shard_round_s", "shard_busy_s",
-             "shard_solo_busy_s", "expected_speedup_own_machines", "shard_layers", "shard_params"]
     return {"result": rows, "sharded": sharded, "goals": _scaling_goals(rows, ws, compute_s) + sharded_goals(sharded),
             "table": notes + "\n\n" + table(rows, cols) + "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n"
-            + table(sharded, scols), "worker_step": ws}
+            + table(sharded, SCOLS), "worker_step": ws}

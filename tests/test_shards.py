@@ -171,6 +171,7 @@ def test_merge_refuses_reports_that_are_not_one_runs_shards():
         merge_reports([a, other], evaluate=False)
 
 
+@pytest.mark.slow
 def test_cli_refuses_shards_with_muonmax_or_cohorts_before_starting():
     cli = [sys.executable, "-m", "efmuon.cli"]
     out = subprocess.run(cli + ["server", "--shard", "0/2", "--task", "lsq", "--preset", "muonmax", "--port", "0",

@@ -318,3 +318,16 @@ def bench_scaling(level: str) -> dict:
     return {"result": rows, "sharded": sharded, "goals": _scaling_goals(rows, ws, compute_s) + sharded_goals(sharded),
             "table": notes + "\n\n" + table(rows, cols) + "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n"
             + table(sharded, SCOLS), "worker_step": ws}
+
+
+@bench("scaling-shards")
+def bench_scaling_shards(level: str) -> dict:
+    """The sharded column of `bench scaling` alone (benchmarks/scaling_shards.py): 1, 2, 4 shards at 16 workers."""
+    params = by_level(level, full=10_485_760, quick=1 << 20, smoke=1 << 19)
+    n = by_level(level, full=16, quick=4, smoke=2)
+    rounds = by_level(level, full=6, quick=3, smoke=3)
+    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2])
+    rows = sharded_rows(params, n, counts, rounds, "topk:0.1", "topk:0.1", _SynthClient, _scaling_row)
+    return {"result": rows, "goals": sharded_goals(rows),
+            "table": f"Synthetic model: {params / 1e6:.1f}M parameters in spectral 256x1024 matrices, uplink and downlink "
+                     f"topk:0.1, init zero (as `bench scaling`). " + sharded_notes(n, rounds) + "\n\n" + table(rows, SCOLS)}

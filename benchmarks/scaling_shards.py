@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..common.lmo import assign_norms
 from ..common.shards import shard_layers
 from ..v1 import service_pb2 as pb
-from .harness import bench, by_level, goal, table
+from .harness import goal
 from .proc import kill_leftovers, read_json, spawn
 from .synthetic import synthetic_layers, uplink_messages
 
@@ -161,17 +161,3 @@ def sharded_notes(n: int, rounds: int) -> str:
             "same expectation from within one run, less exposed to the load between runs, more to a single noisy "
             "profile.")
 
-
-@bench("scaling-shards")
-def bench_scaling_shards(level: str) -> dict:
-    """The sharded column of `bench scaling` alone (module docstring): 1, 2, 4 shards at 16 workers."""
-    from .scaling import _scaling_row, _SynthClient  # lazy: scaling imports this module
-
-    params = by_level(level, full=10_485_760, quick=1 << 20, smoke=1 << 19)
-    n = by_level(level, full=16, quick=4, smoke=2)
-    rounds = by_level(level, full=6, quick=3, smoke=3)
-    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2])
-    rows = sharded_rows(params, n, counts, rounds, "topk:0.1", "topk:0.1", _SynthClient, _scaling_row)
-    return {"result": rows, "goals": sharded_goals(rows),
-            "table": f"Synthetic model: {params / 1e6:.1f}M parameters in spectral 256x1024 matrices, uplink and downlink "
-                     f"topk:0.1, init zero (as `bench scaling`). " + sharded_notes(n, rounds) + "\n\n" + table(rows, SCOLS)}

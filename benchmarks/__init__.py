@@ -5,6 +5,7 @@
     algorithm   bytes to a target loss, methods, codecs, Newton-Schulz / LMO throughput (no transport)
     transport   transport goodput: the worker's chunk path vs raw TCP (its receiver: a helper process)
     scaling     server round time and load vs workers (real Coordinator, synthetic clients)
+    scaling_shards  the sharded column of scaling (1, 2, 4 shard servers; also alone: `bench scaling-shards`)
     memory      peak RSS of real server and worker processes vs model size
     bytes_wire  payload vs wire bytes of a real networked run (run_local)
     soak        many workers over many rounds: does the server's memory stay flat?
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_wire, federation, memory, moe, robustness, scaling, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_wire, federation, memory, moe, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

@@ -3,7 +3,8 @@ idle), on the synthetic model. They are observed only through the product's hook
 `Coordinator.events` and the worker's `Worker.trace`; nothing of the product is replaced.
 
 serve    a real Coordinator + ParameterServer servicer. spec: params, workers, rounds, uplink,
-         downlink, init; `instrument`: record every Coordinator event (and the process's CPU seconds
+         downlink, init; `shard` = [I, N]: shard I of N of the layers (docs/design.md §6.3), with
+         `profile_gate`: it says it finished, then profiles once a line arrives on its stdin; `instrument`: record every Coordinator event (and the process's CPU seconds
          at each round's end); `rss_trace`: VmRSS after every event; `profile` = R: after the run,
          time R rounds' compute-thread phases by calling what a round calls (`phase_profile`).
 worker   a real `efmuon.worker.Worker`; `rss_trace`: VmRSS after every step its trace reports.
@@ -14,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 
 import torch
 
 from ..common.lmo import assign_norms, lmo_all
 from ..common.runtime import configure_torch
+from ..common.shards import shard_layers
 from ..server.coordinator import Coordinator
 from ..server.model import ServerModel
 from ..server.plan import Plan
@@ -76,11 +79,18 @@ def phase_profile(c: Coordinator, frames: list[bytes], n: int, repeats: int) -> 
     return out
 
 
-def _server_model(layers) -> ServerModel:
+def _server_model(layers, shard=None) -> ServerModel:
+    """The synthetic model's ServerModel; `shard` = (index, count): that shard's layers (common.shards)."""
     model = SyntheticModule.build(layers)
     params = [p.detach() for p in model.parameters()]
     del model
-    return ServerModel([n for n, _ in layers], params, assign_norms(layers))
+    names, specs = [n for n, _ in layers], assign_norms(layers)
+    if not shard:
+        return ServerModel(names, params, specs)
+    index, count = shard
+    mine = shard_layers(specs, count)[index]
+    return ServerModel([names[i] for i in mine], [params[i] for i in mine], [specs[i] for i in mine],
+                       layer_ids=mine, shard=(index, count))
 
 
 def serve_main(spec: dict) -> None:
@@ -88,7 +98,7 @@ def serve_main(spec: dict) -> None:
     configure_torch(spec.get("threads", 1))
     layers = synthetic_layers(spec["params"])
     cfg = synthetic_config(spec["workers"], spec["rounds"], spec["uplink"], spec["downlink"], spec["init"])
-    server_model = _server_model(layers)  # the Coordinator drops its parameters once copied, as a real server
+    server_model = _server_model(layers, spec.get("shard"))  # the Coordinator drops its parameters once copied
     recorder = EventRecorder(rss=bool(spec.get("rss_trace")))
 
     async def main() -> Coordinator:
@@ -106,6 +116,11 @@ def serve_main(spec: dict) -> None:
     done = {"seconds": time.perf_counter() - t0, "cpu_total": cpu_seconds(), **proc_status()}
     if spec.get("profile"):
         frames = uplink_frames(spec["params"], spec["uplink"])
+        if spec.get("shard"):
+            frames = [frames[i] for i in server_model.layer_ids]
+        if spec.get("profile_gate"):  # shards of one machine: profile one at a time, when told (a line on stdin)
+            print(json.dumps({"finished": True}), flush=True)
+            sys.stdin.readline()
         recorder.timings["profile"] = phase_profile(c, frames, spec["workers"], int(spec["profile"]))
     print(json.dumps({"timings": recorder.timings, **done}), flush=True)
 

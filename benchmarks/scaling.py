@@ -22,6 +22,7 @@ from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
 from .harness import bench, by_level, goal, table
 from .proc import kill_leftovers, read_json, spawn
+from .scaling_shards import SCOLS, sharded_goals, sharded_notes, sharded_rows
 from .synthetic import synthetic_layers, uplink_messages
 
 EMULATED_CONTEXT = 256  # tokens per sequence of the emulated workers' model
@@ -311,5 +312,22 @@ def bench_scaling(level: str) -> dict:
             "lmo_s", "down_encode_s", "send_s", "process_s", "compute_busy_s", "lmo_share", "busy_per_round",
             "cpu_per_round", "break_even_tokens", "processed_rounds", "submissions"]
     notes = _scaling_notes(params, rounds, uplink, downlink, payload, ws, compute_s)
-    return {"result": rows, "goals": _scaling_goals(rows, ws, compute_s), "table": notes + "\n\n" + table(rows, cols),
-            "worker_step": ws}
+    sharded_n = by_level(level, full=16, quick=4, smoke=2)
+    sharded = sharded_rows(params, sharded_n, by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2]), rounds,
+                           uplink, downlink, _SynthClient, _scaling_row)
+    return {"result": rows, "sharded": sharded, "goals": _scaling_goals(rows, ws, compute_s) + sharded_goals(sharded),
+            "table": notes + "\n\n" + table(rows, cols) + "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n"
+            + table(sharded, SCOLS), "worker_step": ws}
+
+
+@bench("scaling-shards")
+def bench_scaling_shards(level: str) -> dict:
+    """The sharded column of `bench scaling` alone (benchmarks/scaling_shards.py): 1, 2, 4 shards at 16 workers."""
+    params = by_level(level, full=10_485_760, quick=1 << 20, smoke=1 << 19)
+    n = by_level(level, full=16, quick=4, smoke=2)
+    rounds = by_level(level, full=6, quick=3, smoke=3)
+    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2])
+    rows = sharded_rows(params, n, counts, rounds, "topk:0.1", "topk:0.1", _SynthClient, _scaling_row)
+    return {"result": rows, "goals": sharded_goals(rows),
+            "table": f"Synthetic model: {params / 1e6:.1f}M parameters in spectral 256x1024 matrices, uplink and downlink "
+                     f"topk:0.1, init zero (as `bench scaling`). " + sharded_notes(n, rounds) + "\n\n" + table(rows, SCOLS)}

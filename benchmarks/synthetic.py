@@ -60,12 +60,14 @@ def uplink_frames(params: int, uplink: str) -> list[bytes]:
             for i, (c, (_, s)) in enumerate(zip(comps, layers))]
 
 
-def uplink_messages(params: int, uplink: str, init: str):
+def uplink_messages(params: int, uplink: str, init: str, layer_ids=None):
     """Precomputed uplink Submission chunk messages (the same frames for every client; the server
     decodes each client's copy separately): (messages_for(round) -> (lengths, chunks), the model's
-    fingerprint, payload bytes per submission)."""
+    fingerprint, payload bytes per submission). `layer_ids`: a shard's layers only."""
     layers = synthetic_layers(params)
     frames = uplink_frames(params, uplink)
+    if layer_ids is not None:  # a shard's layers (common.shards): its frames and its fingerprint
+        layers, frames = [layers[i] for i in layer_ids], [frames[i] for i in layer_ids]
     chunks = [pb.Submission(chunk=c) for c in chunking.iter_chunks(frames)]
     lengths = [len(f) for f in frames]
     payload = sum(lengths)

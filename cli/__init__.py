@@ -7,6 +7,7 @@
     efmuon compare   A.json B.json                overlay reports
     efmuon certs     DIR                          development TLS certificates and tokens
     efmuon export    CKPT OUT.safetensors         a server checkpoint's W (or X) as a safetensors model file
+    efmuon report    merge A.json B.json -o M.json  the reports of a sharded run's servers as one
     efmuon bench     NAME                         a benchmark (where efmuon.benchmarks is installed)
 
 Each command's driver is imported when that command runs (lazy imports below, marked so): building the
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, moe, transport, scaling, memory, soak",
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-wire, codecs, lmo, methods, moe, lr-robustness, transport, scaling, scaling-shards, federation, memory, soak, startup",
                        description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
                                    "--markdown updates its section of BENCHMARKS.md.")
     b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
@@ -84,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w: the model the workers hold (default; the report's w_sha256); x: the server's iterate")
     e.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="reports: merge the reports of a sharded run's servers",
+                       description="Work with run reports. `efmuon report merge A.json B.json -o merged.json`: the "
+                                   "reports of `efmuon server --shard I/N` (one per shard) as one report of the whole "
+                                   "run (docs/design.md §6.3): bytes summed, per shard under summary.shards, "
+                                   "w_sha256/x_sha256 and the final losses of the whole model from the shards' "
+                                   "layer files (REPORT.layers.safetensors beside each report).")
+    rs = r.add_subparsers(dest="report_command", metavar="ACTION", required=True)
+    m = rs.add_parser("merge", help="merge the shards' reports into one",
+                      description="Merge the reports of every shard of one sharded run into one report.")
+    m.add_argument("reports", nargs="+", metavar="REPORT.json", help="every shard's report (any order)")
+    m.add_argument("-o", "--out", required=True, metavar="MERGED.json", help="the merged report to write "
+                   "(no default: required)")
+    m.add_argument("--no-eval", action="store_true", help="do not evaluate the final losses of the whole model "
+                   "(no task build; the hashes are still computed) (default: evaluate)")
+    m.set_defaults(func=cmd_report_merge)
 
     add_run_parser(sub)
     add_server_parser(sub)
@@ -121,6 +138,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..common.compare import compare  # lazy: matplotlib only for this command
 
     compare(args.reports, out=args.out, labels=args.label)
+    return 0
+
+
+def cmd_report_merge(args: argparse.Namespace) -> int:
+    from ..common.shardmerge import merge_files  # lazy: torch and safetensors only for this command
+
+    merged = merge_files(args.reports, args.out, evaluate=not args.no_eval)
+    s = merged["summary"]
+    print(f"efmuon report merge: {len(s['shards'])} shards, {s.get('rounds')} rounds; w_sha256 {s.get('w_sha256')}; "
+          f"wrote {args.out}")
     return 0
 
 

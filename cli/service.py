@@ -87,7 +87,8 @@ _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "roun
                  "on_deadline": "on_deadline", "nan_policy": "nan_policy", "max_clients": "max_clients",
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
                  "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model",
-                 "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout"}
+                 "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout",
+                 "shard": "shard"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):
@@ -174,6 +175,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--clients-per-process {args.clients_per_process} is not a count: give an integer >= 1")
     apply_auto_resume(args)
     cfg, resume = config_and_resume(args)
+    if args.shards is not None:
+        from ..common.shards import check_shardable, parse_shard_count
+
+        parse_shard_count(args.shards)
+        check_shardable(cfg)
     if getattr(args, "shaping", None):
         cfg = from_mapping({"shaping": args.shaping}, cfg, where="flags")
     if getattr(args, "server_link", None):
@@ -191,6 +197,15 @@ def cmd_run(args: argparse.Namespace) -> int:
            else f"{cfg.workers} workers")
     print(f"efmuon run: task {cfg.task}, {who}, {rounds} rounds; starting the server and the "
           f"workers (the first progress line follows round 1); report: {cfg.report}", flush=True)
+    if args.shards is not None:
+        from ..server.shardrun import run_sharded  # lazy: torch and grpc only when the command runs
+
+        if resume is not None:
+            raise ConfigError("efmuon run --shards does not resume: resume each shard with `efmuon server --shard I/N "
+                              "--resume DIR/shard-I` and its workers")
+        report = run_sharded(cfg, args.shards, options=options_from_args(args, None),
+                             clients_per_process=args.clients_per_process)
+        return 130 if report["summary"].get("partial") else 0
     report = run_local(cfg, options=options_from_args(args, resume), resume=resume,
                        clients_per_process=args.clients_per_process)
     return 130 if report["summary"].get("partial") else 0
@@ -206,6 +221,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 
         check_listen(args.host, args.port, args, args.insecure)
     cfg, resume = config_and_resume(args)
+    if args.shard:
+        from ..common.shards import check_shardable, parse_shard
+
+        parse_shard(args.shard)
+        check_shardable(cfg)
     if args.print_config:
         from .inspect import print_config  # lazy: torch only when a command runs
 
@@ -238,6 +258,12 @@ def add_run_parser(sub) -> None:
         help=f"a run of more than K clients starts ceil(n / K) worker processes, each hosting K clients of a "
              f"contiguous range (`efmuon worker --clients A-B`: threads, one shared task, torch on 1 thread); "
              f"--shaping netns keeps one process per client (default {CLIENTS_PER_PROCESS})")
+    p.add_argument_group("sharded servers").add_argument(
+        "--shards", type=int, default=None, metavar="N",
+        help="serve the model from N shard servers on this machine (each its own port and share of the layers, "
+             "as `efmuon server --shard I/N`); the workers exchange with every shard in parallel, each shard "
+             "writes REPORT.shardI.json and the report is their merge (docs/design.md §6.3); synchronous rounds, "
+             "no links, no --resume (default: none, one server)")
     add_server_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -255,5 +281,11 @@ def add_server_parser(sub) -> None:
     n.add_argument("--insecure", action="store_true",
                    help="allow plaintext (no --tls-cert) on an address other than loopback (127.0.0.0/8, ::1, "
                         "localhost); the model, the updates and any tokens then cross the network unencrypted")
+    n.add_argument("--shard", default=None, metavar="I/N",
+                   help="serve shard I of N: only this server's share of the layers (a balanced cut by Newton-Schulz "
+                        "FLOPs and bytes, the same on every process), synchronous rounds only; start one server per "
+                        "shard and give the workers every address in shard order: --server HOST:P0,HOST:P1,... "
+                        "(docs/design.md §6.3; merge the shards' reports with `efmuon report merge`) (default: none, "
+                        "the whole model)")
     add_server_flags(p)
     p.set_defaults(func=cmd_server)

@@ -12,7 +12,9 @@ from .environment import epilog, resolve, track
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     """The worker takes the run configuration from the server at Join, so it has only these flags."""
     p.add_argument("--server", required=True, metavar="HOST:PORT",
-                   help="address of `efmuon server` (required, no default: this flag or EFMUON_SERVER)")
+                   help="address of `efmuon server`; for sharded servers (`efmuon server --shard I/N`) every shard's "
+                        "address in shard order, separated by commas: HOST:P0,HOST:P1,... (the worker keeps one "
+                        "session with each; docs/design.md §6.3) (required, no default: this flag or EFMUON_SERVER)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--client-id", type=int, default=None, metavar="J",
                      help="client id 0..n-1 (chooses the data shard); default: the lowest free one")
@@ -180,8 +182,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from ..common.links import parse_link
 
         link = parse_link(args.link)
+    from ..worker.connection import split_servers
     from ..worker.reconnect import contact_window, reach
 
+    servers = split_servers(args.server)
+    if len(servers) > 1:
+        return _sharded(args, servers, clients, link)
     first = clients[0] if clients is not None else args.client_id
     conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
                          _measure_wire(args), link, security_from_args(args, first))
@@ -206,6 +212,68 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         connect_timeout=args.connect_timeout)
     stats = worker.run()
     write_stats(args, stats, link)
+    return 0
+
+
+def _sharded(args: argparse.Namespace, servers: list[str], clients: list[int] | None, link) -> int:
+    """--server HOST:P0,HOST:P1,...: sharded servers (docs/design.md §6.3). The first shard's Status gives the
+    run; each client keeps one connection per shard (shaped by --link, or the run's link for client J)."""
+    from ..common.wire.protocol import decode_config
+    from ..worker.connection import Connection
+    from ..worker.hosting import client_link, config_links
+    from ..worker.reconnect import contact_window, reach
+
+    if args.checkpoint_dir:
+        raise ConfigError("--checkpoint-dir (worker checkpoints) is not supported with sharded servers yet: leave it "
+                          "out (the shards' --checkpoint-every 1 keeps a resumed run exact)")
+    ids = clients if clients is not None else [args.client_id]
+    conn, status = reach(servers[0], contact_window(args.reconnect_timeout, args.connect_timeout),
+                         _measure_wire(args), link, security_from_args(args, ids[0]))
+    conns: dict = {}
+    links: dict = {}
+    try:
+        if status.shard_count != len(servers) or status.shard_index != 0:
+            said = (f"shard {status.shard_index} of {status.shard_count}" if status.shard_count > 1
+                    else "a server of the whole model")
+            raise ConfigError(f"--server names {len(servers)} shards, but {servers[0]} is {said}: give every shard's "
+                              "address once, in shard order (shard 0 first)")
+        per_client = config_links(decode_config(status.config)) if link is None else None
+        for j in ids:
+            links[j] = client_link(per_client, j, link) if j is not None else link
+            first = conn if not conns and links[j] is link else \
+                Connection(servers[0], _measure_wire(args), link=links[j], security=security_from_args(args, j))
+            conns[j] = [first] + [Connection(s, _measure_wire(args), link=links[j], security=security_from_args(args, j))
+                                  for s in servers[1:]]
+        if all(cs[0] is not conn for cs in conns.values()):
+            conn.close()
+    except BaseException:
+        conn.close()
+        for cs in conns.values():
+            for c in cs:
+                c.close()
+        raise
+    # lazy: torch only once the flags are checked and the first shard answered
+    from ..worker.hosting import run_clients
+    from ..worker.task import for_shards
+
+    workers = for_shards(conns, status, device=args.device, reconnect_timeout=args.reconnect_timeout,
+                         connect_timeout=args.connect_timeout)
+    if clients is None:
+        stats = {None: workers[ids[0]].run()}
+    else:
+        stats = run_clients(workers)
+    if args.stats:
+        import json
+
+        if clients is None:
+            out = _stats_of(stats[None], links[ids[0]])
+        else:
+            out = {"clients": {str(j): _stats_of(stats[j], links[j]) for j in clients}}
+        with open(args.stats, "w") as fh:
+            json.dump(out, fh)
+    if not args.quiet:
+        for st in stats.values():
+            _print_stats(st)
     return 0
 
 

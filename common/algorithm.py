@@ -81,12 +81,14 @@ def lr_at(cfg: RunConfig, k: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mapping[str, str]) -> list[Compressor]:
+def layer_compressors(specs: Sequence[LayerSpec], default: str, patterns: Mapping[str, str],
+                      check_unused: bool = True) -> list[Compressor]:
     """Per-layer compressor: the first name pattern (fnmatch) that matches wins, else `default`.
     A pattern that matches no parameter is a ConfigError listing the parameter names (a typo would
-    otherwise silently compress that layer with the default)."""
+    otherwise silently compress that layer with the default); `check_unused=False` skips that check
+    (a shard's layers: the pattern may match another shard's, common.shards checks the whole model)."""
     names = [s.name for s in specs]
-    unused = [pat for pat in patterns if not any(fnmatchcase(n, pat) for n in names)]
+    unused = [pat for pat in patterns if not any(fnmatchcase(n, pat) for n in names)] if check_unused else []
     if unused:
         shown = ", ".join(names[:40]) + (f", ... ({len(names) - 40} more)" if len(names) > 40 else "")
         raise ConfigError(f"per-layer compressor pattern(s) {', '.join(map(repr, unused))} match no parameter; "
@@ -139,13 +141,21 @@ class ServerState(PresetSteps):
     It also keeps each client's estimator G_j (`estimators`), which lets a client that lost its
     state re-sync and lets partial participation keep G the mean over all n clients.
     `nan_policy` (one of NAN_POLICIES): what `decode_uplink` does with an uplink's NaN/Inf.
+    `layer_ids`: a shard's state (docs/design.md §6.3) holds only some layers of the model; these are
+    their global indices (ascending), which seed the downlink frames (`frame_seed`) exactly as the whole
+    model's server does. None: the whole model (layer i is layer i).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], specs: Sequence[LayerSpec], cfg: RunConfig,
                  n_clients: int, device: str | torch.device = "cpu", keep_estimators: bool = True,
-                 nan_policy: str = "reject"):
+                 nan_policy: str = "reject", layer_ids: Sequence[int] | None = None):
         if len(params) != len(specs):
             raise ValueError("one LayerSpec per parameter is required")
+        if layer_ids is not None and (len(layer_ids) != len(specs) or list(layer_ids) != sorted(set(layer_ids))):
+            raise ValueError("layer_ids: one ascending, distinct global index per layer")
+        self.layer_ids = list(range(len(specs))) if layer_ids is None else [int(i) for i in layer_ids]
+        if layer_ids is not None and cfg.preset == "muonmax":
+            raise ConfigError("muonmax needs the whole model's nuclear norms: a shard's state cannot step it")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
         self.nan_policy = nan_policy
@@ -157,8 +167,9 @@ class ServerState(PresetSteps):
         self.G = [torch.zeros_like(x) for x in self.X]
         self.estimators: dict[int, list[torch.Tensor]] | None = {} if keep_estimators else None
         self.round = 0  # number of LMO steps taken (== downlinks produced)
-        self.up = layer_compressors(specs, cfg.uplink, cfg.uplink_layers)
-        self.down = layer_compressors(specs, cfg.downlink, cfg.downlink_layers)
+        whole = layer_ids is None
+        self.up = layer_compressors(specs, cfg.uplink, cfg.uplink_layers, check_unused=whole)
+        self.down = layer_compressors(specs, cfg.downlink, cfg.downlink_layers, check_unused=whole)
         self.stale_nuclear: float | None = None  # muonmax: sum of nuclear norms from the last step
         # muonmax-momo (`observe_losses`, `momo_step`): the loss model (EMA of f - <W, g>), <W, G> at the
         # end of the last step, and the last step's truncated t; None for every other preset
@@ -444,7 +455,7 @@ class ServerState(PresetSteps):
             update = d.mul(ti)
             if wd:
                 update.sub_(self.X[i], alpha=t * wd)
-            frame = self.down[i].encode(update, frame_seed(self.cfg.seed, DOWN, k, i))
+            frame = self.down[i].encode(update, frame_seed(self.cfg.seed, DOWN, k, self.layer_ids[i]))
             q = self.down[i].decode(frame, self.specs[i].shape, device=self.device)
             self.X[i].add_(q)
             self.W[i].add_(q)
@@ -454,7 +465,7 @@ class ServerState(PresetSteps):
         if wd:
             self.X[i].mul_(1.0 - t * wd)
         self.X[i].add_(d, alpha=ti)
-        frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, i))
+        frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, self.layer_ids[i]))
         self.W[i].add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
         return frame
 

@@ -178,4 +178,7 @@ class Report:
             u = unc.get(d)
             ratio = f"  ({u / v:.1f}x less than uncompressed {human_bytes(u)})" if u and v else ""
             print(f"bytes {d:<4} ({lvl}): {human_bytes(v)}{ratio}", file=out)
-        print(f"w_sha256 {s.get('w_sha256')}", file=out)
+        sh = s.get("shard")
+        where = f" (shard {sh['index']}/{sh['count']}'s layers only; merge the shards' reports for the model's)" \
+            if isinstance(sh, dict) else ""
+        print(f"w_sha256 {s.get('w_sha256')}{where}", file=out)

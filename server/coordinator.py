@@ -61,6 +61,7 @@ from ..common.errors import ConfigError
 from ..common.export import save_model
 from ..common.outputs import write_outputs
 from ..common.report import Report
+from ..common.shardmerge import shard_summary
 from ..common.runtime import peak_rss_bytes, return_freed_memory, trim_heap
 from ..common.wire import protocol
 from .errors import Rejected, RunAborted
@@ -148,7 +149,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         # before X, W and G are allocated: they and everything after come from mmap, not the heap
         return_freed_memory(sum(4 * p.numel() for p in model.params))
         self.state = ServerState(model.params, model.specs, self.cfg, self.n, device=device,
-                                 nan_policy=self.opts.nan_policy)
+                                 nan_policy=self.opts.nan_policy, layer_ids=model.layer_ids)
         self.state.estimators = EstimatorStore([s.shape for s in model.specs], self.opts.estimators,
                                                self.opts.checkpoint_dir)
         self.fingerprint = protocol.fingerprint(model.names, model.params)
@@ -396,8 +397,11 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
 
         def compute() -> dict:
             extra = self.model.final(W, X) if (self.model.final and not partial) else {}
-            return {**extra, "w_sha256": params_sha256(W, self.model.names),
-                    "x_sha256": params_sha256(X, self.model.names)}
+            out = {**extra, "w_sha256": params_sha256(W, self.model.names),
+                   "x_sha256": params_sha256(X, self.model.names)}
+            if self.model.shard is not None:
+                out["shard"] = shard_summary(self.model, W, X, self.cfg.report, self.state.round)
+            return out
 
         extra = await self._run(compute)
         summary = self.report.finish(**self._summary_entries(extra, partial))
@@ -425,6 +429,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
             client_bytes=self.ledger.client_bytes, init_clients=self.ledger.init_clients,
             resilience=resilience, wire_source=self.ledger.wire_source, server_peak_rss_bytes=peak_rss_bytes(),
             **({"federated": self.federated_summary()} if self.cohorts else {}),
+            **({"shard": extra["shard"]} if "shard" in extra else {}),
             **({"partial": True} if partial else {}),
         )
 
@@ -463,6 +468,14 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
                             f"{self.opts.checkpoint_dir} and can be resumed (efmuon server --resume DIR): reconnect")
         return Rejected("ABORTED", "the server was stopped before the run finished and cannot be resumed "
                         "(no --checkpoint-dir): the run is over")
+
+    # ------------------------------------------------------------------ shards
+    def shard_fields(self) -> dict:
+        """JoinHeader's and StatusReply's shard fields: empty for a server of the whole model."""
+        if self.model.shard is None:
+            return {}
+        index, count = self.model.shard
+        return {"shard_index": index, "shard_count": count, "shard_layers": list(self.model.layer_ids)}
 
     # ------------------------------------------------------------------ status
     def status(self) -> pb.StatusReply:

@@ -226,7 +226,11 @@ class LocalWorkers:
     async def launch(self, port: int) -> None:
         """Start the worker processes (serve's on_ready): forked from the zygote (each entering its client's
         network namespace under netns), or each exec'd; then watch them: raises when one fails."""
-        address = self.address = f"{self.host}:{port}"
+        await self.launch_at(f"{self.host}:{port}")
+
+    async def launch_at(self, address: str) -> None:
+        """`launch` for the server(s) at `address` (sharded servers: HOST:P0,HOST:P1,...)."""
+        self.address = address
         for p, ids in enumerate(self.groups):
             args = self.process_args(p, address)
             if self.forks is not None:  # in network namespaces too: the child enters its client's namespace

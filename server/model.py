@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.algorithm import layer_compressors
 from ..common.lmo import LayerSpec
 from ..common.model import evaluate
+from ..common.shards import check_shardable, shard_layers
 
 
 @dataclass
@@ -27,6 +29,9 @@ class ServerModel:
     evaluate: Callable[[list, list], dict] | None = None
     initial: Callable[[list], dict] | None = None
     final: Callable[[list, list], dict] | None = None
+    # a shard's model (docs/design.md §6.3): the global indices of its layers, and (index, count); None: the whole
+    layer_ids: list[int] | None = None
+    shard: tuple[int, int] | None = None
 
     @classmethod
     def from_setup(cls, setup, device=None) -> "ServerModel":
@@ -52,3 +57,15 @@ class ServerModel:
                     "f_star": getattr(task, "f_star", None)}
 
         return cls(setup.names, setup.params, setup.specs, evaluate=per_round, initial=initial, final=final)
+
+    @classmethod
+    def shard_of(cls, setup, index: int, count: int) -> "ServerModel":
+        """Shard `index` of `count` (common.shards.shard_layers): only its layers, no evaluation hooks (a shard
+        cannot evaluate the model; the workers hold the whole W and the report merge evaluates the saved layers).
+        The per-layer compressor patterns are checked against the whole model here, as one server would."""
+        check_shardable(setup.cfg)
+        layer_compressors(setup.specs, setup.cfg.uplink, setup.cfg.uplink_layers)
+        layer_compressors(setup.specs, setup.cfg.downlink, setup.cfg.downlink_layers)
+        mine = shard_layers(setup.specs, count, setup.cfg.ns_steps)[index]
+        return cls([setup.names[i] for i in mine], [setup.params[i] for i in mine], [setup.specs[i] for i in mine],
+                   layer_ids=mine, shard=(index, count))

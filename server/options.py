@@ -16,6 +16,7 @@ from pathlib import Path
 from ..common.algorithm import MAX_ABS_VALUE, NAN_POLICIES
 from ..common.checkpoint_format import LATEST, list_checkpoints
 from ..common.errors import ConfigError
+from ..common.shards import parse_shard
 from ..common.wire import protocol
 from .estimators import MODES as ESTIMATOR_MODES
 
@@ -47,6 +48,7 @@ class ServerOptions:
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one); None: off
     min_cohort: int = 1  # cohort runs: a round needs this many eligible clients (server.cohorts)
     client_timeout: float | None = None  # cohort runs: a member silent this long is not sampled (None: 60 s)
+    shard: str | None = None  # 'I/N': this server holds shard I of N of the layers (docs/design.md §6.3)
 
     def validate(self) -> "ServerOptions":
         if self.on_deadline not in ON_DEADLINE:
@@ -76,6 +78,12 @@ class ServerOptions:
             raise ConfigError("give both --tls-cert and --tls-key (the server's certificate and key), or neither")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        if self.shard is not None:
+            parse_shard(self.shard)
+            if self.save_model:
+                raise ConfigError("--save-model with --shard would write only this shard's layers: leave it out; each "
+                                  "shard writes REPORT.layers.safetensors (its W and X) beside its --report, and "
+                                  "`efmuon report merge` puts the whole model's hashes and losses in one report")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port: give 0..65535 (0: any free port)")
         return self
@@ -87,7 +95,7 @@ class ServerOptions:
 # the same values and serves with the same security as the run it continues.
 RESUMED_FIELDS = ("checkpoint_every", "checkpoint_keep", "round_deadline", "on_deadline", "nan_policy", "min_cohort",
                   "client_timeout",
-                  "max_clients", "max_message_bytes", "estimators")
+                  "max_clients", "max_message_bytes", "estimators", "shard")
 # Security settings are stored as paths and the sha256 of the files' contents, never the secrets.
 SECURITY_FIELDS = ("tls_cert", "tls_key", "tls_ca", "token_file")
 _FLAG = {f: "--" + f.replace("_", "-") for f in RESUMED_FIELDS + SECURITY_FIELDS}

@@ -24,7 +24,7 @@ def status_reply(c) -> pb.StatusReply:  # c: the Coordinator
         workers=c.n, joined=c.live_clients(), submitted=sorted(c.submitted), phase=c.phase.value,
         config=c.config_bytes, parameters=c.fingerprint, uptime_seconds=time.monotonic() - c.t_start,
         rejected=c.rejected, nonfinite_zeroed=c.nonfinite_zeroed, checkpoint_round=c.checkpoint_round,
-        rss_bytes=rss_bytes(), partial_rounds=c.partial_rounds)
+        rss_bytes=rss_bytes(), partial_rounds=c.partial_rounds, **c.shard_fields())
     if c.loss_w is not None:
         reply.loss_w = c.loss_w
     if c.loss_x is not None:

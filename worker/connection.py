@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from ..common.errors import EfmuonError
+from ..common.errors import ConfigError, EfmuonError
 from ..v1 import service_pb2 as pb
 from .stub import client_stub
 from .relay import CountingRelay
@@ -46,6 +46,17 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host or not 0 < int(port) <= 65535:
         raise WorkerError(f"server address {address!r} is not HOST:PORT with a port 1..65535 (e.g. 127.0.0.1:50051)")
     return host.strip("[]"), int(port)
+
+
+def split_servers(server: str) -> list[str]:
+    """'HOST:P0,HOST:P1' -> the addresses, in shard order (one address: a single server)."""
+    parts = [p.strip() for p in str(server).split(",")]
+    if any(not p for p in parts):
+        raise ConfigError(f"--server {server!r}: give HOST:PORT, or the shards' HOST:PORT addresses separated by "
+                          "commas in shard order (HOST:P0,HOST:P1,...), with no empty entry")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"--server {server!r} names an address twice: each shard has its own server")
+    return parts
 
 
 def rpc_error(what: str, exc: grpc.RpcError) -> WorkerError:

@@ -91,3 +91,37 @@ def _worker(conn: Connection, cfg, setup, batch, client_id, device, checkpoint_d
                     connect_timeout=connect_timeout, configure_threads=configure_threads)
     holder["w"] = worker
     return worker
+
+
+def for_shards(conns: Mapping[int | None, list[Connection]], status: pb.StatusReply, device: str | None = None,
+               checkpoint_dir: str | None = None, reconnect_timeout: float = 300.0,
+               connect_timeout: float | None = None) -> dict:
+    """Sharded servers (docs/design.md §6.3): one `sharded.ShardedWorker` per client (key: its id, or None for
+    the lowest free one), each with its connections to every shard in shard order (`conns[j]`); the run
+    configuration is the first shard's Status. The task is built once; several clients run torch on 1 thread.
+    Every connection is closed when the workers cannot be built."""
+    from .sharded import ShardedWorker  # lazy: sharded imports torch, loaded once the servers answered
+
+    threads = 1 if len(conns) > 1 else None
+    workers: dict = {}
+    try:
+        cfg = run_config(status)
+        configure_torch(cfg.threads if threads is None else threads)
+        shared = None
+        for j, cs in conns.items():
+            setup, batch = task_setup(cfg, task=shared)
+            shared = setup.task
+            holder: dict = {}
+            w = ShardedWorker(setup.model, setup.task.loss, lambda k, holder=holder, batch=batch:
+                              batch(holder["w"].client_id, k), cs, cfg, setup.specs, client_id=j,
+                              device=device or cfg.device, configure_threads=threads is None,
+                              reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout,
+                              checkpoint_dir=checkpoint_dir)
+            holder["w"] = w
+            workers[j] = w
+    except BaseException:
+        for cs in conns.values():
+            for c in cs:
+                c.close()
+        raise
+    return workers

@@ -41,7 +41,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., protocol_version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., client_name: _Optional[str] = ..., resume_round: _Optional[int] = ..., rejoin: _Optional[bool] = ...) -> None: ...
 
 class JoinHeader(_message.Message):
-    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted", "register", "idle")
+    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted", "register", "idle", "shard_index", "shard_count", "shard_layers")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class JoinHeader(_message.Message):
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_LAYERS_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     protocol_version: int
@@ -68,7 +71,10 @@ class JoinHeader(_message.Message):
     submitted: bool
     register: bool
     idle: bool
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ..., register: _Optional[bool] = ..., idle: _Optional[bool] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    shard_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ..., register: _Optional[bool] = ..., idle: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., shard_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "chunk")
@@ -169,7 +175,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("state", "protocol_version", "round", "rounds", "workers", "joined", "submitted", "phase", "config", "parameters", "loss_w", "loss_x", "uptime_seconds", "rejected", "nonfinite_zeroed", "checkpoint_round", "rss_bytes", "partial_rounds")
+    __slots__ = ("state", "protocol_version", "round", "rounds", "workers", "joined", "submitted", "phase", "config", "parameters", "loss_w", "loss_x", "uptime_seconds", "rejected", "nonfinite_zeroed", "checkpoint_round", "rss_bytes", "partial_rounds", "shard_index", "shard_count", "shard_layers")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[StatusReply.State]
@@ -200,6 +206,9 @@ class StatusReply(_message.Message):
     CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_LAYERS_FIELD_NUMBER: _ClassVar[int]
     state: StatusReply.State
     protocol_version: int
     round: int
@@ -218,4 +227,7 @@ class StatusReply(_message.Message):
     checkpoint_round: int
     rss_bytes: int
     partial_rounds: int
-    def __init__(self, state: _Optional[_Union[StatusReply.State, str]] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., workers: _Optional[int] = ..., joined: _Optional[_Iterable[int]] = ..., submitted: _Optional[_Iterable[int]] = ..., phase: _Optional[str] = ..., config: _Optional[bytes] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., loss_w: _Optional[float] = ..., loss_x: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., rejected: _Optional[int] = ..., nonfinite_zeroed: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partial_rounds: _Optional[int] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    shard_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, state: _Optional[_Union[StatusReply.State, str]] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., workers: _Optional[int] = ..., joined: _Optional[_Iterable[int]] = ..., submitted: _Optional[_Iterable[int]] = ..., phase: _Optional[str] = ..., config: _Optional[bytes] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., loss_w: _Optional[float] = ..., loss_x: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., rejected: _Optional[int] = ..., nonfinite_zeroed: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partial_rounds: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., shard_layers: _Optional[_Iterable[int]] = ...) -> None: ...

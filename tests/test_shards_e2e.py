@@ -1,0 +1,194 @@
+"""Sharded servers with real processes over 127.0.0.1 (docs/design.md §6.3): `efmuon server --shard 0/2` and
+`--shard 1/2` with 4 workers end in the W of one server (== `efmuon simulate`, tests/test_service_e2e.py), on
+lsq and gpt-char; a shard killed with SIGKILL and resumed from its checkpoint ends identical as well; the
+merged report has the whole model's w_sha256 and the summed bytes."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from efmuon.common.wire import protocol
+from efmuon.v1 import service_pb2 as pb
+from efmuon.v1 import service_pb2_grpc as pb_grpc
+
+CLI = [sys.executable, "-m", "efmuon.cli"]
+LSQ = ["--task", "lsq", "--task-option", "bias=true", "--workers", "4", "--uplink", "randk:0.5",
+       "--downlink", "rankk:2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(CLI + args, stdout=open(log, "a"), stderr=subprocess.STDOUT, text=True)
+
+
+def shard(i: int, port: int, tmp, flags, *extra: str) -> subprocess.Popen:
+    return start(["server", "--host", "127.0.0.1", "--port", str(port), "--shard", f"{i}/2", *flags,
+                  "--report", str(tmp / f"shard{i}.json"), "--plots", "none", *extra], tmp / f"shard{i}.log")
+
+
+def workers(ports, tmp, n: int = 4) -> list[subprocess.Popen]:
+    servers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    return [start(["worker", "--server", servers, "--client-id", str(j)], tmp / f"worker{j}.log") for j in range(n)]
+
+
+def simulate(tmp, flags) -> subprocess.Popen:
+    """`efmuon simulate` with `flags`, started now (beside the networked run); `simulated` reads its report."""
+    return subprocess.Popen(CLI + ["simulate", *flags, "--report", str(tmp / "sim.json"), "--plots", "none"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def simulated(proc: subprocess.Popen, tmp) -> dict:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads((tmp / "sim.json").read_text())
+
+
+def finish(procs, tmp, timeout: float = 120) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        print("\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log"))))
+
+
+def wait_round(port: int, at_least: int, proc, log, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
+    stub = pb_grpc.ParameterServerStub(channel)
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                st = stub.Status(pb.StatusRequest(), timeout=1)
+                if st.round >= at_least:
+                    return st.round
+            except grpc.RpcError:
+                pass
+            time.sleep(0.003)
+    finally:
+        channel.close()
+    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
+
+
+def merge(tmp) -> dict:
+    out = subprocess.run(CLI + ["report", "merge", str(tmp / "shard1.json"), str(tmp / "shard0.json"),
+                                "-o", str(tmp / "merged.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads((tmp / "merged.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_merge(tmp_path):
+    flags = [*LSQ, "--rounds", "5"]
+    sim = simulate(tmp_path, flags)
+    ports = [free_port(), free_port()]
+    servers = [shard(i, p, tmp_path, flags) for i, p in enumerate(ports)]
+    try:
+        wait_round(ports[0], 0, servers[0], tmp_path / "shard0.log")
+        wait_round(ports[1], 0, servers[1], tmp_path / "shard1.log")
+        # the shards' addresses in the wrong order: refused at once, naming the order
+        wrong = subprocess.run(CLI + ["worker", "--server", f"127.0.0.1:{ports[1]},127.0.0.1:{ports[0]}",
+                                      "--client-id", "0"], capture_output=True, text=True, timeout=60)
+
+        # Execute
+        codes = finish([*servers, *workers(ports, tmp_path)], tmp_path)
+    finally:
+        for p in servers:
+            if p.poll() is None:
+                p.kill()
+
+    # Assert
+    ref = simulated(sim, tmp_path)
+    assert wrong.returncode != 0 and "shard order" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert codes == [0] * 6
+    w = ref["summary"]["w_sha256"]
+    for j in range(4):
+        assert f"w_sha256 {w}" in (tmp_path / f"worker{j}.log").read_text()
+    s0 = json.loads((tmp_path / "shard0.json").read_text())["summary"]
+    assert s0["shard"]["index"] == 0 and s0["w_sha256"] != w  # a shard's own hash is of its layers only
+    merged = merge(tmp_path)
+    s = merged["summary"]
+    assert s["w_sha256"] == w and s["x_sha256"] == ref["summary"]["x_sha256"]
+    assert s["final_loss_w"] == ref["summary"]["final_loss_w"] and s["eval_loss_w"] == ref["summary"]["eval_loss_w"]
+    assert [x["index"] for x in s["shards"]] == [0, 1]
+    assert s["parameters"] == ref["summary"]["parameters"]
+    assert s["uncompressed_bytes"] == ref["summary"]["uncompressed_bytes"]
+    for d in ("up", "down"):
+        assert [r["bytes"][d]["payload"] for r in merged["rounds"]] == [r["bytes"][d]["payload"] for r in ref["rounds"]]
+        assert s["bytes"][d]["payload"] == sum(x["bytes"][d]["payload"] for x in s["shards"])
+        assert s["bytes"][d]["wire"] >= s["bytes"][d]["message"] >= s["bytes"][d]["payload"] > 0
+
+
+@pytest.mark.slow
+def test_a_shard_killed_and_resumed_ends_identical(tmp_path):
+    flags = [*LSQ, "--rounds", "10"]
+    sim = simulate(tmp_path, flags)
+    ports = [free_port(), free_port()]
+    ckpt = tmp_path / "ckpt1"
+    servers = [shard(0, ports[0], tmp_path, flags),
+               shard(1, ports[1], tmp_path, flags, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1")]
+    wait_round(ports[1], 0, servers[1], tmp_path / "shard1.log")
+    procs = workers(ports, tmp_path)
+    resumed = None
+    try:
+        killed_at = wait_round(ports[1], 3, servers[1], tmp_path / "shard1.log")
+
+        # Execute: SIGKILL shard 1 mid-run; restart it on its port from its checkpoint
+        servers[1].send_signal(signal.SIGKILL)
+        servers[1].wait(timeout=10)
+        resumed = start(["server", "--host", "127.0.0.1", "--port", str(ports[1]), "--resume", str(ckpt)],
+                        tmp_path / "shard1.log")
+        codes = finish([servers[0], resumed, *procs], tmp_path)
+    finally:
+        for p in [*servers, *procs] + ([resumed] if resumed else []):
+            if p.poll() is None:
+                p.kill()
+
+    # Assert
+    ref = simulated(sim, tmp_path)["summary"]["w_sha256"]
+    assert codes == [0] * 6
+    assert 3 <= killed_at < 10
+    assert "resumed from" in (tmp_path / "shard1.log").read_text()
+    for j in range(4):
+        log = (tmp_path / f"worker{j}.log").read_text()
+        assert "reconnecting" in log and f"w_sha256 {ref}" in log
+    assert merge(tmp_path)["summary"]["w_sha256"] == ref
+
+
+@pytest.mark.slow
+def test_efmuon_run_shards_on_gpt_char_matches_simulate(tmp_path):
+    flags = ["--task", "gpt-char", "--workers", "4", "--rounds", "2"]
+    sim = simulate(tmp_path, flags)
+
+    # Execute
+    out = subprocess.run(CLI + ["run", *flags, "--shards", "2", "--report", str(tmp_path / "run.json"),
+                                "--plots", "none"], capture_output=True, text=True, timeout=300)
+
+    # Assert
+    ref = simulated(sim, tmp_path)["summary"]
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "run.json").read_text())
+    s = report["summary"]
+    assert s["w_sha256"] == ref["w_sha256"] and s["x_sha256"] == ref["x_sha256"]
+    assert s["eval_loss_w"] == ref["eval_loss_w"] and s["final_loss_x"] == ref["final_loss_x"]
+    assert len(s["shards"]) == 2 and sorted(sum((x["layers"] for x in s["shards"]), [])) == \
+        list(range(len(sum((x["layers"] for x in s["shards"]), []))))
+    assert (tmp_path / "run.shard0.json").is_file() and (tmp_path / "run.shard1.layers.safetensors").is_file()
+    assert f"w_sha256 {ref['w_sha256']}" in out.stdout

@@ -260,7 +260,7 @@ class FederatedSim:
     def _client_round(self, j: int, k: int, frames: list[bytes], flen: int, prev_w) -> _ClientRound:
         """Sampled client j in round k: catch up to W_{k-1}, apply S_k, compute and encode its
         uplink, time it on its link; a straggler (past the deadline) gets its M_j, G_j back."""
-        cfg, ws, st, prof = self.cfg, self.workers[j], self.stats[j], self.links[j][1]
+        ws, st, prof = self.workers[j], self.stats[j], self.links[j][1]
         missed = k - 1 - self.last_sync[j]
         catchup = self._catch_up(j, k, prev_w)
         ws.apply_downlink(frames)

@@ -308,55 +308,36 @@ def test_the_adaptive_deadline_is_median_plus_k_mad_capped_and_waits_for_enough_
     assert d.current() == pytest.approx(1.0)
 
 
-@pytest.mark.slow
-def test_an_adaptive_deadline_drops_the_slow_client_in_simulate_and_over_the_network(tmp_path):
-    """Client 3 is 100x slower; --adaptive-deadline 3 (no fixed deadline): the first rounds wait for it, then
-    the deadline follows the fast clients' times and drops it, in simulate and over the network."""
+def test_an_adaptive_deadline_drops_the_slow_client_on_simulates_clock(tmp_path):
+    """Client 3 is 100x slower; --adaptive-deadline 3 (no fixed deadline): the first rounds wait for it, then the
+    deadline follows the fast clients' (exact, simulated) times and drops only it."""
     flags = ["--task", "digits", "--clients", "6", "--participation", "1", "--rounds", "5", "--seed", "1",
              "--adaptive-deadline", "3", "--compute-seconds", "0.01", "--compute-scale", "1,3=100", "--plots", "none"]
     sim = cli("simulate", *flags, "--report", str(tmp_path / "sim.json"))
     assert sim.returncode == 0, sim.stderr[-2000:]
-    net = cli("run", *flags, "--report", str(tmp_path / "net.json"))
-    assert net.returncode == 0, net.stdout[-2000:] + net.stderr[-3000:]
-    for rep in (load(tmp_path / "sim.json"), load(tmp_path / "net.json")):
-        rounds = rep["rounds"]
-        assert rounds[0]["deadline"] is None and rounds[0]["dropped"] == []  # 5 times known: no deadline yet
-        late = [r for r in rounds if r["deadline"] is not None]
-        assert late and all(3 in r["dropped"] and r["deadline"] < 1.0 for r in late), rounds
-        assert rep["summary"]["federated"]["adaptive_deadline"] == 3
-    # on the simulated clock the fast clients' times are exact (0.01 s): only the slow one is dropped; over the
-    # network the deadline follows measured times, which a loaded machine may stretch for a fast client too
-    assert all(r["dropped"] == [3] for r in load(tmp_path / "sim.json")["rounds"] if r["deadline"] is not None)
+    rounds = load(tmp_path / "sim.json")["rounds"]
+    assert rounds[0]["deadline"] is None and rounds[0]["dropped"] == []  # 5 times known: no deadline yet
+    late = [r for r in rounds if r["deadline"] is not None]
+    assert late and all(r["dropped"] == [3] and r["deadline"] == pytest.approx(0.01) for r in late), rounds
+    assert load(tmp_path / "sim.json")["summary"]["federated"]["adaptive_deadline"] == 3
 
 
-async def _cohort_run(forget: bool) -> tuple[str, int]:
-    """A 6-client cohort run in-process (2 per round); with `forget` the server drops its replay window and
-    W_{k-1} after every round, as a server resumed from a checkpoint has neither. Returns (W hash, fallbacks)."""
-    cfg = make_cfg(workers=6, rounds=10, clients=6, participation=0.34)
+async def test_an_adaptive_deadline_drops_the_slow_client_over_the_network():
+    """The server's adaptive deadline (measured times, real sleeps): once 10 times are known it follows the fast
+    clients and drops the 100x slower client 3, who is told it came late; the run completes."""
+    cfg = make_cfg(workers=6, rounds=5, clients=6, participation=1.0, adaptive_deadline=3.0, compute_seconds=0.01,
+                   compute_scale="1,3=100")
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(8))
     async with Harness(cfg) as h:
-        c = h.coordinator
-
-        def on_event(what, k, t0, t1):
-            if forget and what == "process":
-                c.history = {r: p for r, p in c.history.items() if r == c.collecting}
-                c.full_w = None
-        c.events = on_event
         workers = [h.worker(j) for j in range(6)]
-        await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
-        await asyncio.wait_for(c.finished.wait(), 60)
-        report = c.report.to_dict()
-    fallbacks = sum(1 for r in report["rounds"] for j, e in r["clients"].items()
-                    if e.get("catchup") and e["down"]["payload"] == e["catchup"])
-    return report["summary"]["w_sha256"], fallbacks
+        results = await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers), return_exceptions=True)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
+        report = h.coordinator.report.to_dict()
 
-
-async def test_without_replay_or_w_before_the_step_a_returning_client_gets_the_current_w_and_the_bits_hold():
-    """The fallback catch-up (a server resumed from a checkpoint keeps neither the replay window nor W_{k-1}):
-    the client gets W_k itself (identity frames, no S_k), W_{k-1} + S_k bit for bit, so the run ends in the
-    same W as one with every catch-up at hand."""
-    plain, none_ = await _cohort_run(False)
-    forgetful, used = await _cohort_run(True)
-
-    assert none_ == 0 and used > 0  # the forgetful server did serve the fallback
-    assert forgetful == plain
+    assert all(isinstance(r, dict) for r in results), results
+    rounds = report["rounds"]
+    assert rounds[0]["deadline"] is None and rounds[0]["dropped"] == []
+    late = [r for r in rounds if r["deadline"] is not None]
+    # on a loaded machine a fast client may be stretched past the deadline too: only client 3's drop is certain
+    assert late and all(3 in r["dropped"] and r["deadline"] < 0.5 for r in late), rounds
+    assert workers[3].late >= 1 and report["summary"]["federated"]["adaptive_deadline"] == 3

@@ -109,6 +109,7 @@ class Cohorts:
         self.dropped: dict[int, list[int]] = {}  # round -> cohort members dropped (stragglers / vanished)
         self.catchups: dict[int, dict[int, int]] = {}  # round -> client -> catch-up bytes
         self._published: asyncio.Event | None = None
+        self.held_back = False  # a round is being published (checkpointed): no reply may show it yet
         ident = parse_spec("identity")
         self.full_w_bytes = sum(ident.frame_size(tuple(s.shape)) for s in self.model.specs)
         self.client_timeout = self.opts.client_timeout if self.opts.client_timeout is not None else CLIENT_TIMEOUT_S
@@ -331,6 +332,8 @@ class Cohorts:
     def reply_now(self, j: int, held: int, late: bool) -> CohortReply | None:
         """Client j's reply if it has one now (it is in the open round's cohort and has not submitted it);
         None: keep waiting."""
+        if self.held_back:  # the round is being published: its checkpoint is not written yet
+            return None
         k = self.collecting
         if k > self.rounds:
             return CohortReply(k, self.last_plan if self.last_plan is not None else Plan.build(k, None), late=late)

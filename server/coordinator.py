@@ -293,7 +293,9 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         return plan
 
     async def _publish(self, k: int, plan: Plan, fut: asyncio.Future, cohort: list[int] | None = None) -> None:
-        """Round k is done: checkpoint when due, then release `plan` to the clients waiting for it."""
+        """Round k is done: checkpoint when due, then release `plan` to the clients waiting for it (cohort runs:
+        no held Exchange sees the new round before the checkpoint that knows it is written)."""
+        self.held_back = True
         self._close_round(k, plan)
         if self.cohorts:
             self.remember(plan)
@@ -304,6 +306,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         self.phase = Phase.COLLECTING if k < self.rounds else Phase.FINISHED
         self.results.pop(k - 1, None)
         fut.set_result(plan)
+        self.held_back = False
         if self.cohorts:
             self._wake()
         if k == self.rounds:

@@ -138,11 +138,21 @@ class Cohorts:
         out = []
         for j in sorted(self.members):
             s = self.sessions.get(j)
-            if s is None or s.left or not s.confirmed:
+            if s is not None and s.left:
                 continue
-            if self.calls.get(j, 0) > 0 or now - self.seen.get(j, -1e18) < self.client_timeout:
+            if s is not None and s.confirmed and self.calls.get(j, 0) > 0:
                 out.append(j)
+            elif now - self.seen.get(j, -1e18) < self.client_timeout:  # heard from lately (or, no session yet,
+                out.append(j)  # a member of a resumed run: `resumed_members`), so it is coming back
         return out
+
+    def resumed_members(self) -> None:
+        """A resumed server has no sessions yet: its members count as heard from now, so the next cohorts are
+        drawn from all of them (as the uninterrupted run would) while they re-join; one that does not come back
+        within --client-timeout is left out, as a vanished client is."""
+        now = time.monotonic()
+        for j in self.members:
+            self.seen[j] = now
 
     def _wake(self) -> None:
         """Something a held Exchange waits for happened (a round was published, the run ended)."""

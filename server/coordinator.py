@@ -355,6 +355,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         """Called once the server listens: arm the deadline of a resumed run's open round. A resumed round's
         `seconds` count from here, not from the step before the outage (that clock died with the old process)."""
         self._step_t0 = time.perf_counter()
+        if self.cohorts and self.resumed_from:
+            self.resumed_members()
         if self.collecting > 0 and self.collecting <= self.rounds:
             self._arm_deadline(self.collecting)
         elif self.collecting > self.rounds and not self._summary_written:

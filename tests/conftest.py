@@ -10,7 +10,11 @@ from one another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
+import subprocess
+import sys
 import time
 import types
 
@@ -30,8 +34,26 @@ from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, shaping
 from torch import nn
 
-__all__ = ["Harness", "RelayClock", "batches_of", "loss_fn", "make_cfg", "reference_w", "run_workers",
+__all__ = ["Harness", "RelayClock", "batches_of", "efmuon_cli", "loss_fn", "make_cfg", "reference_w", "run_workers",
            "server_model", "tiny_model"]
+
+
+def efmuon_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`efmuon ARGS` as a CompletedProcess. `simulate` runs in this process (`efmuon.cli.main`: no new interpreter
+    and torch import, the suite's largest CPU cost); everything else (run, server, worker: processes and sockets
+    are what they test) in a subprocess."""
+    if args and args[0] == "simulate":
+        from efmuon.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        return subprocess.CompletedProcess(["efmuon", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 # ---------------------------------------------------------------------------- pytest-xdist scheduling

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from conftest import Harness, batches_of, loss_fn, make_cfg, tiny_model
+from conftest import Harness, batches_of, efmuon_cli, loss_fn, make_cfg, tiny_model
 from efmuon.common.federation import sample_clients, sample_cohort
 from efmuon.common.wire import protocol
 from efmuon.server.cohorts import mean_estimators
@@ -29,7 +29,7 @@ CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+    return efmuon_cli(*args, timeout=timeout)
 
 
 def load(path) -> dict:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import efmuon_cli
 from efmuon.common.algorithm import ServerState, WorkerState, layer_compressors
 from efmuon.common.checkpoint import load_server, restore_server, save_server
 from efmuon.common.compress import parse_spec
@@ -221,7 +220,7 @@ def test_gpt_moe_model_layout_and_loss():
 
 
 def _cli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return efmuon_cli(*args, timeout=timeout)
 
 
 SMALL = ["--task", "gpt-moe", "--workers", "2", "--task-option", "n_layers=1", "--task-option", "batch_size=8",

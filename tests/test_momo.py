@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import efmuon_cli
 import torch
 from efmuon.common.algorithm import ServerState, WorkerState, params_sha256
 from efmuon.common.checkpoint import load_server, restore_server, save_server
@@ -128,7 +128,7 @@ FLAGS = ["--task", "lsq", "--workers", "3", "--rounds", "8", "--preset", "muonma
 
 
 def _efmuon(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True, timeout=120)
+    return efmuon_cli(*args, timeout=120)
 
 
 @pytest.mark.slow

@@ -313,7 +313,7 @@ def bench_scaling(level: str) -> dict:
             "cpu_per_round", "break_even_tokens", "processed_rounds", "submissions"]
     notes = _scaling_notes(params, rounds, uplink, downlink, payload, ws, compute_s)
     sharded_n = by_level(level, full=16, quick=4, smoke=2)
-    sharded = sharded_rows(params, sharded_n, by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2]), rounds,
+    sharded = sharded_rows(params, sharded_n, by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1]), rounds,
                            uplink, downlink, _SynthClient, _scaling_row)
     return {"result": rows, "sharded": sharded, "goals": _scaling_goals(rows, ws, compute_s) + sharded_goals(sharded),
             "table": notes + "\n\n" + table(rows, cols) + "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n"

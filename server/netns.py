@@ -118,6 +118,22 @@ def _setns(fd: int) -> None:
         raise NetnsError(f"setns failed: {os.strerror(err)}")
 
 
+def _add_qdiscs(profile: LinkProfile, netem: bool, up: tuple[str, str], down: tuple[str, str]) -> bool:
+    """The qdiscs of one link: `up` and `down` are the (namespace, device) whose egress carries each
+    direction; netem (delay, jitter, loss) at the root with tbf under it where the kernel has netem, else tbf
+    alone. Returns whether the profile has delay, jitter or loss."""
+    needs_delay = bool(profile.delay_s or profile.jitter_s or profile.loss)
+    for rate, (ns, dev) in ((profile.up_bps, up), (profile.down_bps, down)):
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
+        if needs_delay and netem:
+            _run(*tc, "root", "handle", "1:", *netem_args(profile))
+            if rate:
+                _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(rate))
+        elif rate:
+            _run(*tc, "root", "handle", "1:", *tbf_args(rate))
+    return needs_delay
+
+
 class Star:
     """The namespaces of one run (module docstring). `up()`, `shape()`, `enter(ns)`, `down()`."""
 
@@ -175,16 +191,7 @@ class Star:
     def shape(self, j: int, profile: LinkProfile, netem: bool) -> tuple[LinkProfile | None, str]:
         """Put client j's link on its veths. Returns (what the worker's relay must still emulate,
         or None; the mechanism, e.g. 'tbf+relay-delay')."""
-        needs_delay = bool(profile.delay_s or profile.jitter_s or profile.loss)
-        for direction, ns, dev in (("up", self.clients[j], "eth0"), ("down", self.switch, f"p{j}")):
-            rate = profile.up_bps if direction == "up" else profile.down_bps
-            tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
-            if needs_delay and netem:
-                _run(*tc, "root", "handle", "1:", *netem_args(profile))
-                if rate:
-                    _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(rate))
-            elif rate:
-                _run(*tc, "root", "handle", "1:", *tbf_args(rate))
+        needs_delay = _add_qdiscs(profile, netem, up=(self.clients[j], "eth0"), down=(self.switch, f"p{j}"))
         parts = (["tbf"] if (profile.up_bps or profile.down_bps) else [])
         relay = None
         if needs_delay:
@@ -201,16 +208,7 @@ class Star:
         """The server's own link: `up` (towards the server, every client's uplink together) on the switch
         port to the server, `down` (from it) on the server's interface; delay by netem where the kernel has it
         (the worker relays cannot delay the server's side). Returns the mechanism, e.g. 'tbf'."""
-        needs_delay = bool(profile.delay_s or profile.jitter_s or profile.loss)
-        for direction, ns, dev in (("up", self.switch, "ps"), ("down", self.server, "eth0")):
-            rate = profile.up_bps if direction == "up" else profile.down_bps
-            tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
-            if needs_delay and netem:
-                _run(*tc, "root", "handle", "1:", *netem_args(profile))
-                if rate:
-                    _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(rate))
-            elif rate:
-                _run(*tc, "root", "handle", "1:", *tbf_args(rate))
+        needs_delay = _add_qdiscs(profile, netem, up=(self.switch, "ps"), down=(self.server, "eth0"))
         parts = (["tbf"] if (profile.up_bps or profile.down_bps) else []) + (["netem"] if needs_delay and netem else [])
         mech = "+".join(parts) or "none"
         if needs_delay and not netem:

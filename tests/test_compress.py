@@ -194,6 +194,27 @@ def _quant_input(n, seed):
     return x
 
 
+@pytest.mark.parametrize("b", [2, 3, 4, 5, 6, 7, 8, 9, 12, 16])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17, 1001])
+def test_code_packing_layout(b, n):
+    """_pack_codes' bytes hold code i's bit t at stream bit i*b + t, little-endian bit order (built here
+    bit by bit in Python), for every path (the 8-code uint64 groups of b = 3, 5, 6, 7 included), and
+    _unpack_codes inverts it; for b < 8 unpacking arbitrary bytes agrees with the bit-by-bit form."""
+    rng = np.random.default_rng(b * 1000 + n)
+    codes = rng.integers(0, 1 << b, n).astype(np.uint8 if b <= 8 else np.uint16)
+    stream = 0
+    for i, c in enumerate(codes.tolist()):
+        stream |= c << (i * b)
+    want = stream.to_bytes(-(-n * b // 8), "little")
+    packed = bits._pack_codes(codes, b)
+    assert packed.tobytes() == want
+    out = bits._unpack_codes(packed, n, b)
+    assert out.dtype == np.int32 and np.array_equal(out, codes.astype(np.int32))
+    if b < 8:
+        junk = rng.integers(0, 256, -(-n * b // 8)).astype(np.uint8)
+        assert np.array_equal(bits._unpack_codes(junk, n, b), bits._unpack_bitwise(junk, n, b))
+
+
 @pytest.mark.parametrize("spec", QUANTS)
 @pytest.mark.parametrize("n", [1, 5, 128, 1000, 70_001, 300_000])
 def test_quant_nearest_and_torch_path(spec, n):

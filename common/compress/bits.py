@@ -50,8 +50,31 @@ def _pack_codes(codes: np.ndarray, b: int) -> np.ndarray:
             np.left_shift(c[:, j], np.uint8(b * j), out=tmp)
             out |= tmp
         return out
+    if b < 8:
+        return _pack_groups(codes, b)
+    return _pack_bitwise(codes, b)
+
+
+def _pack_bitwise(codes: np.ndarray, b: int) -> np.ndarray:
+    """The bit-by-bit form of _pack_codes (any b): one uint8 per bit, then np.packbits."""
     bits = ((codes.astype(np.uint32)[:, None] >> np.arange(b, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def _pack_groups(codes: np.ndarray, b: int) -> np.ndarray:
+    """_pack_codes for b < 8 not dividing 8 (3, 5, 6, 7): 8 codes fill exactly b bytes, so each group
+    of 8 is one little-endian uint64 built by 8 shifts and ORs, of which the low b bytes are kept.
+    The same bytes as _pack_bitwise, in ~n/8-element passes instead of n*b-element ones."""
+    n = codes.size
+    groups = _ceil_div(n, 8)
+    c = np.zeros(groups * 8, np.uint64)
+    c[:n] = codes
+    c = c.reshape(groups, 8)
+    v = c[:, 0].copy()
+    for j in range(1, 8):
+        c[:, j] <<= np.uint64(b * j)
+        v |= c[:, j]
+    return v.view(np.uint8).reshape(groups, 8)[:, :b].reshape(-1)[:_ceil_div(n * b, 8)].copy()
 
 
 def _unpack_codes(buf: np.ndarray, n: int, b: int) -> np.ndarray:
@@ -67,8 +90,34 @@ def _unpack_codes(buf: np.ndarray, n: int, b: int) -> np.ndarray:
         for j in range(per):
             out[:, j] = (buf >> np.uint8(b * j)) & np.uint8(m)
         return out.reshape(-1)[:n].astype(np.int32)
+    if b < 8:
+        return _unpack_groups(buf, n, b)
+    return _unpack_bitwise(buf, n, b)
+
+
+def _unpack_bitwise(buf: np.ndarray, n: int, b: int) -> np.ndarray:
+    """The bit-by-bit form of _unpack_codes (any b)."""
     bits = np.unpackbits(buf, count=n * b, bitorder="little").reshape(n, b).astype(np.int32)
     return (bits << np.arange(b, dtype=np.int32)).sum(axis=1, dtype=np.int32)
+
+
+def _unpack_groups(buf: np.ndarray, n: int, b: int) -> np.ndarray:
+    """Inverse of _pack_groups: each b bytes, zero-extended to a little-endian uint64, hold 8 codes."""
+    groups = _ceil_div(n, 8)
+    g = np.zeros((groups, 8), np.uint8)
+    nbytes = _ceil_div(n * b, 8)
+    flat = np.zeros(groups * b, np.uint8)
+    flat[:nbytes] = buf[:nbytes]
+    g[:, :b] = flat.reshape(groups, b)
+    v = g.view("<u8").reshape(groups)
+    m = np.uint64((1 << b) - 1)
+    out = np.empty((groups, 8), np.int32)
+    t = np.empty(groups, np.uint64)
+    for j in range(8):
+        np.right_shift(v, np.uint64(b * j), out=t)
+        t &= m
+        out[:, j] = t
+    return out.reshape(-1)[:n]
 
 # ---- LEB128 delta varints (vectorized) ----------------------------------------------------------
 

@@ -7,6 +7,7 @@
     scaling     server round time and load vs workers (real Coordinator, synthetic clients)
     scaling_shards  the sharded column of scaling (1, 2, 4 shard servers; also alone: `bench scaling-shards`)
     memory      peak RSS of real server and worker processes vs model size
+    bytes_gpt   the bytes headline on the 10.8M-parameter GPT (`bench bytes-10m`)
     bytes_wire  payload vs wire bytes of a real networked run (run_local)
     soak        many workers over many rounds: does the server's memory stay flat?
     robustness  final validation loss vs lr for muon, muonmax, muonmax-momo (arXiv 2510.09827 in small)
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_wire, federation, memory, moe, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from cryptography import x509
 from efmuon.cli import build_parser
+from efmuon.common.shards import parse_shard
 from efmuon.server.certs import make_dev_certs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,6 +380,83 @@ def test_kubernetes_server_service_and_indexed_workers_agree(k8s, tmp_path):
     find(k8s, "PersistentVolumeClaim", claim)
     assert {service["metadata"]["name"], "localhost"} <= cert_names(made / "server.pem")
     assert server_args.auto_resume and pod["spec"]["restartPolicy"] == "OnFailure"
+
+
+def k8s_sharded() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted((DEPLOY / "k8s" / "sharded").glob("*.yaml"))}
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(NAME) expansion of args, env values and subPathExpr."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], text)
+
+
+def test_kubernetes_sharded_servers_headless_service_and_workers_agree(k8s, tmp_path):
+    # Prepare: the sharded manifests (an Indexed Job of shard servers behind a headless Service)
+    docs = k8s_sharded()
+    sharded = {"sharded/" + name: ds for name, ds in docs.items()}
+    service = find(sharded, "Service", "efmuon-shards")
+    servers, workers_job = find(sharded, "Job", "efmuon-server"), find(sharded, "Job", "efmuon-workers")
+    pod = servers["spec"]["template"]
+    (server_c,) = pod["spec"]["containers"]
+    (worker_c,) = workers_job["spec"]["template"]["spec"]["containers"]
+    shard_env = next(e for e in server_c["env"] if e["name"] == "SHARD")
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    kv = pytest.importorskip("kubernetes_validate")
+    for d in (d for ds in docs.values() for d in ds):
+        kv.validate(d, kv.latest_version(), strict=True)
+
+    # Execute: every shard's command line (its completion index expanded) and every worker's through the parser
+    n = servers["spec"]["completions"]
+    shard_args = [parse_efmuon([expand(a, {"SHARD": str(i)}) for a in container_argv(server_c)]) for i in range(n)]
+    state_mount = next(m for m in server_c["volumeMounts"] if m["name"] == "state")
+    shard_dirs = [Path(state_mount["mountPath"]) / expand(state_mount["subPathExpr"], {"SHARD": str(i)})
+                  for i in range(n)]
+    n_workers = workers_job["spec"]["completions"]
+    worker_env = {}
+    workers = []
+    for j in range(n_workers):
+        env = {}
+        for e in worker_c["env"]:
+            env[e["name"]] = str(j) if "valueFrom" in e else expand(e["value"], env)
+        workers.append(parse_efmuon(worker_argv(container_argv(worker_c), env)))
+        worker_env = env
+    comments = (DEPLOY / "k8s" / "sharded" / "servers.yaml").read_text()
+    certs_line = next(line for line in comments.splitlines() if "efmuon certs" in line).lstrip("# ")
+    made = made_certs(tmp_path, shlex.split(certs_line)[1:])
+
+    # Assert: shard I of N is the pod of completion index I, one per index, all of one run
+    assert servers["spec"]["completionMode"] == "Indexed" and servers["spec"]["parallelism"] == n >= 2
+    assert shard_env["valueFrom"]["fieldRef"]["fieldPath"] == index
+    assert [parse_shard(a.shard) for a in shard_args] == [(i, n) for i in range(n)]
+    assert all(a.workers == n_workers == workers_job["spec"]["parallelism"] for a in shard_args)
+    single = container_argv(find(k8s, "Job", "efmuon-server")["spec"]["template"]["spec"]["containers"][0])
+    for key in ("--port", "--workers", "--task", "--rounds", "--uplink", "--downlink", "--checkpoint-every"):
+        assert flag(container_argv(server_c), key) == flag(single, key), key  # the same run as the unsharded file
+    assert "--save-model" not in container_argv(server_c)
+    # every shard has a stable name <job>-<index>.<headless Service>, and the workers name them all in shard order
+    assert service["spec"]["clusterIP"] == "None" and pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= workers_job["spec"]["template"]["metadata"]["labels"].items()
+    port = shard_args[0].port
+    names = [f"{servers['metadata']['name']}-{i}.{service['metadata']['name']}" for i in range(n)]
+    assert all(w.server == ",".join(f"{h}:{port}" for h in names) for w in workers), worker_env["EFMUON_SERVER"]
+    assert [w.client_id for w in workers] == list(range(n_workers))
+    ports = {p["name"]: p["containerPort"] for p in server_c["ports"]}
+    assert ports["grpc"] == port and all(sp["port"] == ports[sp["targetPort"]] for sp in service["spec"]["ports"])
+    # the one certificate names every shard; checkpoints and reports are per shard, on one shared claim
+    assert set(names) <= cert_names(made / "server.pem")
+    assert len(set(shard_dirs)) == n
+    assert all(under(a.checkpoint_dir, state_mount["mountPath"]) and under(a.report, state_mount["mountPath"])
+               for a in shard_args)
+    claim = find(sharded, "PersistentVolumeClaim", pod["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert all(a.auto_resume for a in shard_args) and pod["spec"]["restartPolicy"] == "OnFailure"
+    merge = next(line for line in comments.splitlines() if "efmuon report merge" in line).lstrip("# ")
+    merge_args = parse_efmuon(shlex.split(merge)[1:])
+    assert sorted(merge_args.reports) == [f"shard-{i}/report.json" for i in range(n)]
+    assert all(Path(a.report).name == "report.json" for a in shard_args)
 
 
 # ---------------------------------------------------------------------------------------------- systemd

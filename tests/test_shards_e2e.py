@@ -94,9 +94,12 @@ def merge(tmp) -> dict:
     return json.loads((tmp / "merged.json").read_text())
 
 
+GPT_CHAR = ["--task", "gpt-char", "--workers", "4", "--eval-every", "2"]
+
+
 @pytest.mark.slow
-def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_merge(tmp_path):
-    flags = [*LSQ, "--rounds", "5"]
+@pytest.mark.parametrize("flags", [[*LSQ, "--rounds", "5"], [*GPT_CHAR, "--rounds", "3"]], ids=["lsq", "gpt-char"])
+def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_merge(tmp_path, flags):
     sim = simulate(tmp_path, flags)
     ports = [free_port(), free_port()]
     servers = [shard(i, p, tmp_path, flags) for i, p in enumerate(ports)]

@@ -18,6 +18,7 @@ import time
 
 import pytest
 from efmuon.common.links import parse_link
+from conftest import efmuon_cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -192,8 +193,7 @@ def test_run_netns_sixteen_client_federation_with_a_link_mix(tmp_path):
 
     flags = ["--task", "digits", "--clients", "16", "--participation", "0.25", "--link-mix", "dsl=0.3,lte=0.5,wifi=0.2",
              "--uplink", "identity", "--downlink", "identity", "--rounds", "3", "--seed", "0", "--plots", "none"]
-    sim = subprocess.run([sys.executable, "-m", "efmuon.cli", "simulate", *flags, "--report", str(tmp_path / "s.json")],
-                         capture_output=True, text=True, timeout=120)
+    sim = efmuon_cli("simulate", *flags, "--report", str(tmp_path / "s.json"))
     assert sim.returncode == 0, sim.stderr
 
     # Act

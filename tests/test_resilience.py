@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, server_model, tiny_model
+from conftest import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, server_model, tiny_model, efmuon_cli
 from efmuon.common.algorithm import params_sha256
 from efmuon.common.checkpoint import list_checkpoints, load_server
 from efmuon.common.compress import parse_spec
@@ -80,8 +80,7 @@ def wait_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: f
 def reference(tmp_path_factory) -> str:
     """w_sha256 of the uninterrupted run (simulate == run bit for bit, see test_service_e2e)."""
     tmp = tmp_path_factory.mktemp("ref")
-    out = subprocess.run(CLI + ["simulate", *FLAGS, "--report", str(tmp / "sim.json"), "--plots", "none"],
-                         capture_output=True, text=True, timeout=120)
+    out = efmuon_cli("simulate", *FLAGS, "--report", str(tmp / "sim.json"), "--plots", "none")
     assert out.returncode == 0, out.stderr
     return json.loads((tmp / "sim.json").read_text())["summary"]["w_sha256"]
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import efmuon_cli
 
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5", "--uplink", "topk:0.2", "--downlink", "natural"]
 
@@ -50,8 +51,7 @@ def test_server_and_worker_commands_match_simulate(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
-    subprocess.run([sys.executable, "-m", "efmuon.cli", "simulate", *FLAGS, "--report",
-                          str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=120)
+    efmuon_cli("simulate", *FLAGS, "--report", str(tmp_path / "sim.json"))
 
     # Assert
     assert [w.returncode for w in workers] == [0, 0], outputs

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import efmuon_cli
 
 FLAGS = ["--task", "lsq", "--workers", "4", "--rounds", "20", "--uplink", "topk:0.1", "--downlink", "rankk:2"]
 
@@ -21,7 +22,7 @@ def reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     run = efmuon("run", *FLAGS, "--report", str(tmp / "A.json"))
     assert run.returncode == 0, run.stderr
-    sim = efmuon("simulate", *FLAGS, "--report", str(tmp / "B.json"))
+    sim = efmuon_cli("simulate", *FLAGS, "--report", str(tmp / "B.json"))
     assert sim.returncode == 0, sim.stderr
     return json.loads((tmp / "A.json").read_text()), json.loads((tmp / "B.json").read_text()), run.stdout
 

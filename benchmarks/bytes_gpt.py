@@ -27,9 +27,7 @@ PAIRINGS = [
     ("identity", "identity", "identity", {}, {}),
     ("default", DEFAULT_UPLINK, DEFAULT_DOWNLINK, {}, {}),
     ("sign both ways", "sign:256", "sign:256", {}, {}),
-    ("quant:2 up", "quant:2:256", DEFAULT_DOWNLINK, {}, {}),
-    ("rank-16 hidden up", DEFAULT_UPLINK, DEFAULT_DOWNLINK, {HIDDEN: "rankk:16+bf16"}, {}),
-    ("rank-32 hidden up, sign up elsewhere", "sign:256", DEFAULT_DOWNLINK, {HIDDEN: "rankk:32+bf16"}, {}),
+    ("rank-16 hidden up, sign elsewhere", "sign:256", DEFAULT_DOWNLINK, {HIDDEN: "rankk:16+bf16"}, {}),
 ]
 
 WORKERS = 4
@@ -68,7 +66,7 @@ def bench_bytes_10m(level: str) -> dict:
     """Bytes to a fixed validation loss on the 10.8M-parameter GPT, per pairing, vs identity both ways."""
     rounds, every, pairings, options = by_level(
         level,
-        full=(200, 10, PAIRINGS, {"size": "10m", "context": 128, "batch_size": 4}),
+        full=(160, 10, PAIRINGS, {"size": "10m", "context": 128, "batch_size": 4}),
         quick=(40, 5, PAIRINGS[:3], {"size": "10m", "context": 64, "batch_size": 2}),
         smoke=(4, 2, PAIRINGS[:2], {"size": "small", "context": 32, "batch_size": 2}))
     jobs = [(label, tuple(options.items()), rounds, every, up, down, upl, downl)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,47 @@ def efmuon_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(["efmuon", *args], code, out.getvalue(), err.getvalue())
     return subprocess.run([sys.executable, "-m", "efmuon.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- processes on 127.0.0.1
+CLI = [sys.executable, "-m", "efmuon.cli"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], log_path) -> subprocess.Popen:
+    """`efmuon ARGS` as a process, its stdout and stderr appended to `log_path`, no stdin."""
+    return subprocess.Popen(CLI + list(args), stdout=open(log_path, "a"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+
+
+def wait_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: float = 60) -> int:
+    """Poll the server's Status until it collects round >= at_least; returns that round. Connects only once its
+    log says it listens (no reconnect backoff), and fails with the log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
+    stub = pb_grpc.ParameterServerStub(channel)
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                st = stub.Status(pb.StatusRequest(), timeout=1)
+                if st.round >= at_least:
+                    return st.round
+            except grpc.RpcError:
+                pass
+            time.sleep(0.003)
+    finally:
+        channel.close()
+    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
 
 
 # ---------------------------------------------------------------------------- pytest-xdist scheduling

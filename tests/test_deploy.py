@@ -18,7 +18,6 @@ import io
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from cryptography import x509
 from efmuon.cli import build_parser
 from efmuon.common.shards import parse_shard
 from efmuon.server.certs import make_dev_certs
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -509,12 +509,6 @@ def test_every_efmuon_flag_a_deploy_file_gives_the_server_is_the_same_everywhere
 
 
 # ---------------------------------------------------------------------------------------------- for real
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_probe_and_auto_resume_against_a_real_tls_server(tmp_path):
     # Prepare: certificates as the deploy files make them, a TLS + token server that waits for its workers

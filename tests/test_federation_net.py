@@ -6,23 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 import torch
-from conftest import Harness, batches_of, efmuon_cli, loss_fn, make_cfg, tiny_model
+from conftest import Harness, batches_of, efmuon_cli, free_port, loss_fn, make_cfg, start, tiny_model, wait_round
 from efmuon.common.federation import sample_clients, sample_cohort
-from efmuon.common.wire import protocol
 from efmuon.server.cohorts import mean_estimators
 from efmuon.server.options import ServerOptions
-from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
@@ -181,39 +175,6 @@ async def test_a_late_member_and_a_vanished_one_keep_g_the_mean_over_the_members
 
 
 # ------------------------------------------------------------------------------------------- a client killed
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log_path) -> subprocess.Popen:
-    return subprocess.Popen(CLI + args, stdout=open(log_path, "a"), stderr=subprocess.STDOUT, text=True)
-
-
-def status_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: float = 90) -> int:
-    """Poll Status until the server collects round >= at_least; returns that round."""
-    deadline = time.monotonic() + timeout
-    while "listening on" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
-    stub = pb_grpc.ParameterServerStub(channel)
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                st = stub.Status(pb.StatusRequest(), timeout=1)
-                if st.round >= at_least:
-                    return st.round
-            except grpc.RpcError:
-                pass
-            time.sleep(0.003)
-    finally:
-        channel.close()
-    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_a_killed_server_and_a_killed_client_resume_and_keep_simulates_bits(tmp_path):
     """efmuon server (--checkpoint-every 1) and two worker processes (clients 0-6 in one, client 7 alone, each
@@ -236,12 +197,12 @@ def test_a_killed_server_and_a_killed_client_resume_and_keep_simulates_bits(tmp_
     one = start(seven, tmp_path / "seven.log")
     procs = [srv, many, one]
     try:
-        status_round(port, 4, srv, tmp_path / "server.log")
+        wait_round(port, 4, srv, tmp_path / "server.log", timeout=90)
         srv.send_signal(signal.SIGKILL)  # Execute: the server dies ...
         srv.wait(timeout=10)
         srv = start([*serve, "--resume", str(tmp_path / "srv")], tmp_path / "server2.log")  # ... and comes back
         procs.append(srv)
-        status_round(port, 9, srv, tmp_path / "server2.log")
+        wait_round(port, 9, srv, tmp_path / "server2.log", timeout=90)
         one.send_signal(signal.SIGKILL)  # then client 7 dies and comes back
         one.wait(timeout=10)
         again = start(seven, tmp_path / "seven.log")

@@ -11,7 +11,6 @@ import datetime as dt
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,20 +23,11 @@ from efmuon.worker import Worker, WorkerError
 from efmuon.worker.connection import Connection
 from efmuon.worker.security import Security
 from efmuon.worker.silence import SILENCE_S
+from conftest import free_port, start
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5"]
 HANG_GUARD = 120.0  # seconds; a worker that ignored its timeouts would live 300 s (the default) or forever
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(CLI + args, stdout=open(log, "a"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = HANG_GUARD) -> None:

@@ -17,31 +17,19 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import Harness, batches_of, loss_fn, make_cfg, reference_w, run_workers, server_model, tiny_model, efmuon_cli
+from conftest import Harness, batches_of, efmuon_cli, free_port, loss_fn, make_cfg, reference_w, run_workers, server_model, start, tiny_model, wait_round
 from efmuon.common.algorithm import params_sha256
 from efmuon.common.checkpoint import list_checkpoints, load_server
 from efmuon.common.compress import parse_spec
 from efmuon.common.model import parameters_of
-from efmuon.common.wire import protocol
 from efmuon.server import service
 from efmuon.server.coordinator import Coordinator
 from efmuon.server.options import ServerOptions
 from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
 from efmuon.worker import Worker, WorkerError
 
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "30", "--uplink", "topk:0.2", "--downlink", "natural"]
 CLI = [sys.executable, "-m", "efmuon.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log_path) -> subprocess.Popen:
-    return subprocess.Popen(CLI + args, stdout=open(log_path, "a"), stderr=subprocess.STDOUT, text=True)
 
 
 def server(port: int, tmp, *extra: str) -> subprocess.Popen:
@@ -51,29 +39,6 @@ def server(port: int, tmp, *extra: str) -> subprocess.Popen:
 
 def worker(port: int, j: int, tmp, *extra: str) -> subprocess.Popen:
     return start(["worker", "--server", f"127.0.0.1:{port}", "--client-id", str(j), *extra], tmp / f"worker{j}.log")
-
-
-def wait_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: float = 60) -> int:
-    """Poll Status until the server collects round >= at_least; returns that round."""
-    deadline = time.monotonic() + timeout
-    while "listening on" not in log.read_text():  # connect only once it listens: no reconnect backoff
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
-    stub = pb_grpc.ParameterServerStub(channel)
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                st = stub.Status(pb.StatusRequest(), timeout=1)
-                if st.round >= at_least:
-                    return st.round
-            except grpc.RpcError:
-                pass
-            time.sleep(0.003)
-    finally:
-        channel.close()
-    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")

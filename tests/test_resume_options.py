@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,19 +25,10 @@ from efmuon.common.wire.credentials import auth_metadata, channel_credentials, r
 from efmuon.server.certs import make_dev_certs
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
+from conftest import free_port, start
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "40", "--uplink", "topk:0.2", "--downlink", "natural"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(CLI + args, stdout=open(log, "a"), stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float = 120, what: str = "") -> None:

@@ -6,31 +6,16 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import grpc
 import pytest
 
-from efmuon.common.wire import protocol
-from efmuon.v1 import service_pb2 as pb
-from efmuon.v1 import service_pb2_grpc as pb_grpc
+from conftest import free_port, start, wait_round
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 LSQ = ["--task", "lsq", "--task-option", "bias=true", "--workers", "4", "--uplink", "randk:0.5",
        "--downlink", "rankk:2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen(CLI + args, stdout=open(log, "a"), stderr=subprocess.STDOUT, text=True)
 
 
 def shard(i: int, port: int, tmp, flags, *extra: str) -> subprocess.Popen:
@@ -63,28 +48,6 @@ def finish(procs, tmp, timeout: float = 120) -> list[int]:
             if p.poll() is None:
                 p.kill()
         print("\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log"))))
-
-
-def wait_round(port: int, at_least: int, proc, log, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while "listening on" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=protocol.CHANNEL_OPTIONS)
-    stub = pb_grpc.ParameterServerStub(channel)
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                st = stub.Status(pb.StatusRequest(), timeout=1)
-                if st.round >= at_least:
-                    return st.round
-            except grpc.RpcError:
-                pass
-            time.sleep(0.003)
-    finally:
-        channel.close()
-    raise AssertionError(f"round {at_least} not reached: {log.read_text()[-3000:]}")
 
 
 def merge(tmp) -> dict:

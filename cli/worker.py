@@ -177,27 +177,48 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if world_size() > 1:  # under torchrun: the ranks are one client (worker.group)
         return cmd_group(args, clients)
-    link = None
-    if args.link:
-        from ..common.links import parse_link
-
-        link = parse_link(args.link)
+    link = _link_of(args)
     from ..worker.connection import split_servers
-    from ..worker.reconnect import contact_window, reach
 
     servers = split_servers(args.server)
     if len(servers) > 1:
         return _sharded(args, servers, clients, link)
-    first = clients[0] if clients is not None else args.client_id
+    conn, status = _reach(args, link, clients[0] if clients is not None else args.client_id)
+    if clients is not None:
+        return _host_clients(args, clients, conn, status, link)
+    worker, link = _one_worker(args, conn, status, link)
+    stats = worker.run()
+    write_stats(args, stats, link)
+    return 0
+
+
+def _link_of(args: argparse.Namespace):
+    """--link PROFILE parsed (None without it)."""
+    if not args.link:
+        return None
+    from ..common.links import parse_link
+
+    return parse_link(args.link)
+
+
+def _reach(args: argparse.Namespace, link, client: int | None):
+    """(connection, Status reply) of --server, within the contact window, with `client`'s security; --model
+    checked against the server's run. Closes the connection when the check fails."""
+    from ..worker.reconnect import contact_window, reach
+
     conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
-                         _measure_wire(args), link, security_from_args(args, first))
+                         _measure_wire(args), link, security_from_args(args, client))
     try:
         _check_model(args, status)
     except BaseException:
         conn.close()
         raise
-    if clients is not None:
-        return _host_clients(args, clients, conn, status, link)
+    return conn, status
+
+
+def _one_worker(args: argparse.Namespace, conn, status, link):
+    """(the Worker of one client, its link): the run's link for this client where --link gives none, then the
+    task's Worker with the flags' checkpoints and timeouts."""
     try:
         conn, link = with_config_link(args, conn, status, link)
     except BaseException:
@@ -210,9 +231,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = for_status(conn, status, client_id=args.client_id, device=args.device,
                         checkpoint_dir=args.checkpoint_dir, reconnect_timeout=args.reconnect_timeout,
                         connect_timeout=args.connect_timeout)
-    stats = worker.run()
-    write_stats(args, stats, link)
-    return 0
+    return worker, link
 
 
 def _sharded(args: argparse.Namespace, servers: list[str], clients: list[int] | None, link) -> int:
@@ -375,25 +394,9 @@ def cmd_group(args: argparse.Namespace, clients: list[int] | None) -> int:
 
 def _rank0_worker(args: argparse.Namespace):
     """The one client's Worker (rank 0), as `efmuon worker` builds it: its link, security and checkpoints."""
-    from ..worker.reconnect import contact_window, reach
-
-    link = None
-    if args.link:
-        from ..common.links import parse_link
-
-        link = parse_link(args.link)
-    conn, status = reach(args.server, contact_window(args.reconnect_timeout, args.connect_timeout),
-                         _measure_wire(args), link, security_from_args(args))
-    try:
-        conn, link = with_config_link(args, conn, status, link)
-    except BaseException:
-        conn.close()
-        raise
-    from ..worker.task import for_status
-
-    worker = for_status(conn, status, client_id=args.client_id, device=args.device,
-                        checkpoint_dir=args.checkpoint_dir, reconnect_timeout=args.reconnect_timeout,
-                        connect_timeout=args.connect_timeout)
+    link = _link_of(args)
+    conn, status = _reach(args, link, args.client_id)
+    worker, link = _one_worker(args, conn, status, link)
     return worker, link, status
 
 

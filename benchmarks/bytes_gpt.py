@@ -15,7 +15,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
+import torch
+
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
+from ..simulate import simulate
 from .algorithm import _rounds_to
 from .harness import bench, by_level, goal, table
 
@@ -35,10 +38,6 @@ WORKERS = 4
 
 def _run_one(args: tuple) -> dict:
     """One pairing's simulate run in a child process; returns the per-round bytes and losses."""
-    import torch
-
-    from ..simulate import simulate
-
     label, options, rounds, every, up, down, up_layers, down_layers = args
     torch.set_num_threads(1)
     cfg = RunConfig(task="gpt", task_options=dict(options), workers=WORKERS, rounds=rounds, uplink=up,

@@ -17,6 +17,9 @@ from efmuon.server.model import ServerModel
 # per bench: keys every result row has, and those of them that must be > 0
 ROWS = {
     "bytes": (lambda r: r["rows"], {"method", "uplink", "downlink", "rounds", "final_val_loss_w"}, {"rounds"}),
+    "bytes-10m": (lambda r: r["rows"], {"pairing", "uplink", "downlink", "rounds_to_target", "saving_total_x",
+                                        "bits_per_param_up", "bits_per_param_down", "final_val_loss_w"},
+                  {"bits_per_param_up", "bits_per_param_down"}),
     "methods": (lambda r: r, {"task", "method", "final_loss_w", "up_MB", "down_MB"}, {"up_MB", "down_MB"}),
     "codecs": (lambda r: r, {"threads", "codec", "frame_MB", "encode_ms", "decode_ms", "x_clone"},
                {"frame_MB", "encode_ms", "decode_ms", "x_clone"}),

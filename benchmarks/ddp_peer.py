@@ -34,6 +34,9 @@ import time
 
 import torch
 
+from ..common.config import RunConfig
+from ..common.model import Setup
+
 HIDDEN_PREFIX = "blocks."  # the transformer blocks' matrices: Muon; everything else: AdamW
 HOOKS = ("fp32", "fp16", "powersgd-r8", "powersgd-r16")
 
@@ -47,9 +50,6 @@ POWERSGD_START = 2
 
 def setup_of(spec: dict):
     """The task's Setup (model with the seed's initial parameters, task) of an efmuon run of the same config."""
-    from ..common.config import RunConfig
-    from ..common.model import Setup
-
     cfg = RunConfig(task=spec["task"], task_options=dict(spec.get("task_options") or {}),
                     workers=int(spec["world"]), seed=int(spec.get("seed", 0)), threads=1)
     return Setup(cfg)

@@ -39,7 +39,9 @@ import torch
 
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
 from ..common.links import parse_link
+from ..common.model import evaluate
 from ..server.netns import NetnsError, Star, check_available, client_addr
+from ..simulate.sync import SyncSim
 from . import ddp_peer
 from .harness import bench, by_level, goal, table
 
@@ -86,11 +88,6 @@ def _efmuon_cfg(setup: dict, uplink: str, downlink: str, rounds: int) -> RunConf
 def sim_rounds_to_target(args: tuple) -> dict:
     """In process (efmuon simulate's SyncSim, the networked run's arithmetic): the first evaluated round whose
     validation loss is <= target, or the cap. {round, val_loss, reached}."""
-    import torch
-
-    from ..common.model import evaluate
-    from ..simulate.sync import SyncSim
-
     setup, uplink, downlink = args
     torch.set_num_threads(1)
     cap, every, target = setup["max_steps"], setup["eval_every"], setup["target"]

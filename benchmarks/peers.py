@@ -71,7 +71,7 @@ def level_setup(level: str) -> dict:
               "settings": [("20 Mbit/s", "up=20mbit,down=20mbit"), ("100 Mbit/s", "up=100mbit,down=100mbit"),
                            ("1 Gbit/s (fast)", "up=1gbit,down=1gbit")], "task_options": {}},
         quick={"workers": 2, "target": 2.60, "eval_every": 5, "max_steps": 100, "repeats": 1,
-               "settings": [("20 Mbit/s", "up=20mbit,down=20mbit"), ("1 Gbit/s (fast)", "up=1gbit,down=1gbit")],
+               "settings": [("20 Mbit/s", "up=20mbit,down=20mbit"), ("100 Mbit/s", "up=100mbit,down=100mbit")],
                "task_options": {}},
         smoke={"workers": 2, "target": 4.20, "eval_every": 2, "max_steps": 6, "repeats": 1,
                "settings": [("100 Mbit/s", "up=100mbit,down=100mbit")],

@@ -12,6 +12,10 @@
     soak        many workers over many rounds: does the server's memory stay flat?
     robustness  final validation loss vs lr for muon, muonmax, muonmax-momo (arXiv 2510.09827 in small)
     moe         Muon vs the adamw preset on gpt-moe (MLA + MoE): rounds to the same validation loss
+    peers       the head-to-head with torch DDP (fp32, fp16, PowerSGD hooks; torch Muon + AdamW), every host
+                behind tc tbf in its own network namespace: time, steps and wire bytes to a validation loss
+    ddp_peer    one DDP rank of `peers` (`python -m efmuon.benchmarks.ddp_peer rank SPEC.json`), the
+                batched_powerSGD_hook probe and the lr sweep
   and what the service benchmarks share:
     synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
     proc        starting helper processes, reading their JSON, /proc memory and CPU figures
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, peers, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

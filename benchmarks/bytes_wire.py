@@ -29,7 +29,7 @@ def bench_bytes_wire(level: str) -> dict:
         s = rep["summary"]
         row = {"task": task, "uplink": uplink, "downlink": downlink, "rounds": rounds, "workers": cfg.workers}
         for d in ("up", "down"):
-            tot = {lvl: (s["bytes"][d].get(lvl) or 0) + (s["init_bytes"][d].get(lvl) or 0)
+            tot = {lvl: s["bytes"][d].get(lvl) or 0  # summary.bytes includes the join phase (init_bytes)
                    for lvl in ("payload", "message", "wire")}
             row[f"{d}_payload_MB"] = tot["payload"] / 1e6
             row[f"{d}_message_MB"] = tot["message"] / 1e6

@@ -173,6 +173,7 @@ class Reassembler:
         self.received = 0
         self._bufs: list[np.ndarray | bytearray | None] = [None] * len(self.lengths)
         self._fi, self._fo = 0, 0  # the frame being filled and the bytes it already has
+        self._taken, self._end = 0, 0  # take_complete: frames handed out, and the byte where they end
 
     def add(self, chunk: bytes) -> None:
         n = len(chunk)
@@ -202,6 +203,19 @@ class Reassembler:
             pos += take
             self._fo += take
         self.received += n
+
+    def take_complete(self) -> list[tuple[int, memoryview]]:
+        """The frames completed since the last call, as (index, writable memoryview), in frame order; the
+        Reassembler lets go of them (a consumer that decodes frames as they arrive, the pipelined server;
+        `frames()` then holds empty views in their place)."""
+        out = []
+        while self._taken < len(self.lengths) and self.received >= self._end + self.lengths[self._taken]:
+            i = self._taken
+            self._end += self.lengths[i]
+            b, self._bufs[i] = self._bufs[i], None
+            out.append((i, memoryview(b if b is not None else bytearray())))
+            self._taken += 1
+        return out
 
     def frames(self) -> list[memoryview]:
         """The frames, as writable memoryviews of their own buffers."""

@@ -1,0 +1,105 @@
+"""`--pipeline` on a real server over gRPC: the server steps an LMO unit before the round's last uplink
+frame has arrived, ends in the bits of the sequential server, and refuses a bad frame mid-submission
+with INVALID_ARGUMENT, changing nothing."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from efmuon.common.compress import parse_spec
+from efmuon.common.model import model_specs, parameters_of
+from efmuon.server import service
+from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
+from efmuon.worker import Worker
+from efmuon.worker.connection import Connection
+from conftest import Harness, make_cfg
+
+WIDTH = 384  # 3 matrices of 576 KiB: an identity uplink spans several 1 MiB chunks
+
+
+def wide() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+                         nn.Linear(WIDTH, WIDTH))
+
+
+def wide_loss(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def wide_batches(j: int):
+    def batch(k: int):
+        g = torch.Generator().manual_seed(1000 * j + k)
+        return torch.randn(8, WIDTH, generator=g), torch.randn(8, WIDTH, generator=g)
+    return batch
+
+
+async def serve_run(cfg, pipeline: bool, link: str | None):
+    model = wide()
+    names, params = parameters_of(model)
+    c = Coordinator(cfg, ServerModel(names, params, model_specs(model, cfg)), quiet=True, leave_timeout=5,
+                    options=ServerOptions(pipeline=pipeline))
+    seen: list[tuple[str, int, float, float]] = []
+    c.events = lambda what, k, t0, t1: seen.append((what, k, t0, t1))
+    server, port = await service.start(c)
+    try:
+        workers = [Worker(wide(), wide_loss, wide_batches(j), client_id=j, configure_threads=False,
+                          server=Connection(f"127.0.0.1:{port}", link=link if j == cfg.workers - 1 else None))
+                   for j in range(cfg.workers)]
+        await asyncio.gather(*(asyncio.to_thread(w.run) for w in workers))
+        await asyncio.wait_for(c.finished.wait(), 60)
+    finally:
+        await server.stop(0)
+        c.executor.shutdown(wait=True)
+    return c, seen
+
+
+@pytest.mark.slow
+async def test_server_steps_a_unit_before_the_last_frame_arrives_and_keeps_the_bits():
+    cfg = make_cfg(workers=2, rounds=3, uplink="identity", downlink="topk:0.01")
+
+    # Execute: the last worker's uplink is throttled (its relay emulates a 40 Mbit/s link)
+    piped, seen = await serve_run(cfg, True, "up=40mbit")
+    plain, seen_plain = await serve_run(cfg, False, None)
+
+    # Assert: rounds 1..R-1 are pipelined; in each, a unit's LMO started before the round's last frame was in
+    for k in range(1, cfg.rounds):
+        units = [t0 for what, r, t0, _ in seen if what == "lmo_unit" and r == k]
+        frames = [t for what, r, t, _ in seen if what == "frame" and r == k]
+        assert len(frames) == 2 * 6 and len(units) >= 3
+        assert min(units) < max(frames), k
+    assert not any(what in ("lmo_unit", "frame") for what, *_ in seen_plain)
+    assert not any(what == "lmo_unit" and r in (0, cfg.rounds) for what, r, *_ in seen)
+    assert piped.report.summary["w_sha256"] == plain.report.summary["w_sha256"]
+    assert piped.state_sha256() == plain.state_sha256()
+
+
+async def test_a_bad_frame_mid_submission_is_refused_and_changes_nothing():
+    cfg = make_cfg(workers=2, rounds=3, init="zero")
+    async with Harness(cfg, options=ServerOptions(pipeline=True)) as h:
+        c = h.coordinator
+        heads = [await h.raw_join(j) for j in range(2)]
+        await asyncio.gather(*(h.raw_exchange(j, heads[j].session, 0, []) for j in range(2)))
+        assert c.collecting == 1
+        before = c.state_sha256()
+        comp = parse_spec("topk:0.5")
+        shapes = [s.shape for s in c.model.specs]
+        good = [comp.encode(torch.ones(s), 0) for s in shapes]
+        bad = list(good)
+        bad[1] = b"EF\x00garbage"
+
+        # Execute
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.raw_exchange(0, heads[0].session, 1, bad)
+
+        # Assert
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "layer 0.bias" in err.value.details() and "nothing was applied" in err.value.details()
+        assert c.state_sha256() == before
+        assert c._pipe is not None and c._pipe.have == [0] * len(shapes) and not c._pipe.done
+        assert c.submitted == set()

@@ -12,6 +12,7 @@
     soak        many workers over many rounds: does the server's memory stay flat?
     robustness  final validation loss vs lr for muon, muonmax, muonmax-momo (arXiv 2510.09827 in small)
     moe         Muon vs the adamw preset on gpt-moe (MLA + MoE): rounds to the same validation loss
+    pipeline    round time with and without --pipeline (run_local), and a DDP (gloo) step of the same model
   and what the service benchmarks share:
     synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
     proc        starting helper processes, reading their JSON, /proc memory and CPU figures
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, pipeline, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

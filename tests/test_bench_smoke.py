@@ -45,7 +45,7 @@ ROWS = {
 # this file's budget): their runs are tested end to end elsewhere (test_service_e2e, test_service_cli).
 # By hand: run_bench("bytes-wire" / "soak" / "startup", True, None, None, "", smoke=True); startup's
 # two ways of starting workers are tested in tests/test_spawn.py.
-NETWORKED_RUNS = {"bytes-wire", "federation", "soak", "startup"}
+NETWORKED_RUNS = {"bytes-wire", "federation", "pipeline", "soak", "startup"}
 
 
 def _has_events_hook() -> bool:

@@ -75,19 +75,23 @@ def bench_pipeline(level: str) -> dict:
     for name in models:
         opts = MODELS[name]
         times: dict[bool, list[float]] = {False: [], True: []}
+        walls: dict[bool, list[float]] = {False: [], True: []}
         shas: dict[bool, set] = {False: set(), True: set()}
         for _ in range(repeat):
             for pipelined in (False, True):  # interleaved: a noisy machine hits both alike
                 cfg = RunConfig(task="gpt-char", workers=workers, rounds=rounds, uplink="identity",
                                 downlink="identity", eval_every=rounds, task_options=dict(opts))
+                t0 = time.perf_counter()
                 rep = run_local(cfg, quiet=True, options=ServerOptions(pipeline=pipelined))
+                walls[pipelined].append(time.perf_counter() - t0)
                 times[pipelined].append(_round_s(rep))
                 shas[pipelined].add(rep["summary"]["w_sha256"])
         ddp = ddp_step_s(opts, max(2, workers), by_level(level, full=20, quick=10, smoke=3))
         seq, pip = statistics.median(times[False]), statistics.median(times[True])
         row = {"model": name, "params": sum(p.numel() for p in _model(opts).parameters()), "workers": workers,
                "rounds": rounds, "repeats": repeat, "round_s": seq, "round_s_pipeline": pip,
-               "pipeline/sequential": pip / seq if seq else None, "ddp_step_s": ddp,
+               "pipeline/sequential": pip / seq if seq else None, "run_wall_s": statistics.median(walls[False]),
+               "run_wall_s_pipeline": statistics.median(walls[True]), "ddp_step_s": ddp,
                "sequential/ddp": seq / ddp if ddp else None, "pipeline/ddp": pip / ddp if ddp else None,
                "same_bits": shas[False] == shas[True] and len(shas[True]) == 1}
         print(f"  {name}: round {seq:.4f} s, pipelined {pip:.4f} s, ddp step {ddp:.4f} s", flush=True)
@@ -97,7 +101,7 @@ def bench_pipeline(level: str) -> dict:
     goals += [goal(f"{r['model']}: same w_sha256 with and without --pipeline", r["same_bits"], "True",
                    r["same_bits"]) for r in rows]
     cols = ["model", "params", "workers", "rounds", "repeats", "round_s", "round_s_pipeline", "pipeline/sequential",
-            "ddp_step_s", "sequential/ddp", "pipeline/ddp", "same_bits"]
+            "run_wall_s", "run_wall_s_pipeline", "ddp_step_s", "sequential/ddp", "pipeline/ddp", "same_bits"]
     return {"result": rows, "goals": goals, "table": table(rows, cols)}
 
 

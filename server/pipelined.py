@@ -40,7 +40,7 @@ class FrameSink:
             t = time.perf_counter()
             self.c.events("frame", self.round, t, t)
         for f in self.futs[-4:]:  # a frame already refused ends the stream now, not after its last chunk
-            if f.done() and f.exception() is not None:
+            if f.done() and not f.cancelled() and f.exception() is not None:
                 raise f.exception()
         self.futs.append(self.loop.run_in_executor(self.c.executor, self.pipe.add_frame, self.j, i, frame))
 

@@ -4,6 +4,7 @@ with INVALID_ARGUMENT, changing nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
 from efmuon.worker import Worker
 from efmuon.worker.connection import Connection
-from conftest import Harness, make_cfg
+from conftest import Harness, efmuon_cli, make_cfg
 
 WIDTH = 384  # 3 matrices of 576 KiB: an identity uplink spans several 1 MiB chunks
 
@@ -103,3 +104,28 @@ async def test_a_bad_frame_mid_submission_is_refused_and_changes_nothing():
         assert c.state_sha256() == before
         assert c._pipe is not None and c._pipe.have == [0] * len(shapes) and not c._pipe.done
         assert c.submitted == set()
+
+
+def test_pipeline_asked_for_a_run_it_cannot_step_says_so_and_stays_sequential(caplog):
+    cfg = make_cfg(workers=2, preset="muonmax")
+    with caplog.at_level("WARNING", logger="efmuon.server"):
+        h = Harness(cfg, options=ServerOptions(pipeline=True))
+    c = h.coordinator
+    c.executor.shutdown()
+    assert "sum over all layers" in c.pipeline_off
+    assert "--pipeline: this run's rounds stay sequential" in caplog.text
+    assert c.pipeline_for(1) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [
+    ["--task", "lsq", "--workers", "4", "--rounds", "6", "--uplink", "topk:0.1", "--downlink", "rankk:2"],
+    ["--task", "gpt-char", "--workers", "2", "--rounds", "3", "--eval-every", "3"],
+], ids=["lsq", "gpt-char"])
+def test_run_pipeline_ends_in_the_bits_of_simulate(flags, tmp_path):
+    run = efmuon_cli("run", *flags, "--pipeline", "--report", str(tmp_path / "A.json"))
+    assert run.returncode == 0, run.stderr
+    sim = efmuon_cli("simulate", *flags, "--report", str(tmp_path / "B.json"))
+    assert sim.returncode == 0, sim.stderr
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text())["summary"] for x in "AB")
+    assert a["w_sha256"] == b["w_sha256"] and a["x_sha256"] == b["x_sha256"]

@@ -46,7 +46,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", action="store_true", default=None,
                    help="pipelined rounds: decode each uplink frame as it arrives and take each LMO unit's step "
                         "as soon as every client's frames of it are in, while the rest still streams (the same "
-                        "bits as without; docs/design.md §5). Not for muonmax, muonmax-momo, adamw, ef14, cohort "
+                        "bits as without; docs/design.md §4). Not for muonmax, muonmax-momo, adamw, ef14, cohort "
                         "runs or shards: those stay sequential, with a warning (default: off)")
     f = p.add_argument_group("federation (with --clients/--participation/--deadline: cohort rounds, docs/design.md §6)")
     f.add_argument("--min-cohort", type=int, default=None, metavar="M",

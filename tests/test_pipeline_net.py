@@ -15,6 +15,7 @@ from efmuon.common.compress import parse_spec
 from efmuon.common.model import model_specs, parameters_of
 from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
+from efmuon.v1 import service_pb2 as pb
 from efmuon.worker import Worker
 from efmuon.worker.connection import Connection
 from conftest import Harness, efmuon_cli, make_cfg
@@ -129,3 +130,49 @@ def test_run_pipeline_ends_in_the_bits_of_simulate(flags, tmp_path):
     assert sim.returncode == 0, sim.stderr
     a, b = (json.loads((tmp_path / f"{x}.json").read_text())["summary"] for x in "AB")
     assert a["w_sha256"] == b["w_sha256"] and a["x_sha256"] == b["x_sha256"]
+
+
+async def _broken_round(pipeline: bool) -> tuple[str, str, int, list]:
+    """Round 1: client 0 submits, client 1's stream breaks after part of its frames; the deadline proceeds."""
+    cfg = make_cfg(workers=2, rounds=3, init="zero")
+    async with Harness(cfg, options=ServerOptions(pipeline=pipeline, round_deadline=3.0,
+                                                  on_deadline="proceed")) as h:
+        c = h.coordinator
+        seen: list = []
+        c.events = lambda what, k, t0, t1: seen.append((what, k))
+        heads = [await h.raw_join(j) for j in range(2)]
+        await asyncio.gather(*(h.raw_exchange(j, heads[j].session, 0, []) for j in range(2)))
+        before = c.state_sha256()
+        comp = parse_spec("topk:0.5")
+        frames = [[comp.encode(torch.full(s.shape, float(j + 1)), 0) for s in c.model.specs] for j in range(2)]
+        first = asyncio.ensure_future(h.raw_exchange(0, heads[0].session, 1, frames[0]))
+        while 0 not in c.submitted:
+            await asyncio.sleep(0.01)
+
+        def broken():
+            fs = frames[1]
+            yield pb.Submission(header=pb.SubmissionHeader(client_id=1, session=heads[1].session, round=1,
+                                                           frame_lengths=[len(f) for f in fs]))
+            yield pb.Submission(chunk=b"".join(fs[:2]))  # layers 0 and 1 whole
+            raise RuntimeError("the worker died mid-stream")
+
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):  # the call is cancelled locally
+            [m async for m in h.stub.Exchange(broken())]
+        if pipeline:  # client 1's frames, and the units stepped with them, are forgotten
+            for _ in range(200):
+                if c._pipe.have == [1] * len(frames[0]):
+                    break
+                await asyncio.sleep(0.01)
+            assert c._pipe.have == [1] * len(frames[0]) and not c._pipe.done
+        await asyncio.wait_for(first, 30)
+        return before, c.state_sha256(), c.partial_rounds, seen
+
+
+async def test_a_stream_broken_mid_round_leaves_no_trace_and_the_deadline_round_has_the_sequential_bits():
+    before_p, after_p, partial_p, seen_p = await _broken_round(True)
+    before_s, after_s, partial_s, _ = await _broken_round(False)
+
+    assert before_p == before_s and after_p == after_s != before_p
+    assert partial_p == partial_s == 1
+    assert seen_p.count(("frame", 1)) == 4 + 2  # client 0's four frames, client 1's first two
+    assert ("lmo_unit", 1) not in seen_p  # round 1 took the sequential path

@@ -62,6 +62,7 @@ class PipelinedStep:
         self.R: dict[int, list[torch.Tensor | None]] = {j: [None] * n_layers for j in self.clients}
         self.zeroed: dict[int, int] = {j: 0 for j in self.clients}
         self.have = [0] * n_layers  # how many clients' frame of layer i are decoded
+        self.owner: dict[tuple[int, int], object] = {}  # (client, layer) -> the stream that sent it
         nbytes = [4 * x.numel() for x in state.X]
         self.units: list[tuple[list[int], int]] = []  # (layers, lmo threads)
         for block in state.lmo_blocks():
@@ -76,9 +77,10 @@ class PipelinedStep:
         self.unit_times: list[tuple[float, float]] = []  # perf_counter (start, end) of each unit computed
 
     # ------------------------------------------------------------------ frames in
-    def add_frame(self, j: int, i: int, frame) -> None:
+    def add_frame(self, j: int, i: int, frame, owner=None) -> None:
         """Client j's uplink frame of layer i: decode and check it (FrameError naming the layer), keep
-        R_{j,i}, and step every unit this frame completes. Mutates nothing of the state."""
+        R_{j,i}, and step every unit this frame completes. Mutates nothing of the state. `owner`: who sent
+        it (a stream), for `discard`."""
         if j not in self.R:
             raise ProtocolError(f"client {j} is not one of this round's clients {self.clients}")
         if not 0 <= i < len(self.have):
@@ -91,20 +93,23 @@ class PipelinedStep:
         else:  # the same frame again (a second stream of the client): its unit is stale
             self.done.pop(u, None)
         self.R[j][i] = d
+        self.owner[j, i] = owner
         self.zeroed[j] += bad
         layers = self.units[u][0]
         if u not in self.done and all(self.have[m] == len(self.clients) for m in layers):
             self._compute(u)
 
-    def discard(self, j: int) -> None:
-        """Forget client j's frames of this round and every unit computed with them."""
+    def discard(self, j: int, owner=None) -> None:
+        """Forget client j's frames of this round (with `owner`: only those it sent) and every unit
+        computed with them."""
         if j not in self.R:
             return
         for i, r in enumerate(self.R[j]):
-            if r is not None:
+            if r is not None and (owner is None or self.owner.get((j, i)) is owner):
                 self.have[i] -= 1
                 self.done.pop(self.unit_of[i], None)
-        self.R[j] = [None] * len(self.have)
+                self.R[j][i] = None
+                self.owner.pop((j, i), None)
         self.zeroed[j] = 0
 
     def decoded(self, j: int) -> tuple[list[torch.Tensor], int]:

@@ -42,7 +42,7 @@ class FrameSink:
         for f in self.futs[-4:]:  # a frame already refused ends the stream now, not after its last chunk
             if f.done() and not f.cancelled() and f.exception() is not None:
                 raise f.exception()
-        self.futs.append(self.loop.run_in_executor(self.c.executor, self.pipe.add_frame, self.j, i, frame))
+        self.futs.append(self.loop.run_in_executor(self.c.executor, self.pipe.add_frame, self.j, i, frame, self))
 
     async def finish(self) -> tuple[list, int]:
         """(R_j, zeroed) once every frame is decoded; FrameError/ProtocolError as `decode_uplink` raises."""
@@ -50,9 +50,10 @@ class FrameSink:
         return await self.c._run(self.pipe.decoded, self.j)
 
     async def abort(self) -> None:
-        """The submission is not taken: wait for its queued decodes, then forget its frames."""
+        """The submission is not taken: wait for its queued decodes, then forget its frames (only this
+        stream's: a newer stream of the client may have sent some meanwhile)."""
         await asyncio.gather(*self.futs, return_exceptions=True)
-        await self.c._run(self.pipe.discard, self.j)
+        await self.c._run(self.pipe.discard, self.j, self)
 
 
 class Pipelining:

@@ -325,8 +325,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             kind = await c.accept(s, h.round, None, h.train_loss, previous, total, message, decoded=decoded)
             return kind
         finally:
-            if kind != SubmissionKind.NEW:
-                await sink.abort()
+            if kind != SubmissionKind.NEW:  # a task of its own: a cancelled call (the client went away) still forgets
+                await asyncio.shield(c._spawn(sink.abort()))
 
     async def _receive(self, h: pb.SubmissionHeader, it, message: int, sink=None) -> tuple[list, int, int]:
         """Reassemble a new submission's chunks: (frames, their bytes, the messages' bytes). `sink(i, frame)`:

@@ -139,6 +139,7 @@ async def _broken_round(pipeline: bool) -> tuple[str, str, int, list]:
                                                   on_deadline="proceed")) as h:
         c = h.coordinator
         seen: list = []
+        stepped: list = []
         c.events = lambda what, k, t0, t1: seen.append((what, k))
         heads = [await h.raw_join(j) for j in range(2)]
         await asyncio.gather(*(h.raw_exchange(j, heads[j].session, 0, []) for j in range(2)))
@@ -149,11 +150,16 @@ async def _broken_round(pipeline: bool) -> tuple[str, str, int, list]:
         while 0 not in c.submitted:
             await asyncio.sleep(0.01)
 
-        def broken():
+        async def broken():
             fs = frames[1]
             yield pb.Submission(header=pb.SubmissionHeader(client_id=1, session=heads[1].session, round=1,
                                                            frame_lengths=[len(f) for f in fs]))
             yield pb.Submission(chunk=b"".join(fs[:2]))  # layers 0 and 1 whole
+            for _ in range(200):  # the server has them (with --pipeline: and stepped layer 1's unit)
+                if seen.count(("frame", 1)) == 6 and (not pipeline or c._pipe.done):
+                    break
+                await asyncio.sleep(0.01)
+            stepped.append(bool(pipeline and c._pipe.done))
             raise RuntimeError("the worker died mid-stream")
 
         with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):  # the call is cancelled locally
@@ -165,6 +171,7 @@ async def _broken_round(pipeline: bool) -> tuple[str, str, int, list]:
                 await asyncio.sleep(0.01)
             assert c._pipe.have == [1] * len(frames[0]) and not c._pipe.done
         await asyncio.wait_for(first, 30)
+        assert stepped == [pipeline]
         return before, c.state_sha256(), c.partial_rounds, seen
 
 

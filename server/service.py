@@ -329,12 +329,14 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 await asyncio.shield(c._spawn(sink.abort()))
 
     async def _receive(self, h: pb.SubmissionHeader, it, message: int, sink=None) -> tuple[list, int, int]:
-        """Reassemble a new submission's chunks: (frames, their bytes, the messages' bytes). `sink(i, frame)`:
-        each frame as soon as it is complete (the returned frames are then empty)."""
+        """Reassemble a new submission's chunks: (frames in layer order, their bytes, the messages' bytes).
+        The frames arrive in `h.frame_order` (empty: layer order). `sink(layer, frame)`: each frame as soon as
+        it is complete (the returned frames are then empty)."""
         c = self.c
         t_first = None
         try:
             parts = chunking.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
+            order = chunking.stream_order(h.frame_order, len(h.frame_lengths))
             async for msg in it:
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -349,11 +351,11 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                 parts.add(chunk)
                 if sink is not None:
                     for i, frame in parts.take_complete():
-                        sink(i, frame)
+                        sink(i if order is None else order[i], frame)
             if sink is not None:
                 for i, frame in parts.take_complete():  # empty frames after the last byte
-                    sink(i, frame)
-            frames, total = parts.frames(), parts.total
+                    sink(i if order is None else order[i], frame)
+            frames, total = chunking.in_layer_order(parts.frames(), order), parts.total
         except FrameError as exc:
             raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
         if c.events is not None:

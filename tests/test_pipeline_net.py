@@ -13,6 +13,7 @@ from torch import nn
 
 from efmuon.common.compress import parse_spec
 from efmuon.common.model import model_specs, parameters_of
+from efmuon.common.wire import chunking
 from efmuon.server import service
 from efmuon.server.coordinator import Coordinator, ServerModel, ServerOptions
 from efmuon.v1 import service_pb2 as pb
@@ -183,3 +184,58 @@ async def test_a_stream_broken_mid_round_leaves_no_trace_and_the_deadline_round_
     assert partial_p == partial_s == 1
     assert seen_p.count(("frame", 1)) == 4 + 2  # client 0's four frames, client 1's first two
     assert ("lmo_unit", 1) not in seen_p  # round 1 took the sequential path
+
+
+async def _ordered_round(pipeline: bool, order: list[int] | None) -> str:
+    """Round 1 of two raw clients whose frames travel in `order` (SubmissionHeader.frame_order)."""
+    cfg = make_cfg(workers=2, rounds=3, init="zero")
+    async with Harness(cfg, options=ServerOptions(pipeline=pipeline)) as h:
+        c = h.coordinator
+        heads = [await h.raw_join(j) for j in range(2)]
+        await asyncio.gather(*(h.raw_exchange(j, heads[j].session, 0, []) for j in range(2)))
+        comp = parse_spec("topk:0.5")
+        frames = [[comp.encode(torch.full(s.shape, float(j + i + 1)), 0) for i, s in enumerate(c.model.specs)]
+                  for j in range(2)]
+
+        async def submit(j):
+            sent = frames[j] if order is None else [frames[j][i] for i in order]
+
+            def requests():
+                yield pb.Submission(header=pb.SubmissionHeader(client_id=j, session=heads[j].session, round=1,
+                                                               frame_lengths=[len(f) for f in sent],
+                                                               frame_order=order or []))
+                for chunk in chunking.iter_chunks(sent):
+                    yield pb.Submission(chunk=chunk)
+            return [m async for m in h.stub.Exchange(requests())]
+
+        replies = await asyncio.gather(submit(0), submit(1))
+        assert all(r[0].header.round == 2 and not r[0].header.resync for r in replies)
+        return c.state_sha256()
+
+
+async def test_frames_in_any_announced_order_give_the_bits_of_layer_order():
+    want = await _ordered_round(False, None)
+    assert await _ordered_round(False, [3, 1, 2, 0]) == want
+    assert await _ordered_round(True, [3, 1, 2, 0]) == want
+    assert await _ordered_round(True, None) == want
+
+
+@pytest.mark.parametrize("order, words", [([0, 1, 2], "lists 3 layers"), ([0, 1, 2, 7], "outside 0..3"),
+                                          ([0, 1, 1, 2], "more than once")])
+async def test_a_bad_frame_order_is_refused_saying_what_is_wrong(order, words):
+    cfg = make_cfg(workers=2, rounds=3, init="zero")
+    async with Harness(cfg, options=ServerOptions(pipeline=True)) as h:
+        c = h.coordinator
+        heads = [await h.raw_join(j) for j in range(2)]
+        await asyncio.gather(*(h.raw_exchange(j, heads[j].session, 0, []) for j in range(2)))
+        before = c.state_sha256()
+
+        def requests():
+            yield pb.Submission(header=pb.SubmissionHeader(client_id=0, session=heads[0].session, round=1,
+                                                           frame_lengths=[4, 4, 4, 4], frame_order=order))
+            yield pb.Submission(chunk=b"\0" * 16)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [m async for m in h.stub.Exchange(requests())]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+        assert c.state_sha256() == before and c.submitted == set()

@@ -43,6 +43,11 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--on-deadline", choices=("fail", "proceed"), default=None,
                    help="at the deadline: fail the run loudly (default) or proceed with the clients present "
                         "(G += (1/n) sum over them; the others re-sync when they come back)")
+    p.add_argument("--pipeline", action="store_true", default=None,
+                   help="pipelined rounds: decode each uplink frame as it arrives and take each LMO unit's step "
+                        "as soon as every client's frames of it are in, while the rest still streams (the same "
+                        "bits as without; docs/design.md §4). Not for muonmax, muonmax-momo, adamw, ef14, cohort "
+                        "runs or shards: those stay sequential, with a warning (default: off)")
     f = p.add_argument_group("federation (with --clients/--participation/--deadline: cohort rounds, docs/design.md §6)")
     f.add_argument("--min-cohort", type=int, default=None, metavar="M",
                    help="a round needs at least M eligible clients to draw its cohort from; with fewer it waits "
@@ -88,7 +93,7 @@ _OPTION_FLAGS = {"checkpoint_every": "checkpoint_every", "round_deadline": "roun
                  "max_message_bytes": "max_message_bytes", "estimators": "estimators", "tls_cert": "tls_cert",
                  "tls_key": "tls_key", "tls_ca": "tls_ca", "token_file": "token_file", "save_model": "save_model",
                  "metrics_port": "metrics_port", "min_cohort": "min_cohort", "client_timeout": "client_timeout",
-                 "shard": "shard"}
+                 "shard": "shard", "pipeline": "pipeline"}
 
 
 def options_from_args(args: argparse.Namespace, resume=None):

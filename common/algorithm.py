@@ -43,7 +43,7 @@ from .compress import Compressor, parse_spec
 from .preset_steps import PresetSteps
 from .config import RunConfig
 from .errors import ConfigError, FrameError, ProtocolError
-from .lmo import LayerSpec, dual_norm, lmo_all, matrix_dims, spectral_groups
+from .lmo import LayerSpec, dual_norm, lmo_all, lmo_all_threads, lmo_units
 
 UP, DOWN, INIT = 1, 2, 3
 _MASK64 = (1 << 63) - 1
@@ -206,22 +206,28 @@ class ServerState(PresetSteps):
         if len(frames) != len(self.specs):
             raise FrameError(f"expected {len(self.specs)} layer frames, got {len(frames)}")
         out, zeroed = [], 0
-        for i, (c, spec) in enumerate(zip(comps, self.specs)):
+        for i, c in enumerate(comps):
             f = frames[i]
             if consume:
                 frames[i] = None
-            try:
-                d = c.decode(f, spec.shape, device=self.device)
-                del f
-            except FrameError as exc:
-                raise FrameError(f"layer {spec.name}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - any decoder failure on peer bytes is the peer's
-                raise FrameError(f"layer {spec.name}: the frame does not decode "
-                                 f"({type(exc).__name__}: {exc})") from None
-            d, bad = self._check_decoded(spec, d)
+            d, bad = self.decode_frame(i, f, c)
+            del f
             zeroed += bad
             out.append(d)
         return out, zeroed
+
+    def decode_frame(self, i: int, frame, comp: Compressor | None = None) -> tuple[torch.Tensor, int]:
+        """Layer i's uplink frame decoded (with `comp`, default the layer's uplink compressor) and checked
+        (`_check_decoded`): (R_{j,i}, non-finite values zeroed). A FrameError names the layer."""
+        spec = self.specs[i]
+        try:
+            d = (self.up[i] if comp is None else comp).decode(frame, spec.shape, device=self.device)
+        except FrameError as exc:
+            raise FrameError(f"layer {spec.name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure on peer bytes is the peer's
+            raise FrameError(f"layer {spec.name}: the frame does not decode "
+                             f"({type(exc).__name__}: {exc})") from None
+        return self._check_decoded(spec, d)
 
     def _check_decoded(self, spec: LayerSpec, d: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Layer `spec`'s decoded uplink, checked (see `decode_uplink`): (it, or it with NaN/Inf zeroed; how many)."""
@@ -287,6 +293,12 @@ class ServerState(PresetSteps):
                 self.G[i] = acc.div_(len(order))
             else:
                 self.G[i].add_(acc.div_(self.n))
+        self.apply_estimators(decoded, consume)
+
+    def apply_estimators(self, decoded: dict, consume: bool = False) -> None:
+        """Every G_j of the round's clients (sorted) from their decoded R_j (`apply_decoded`'s second half)."""
+        order = sorted(decoded)
+        ef14 = self.cfg.method == "ef14"
         if self.estimators is None:
             if consume:
                 decoded.clear()
@@ -388,15 +400,7 @@ class ServerState(PresetSteps):
         budget = max(self.LMO_BLOCK_MIN_BYTES, self.LMO_BLOCK_FRACTION * sum(nbytes))
         if sum(nbytes) <= budget or (self.cfg.preset in MUONMAX and self.stale_nuclear is None):
             return [list(range(n))]
-        # stacked (per-expert) layers are one Newton-Schulz call of their own: each its own unit
-        spectral = [i for i, s in enumerate(self.specs) if s.norm == "spectral" and not s.stacked and nbytes[i]]
-        units = []  # layers that must share an lmo_all call
-        for g in spectral_groups([matrix_dims(self.specs[i].shape) for i in spectral]):
-            members = [spectral[j] for j in g.idx]
-            units.extend([members] if g.padded else ([i] for i in members))
-        batched = set(spectral)
-        units.extend([i] for i in range(n) if i not in batched)
-        units.sort(key=min)
+        units = lmo_units(self.specs, nbytes)  # layers that must share an lmo_all call
         blocks, cur, size = [], [], 0
         for u in units:
             b = sum(nbytes[i] for i in u)
@@ -433,7 +437,7 @@ class ServerState(PresetSteps):
         for block in self.lmo_blocks():
             Gb, specs = [G[i] for i in block], [self.specs[i] for i in block]
             directions = lmo_all(Gb, specs, ns_steps=self.cfg.ns_steps, coeffs=self.cfg.ns_coeffs,
-                                 threads=self.cfg.lmo_threads or None)
+                                 threads=self.block_threads(specs))
             if muonmax:
                 nuclear = self._nuclear_sum(directions, Gb, specs, nuclear)
             ts = self.step_sizes(directions, Gb, t, block, nuclear if muonmax else None)
@@ -449,8 +453,15 @@ class ServerState(PresetSteps):
         self.round = k
         return frames
 
-    def _update_layer(self, i: int, k: int, t: float, d: torch.Tensor, ti: float, wd: float) -> bytes:
-        """Layer i of step k: X_i += t_i d (+ decay), its downlink frame, W_i += decode(frame)."""
+    def block_threads(self, specs: Sequence[LayerSpec]) -> int:
+        """The threads of one block's lmo_all call (`lmo_threads`, or `lmo_all`'s own choice for its work):
+        the pipelined step (common.pipeline) gives each unit of a block its block's count."""
+        return self.cfg.lmo_threads or lmo_all_threads(specs, self.cfg.ns_steps)
+
+    def _update_layer(self, i: int, k: int, t: float, d: torch.Tensor, ti: float, wd: float,
+                      X: torch.Tensor | None = None, W: torch.Tensor | None = None) -> bytes:
+        """Layer i of step k: X_i += t_i d (+ decay), its downlink frame, W_i += decode(frame).
+        `X`, `W`: update these (copies of X_i and W_i, the pipelined step's) instead of X_i and W_i."""
         if self._airbench:
             update = d.mul(ti)
             if wd:
@@ -462,11 +473,13 @@ class ServerState(PresetSteps):
             if ti > 0:
                 self.ef14_buffer[i].mul_(self.cfg.ef14_decay).add_((update - q) / ti, alpha=1 - self.cfg.ef14_decay)
             return frame
+        X = self.X[i] if X is None else X
+        W = self.W[i] if W is None else W
         if wd:
-            self.X[i].mul_(1.0 - t * wd)
-        self.X[i].add_(d, alpha=ti)
-        frame = self.down[i].encode(self.X[i] - self.W[i], frame_seed(self.cfg.seed, DOWN, k, self.layer_ids[i]))
-        self.W[i].add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
+            X.mul_(1.0 - t * wd)
+        X.add_(d, alpha=ti)
+        frame = self.down[i].encode(X - W, frame_seed(self.cfg.seed, DOWN, k, self.layer_ids[i]))
+        W.add_(self.down[i].decode(frame, self.specs[i].shape, device=self.device))
         return frame
 
 

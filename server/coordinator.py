@@ -71,6 +71,7 @@ from .model import ServerModel
 from .options import LEAVE_TIMEOUT, ServerOptions
 from .cohorts import Cohorts
 from .persistence import Persistence
+from .pipelined import Pipelining
 from .plan import Plan
 from .rounds import Phase, RoundBarrier, SubmissionKind
 from .sessions import Session, Sessions
@@ -86,7 +87,7 @@ __all__ = ["Coordinator", "Phase", "Plan", "Rejected", "ServerModel", "ServerOpt
 log = logging.getLogger("efmuon.server")
 
 
-class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
+class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts, Pipelining):
     """Sessions, the round barrier, the step and the report of one run (see the module docstring).
 
     Timing hook (for the benchmarks): `events`, None by default and settable after construction, is
@@ -96,6 +97,9 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         events("process", k, t0, t1)                      around round k's processing (`_process`)
         events("record_down", round, t, t)                a reply was streamed to a client
                                                           (round = plan.round - 1)
+        events("frame", round, t, t)                      --pipeline: an uplink frame was complete
+        events("lmo_unit", round, t0, t1)                 --pipeline: one LMO unit's step (compute thread's
+                                                          times, reported once the round is committed)
     with `time.perf_counter()` times, on the event loop's thread. When it is None nothing is timed.
 
     `observer` (health and metrics, server.observability; `service.start` sets it) is told when a
@@ -134,6 +138,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
         self._init_barrier()
         self._init_cohorts()
         self._init_persistence()
+        self._init_pipeline()
         # what the report and Status say besides the ledger's bytes
         self.loss_w: float | None = None
         self.loss_x: float | None = None
@@ -195,7 +200,7 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
                     if self.cohorts:
                         self.set_members_count(present)
                 try:
-                    await self._aggregate(k, present, decoded, zeroed)
+                    await self._aggregate(k, present, decoded, zeroed, missing)
                     del decoded
                     if losses:  # muonmax-momo's loss model (a no-op for the other presets)
                         await self._run(self.state.observe_losses, losses, k == 0)
@@ -240,9 +245,12 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
             if self.events is not None:
                 self.events("process", k, t0, time.perf_counter())
 
-    async def _aggregate(self, k: int, present: list[int], decoded: dict, zeroed: dict[int, int]) -> None:
+    async def _aggregate(self, k: int, present: list[int], decoded: dict, zeroed: dict[int, int],
+                         missing: list[int] = ()) -> None:
         self.phase = Phase.AGGREGATING
-        if decoded:
+        if self.pipeline_takes(k, present, list(missing), decoded):
+            decoded.clear()  # the pipelined step holds them and applies G with its commit (`take_step`)
+        elif decoded:
             await self._run(self.state.apply_decoded, decoded, True)  # consumes `decoded`
         for j in present:
             self.last_applied[j] = k
@@ -280,13 +288,15 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts):
             # before the new ones are built rather than holding both.
             self.last_plan.release()
         full = self.cohorts and self.needs_full_w(k + 1, cohort or [])
-        return await self._run(self._step_and_plan, k, full)
+        plan = await self._run(self._step_and_plan, k, full)
+        self.report_units(k)
+        return plan
 
     def _step_and_plan(self, k: int, full_w: bool = False) -> Plan:
         """The step of round k and its reply (on the compute thread)."""
         if full_w:
             self.snapshot_full_w(k + 1)
-        plan = Plan.build(k + 1, self.state.step())
+        plan = Plan.build(k + 1, self.take_step())
         # the round's uplinks arrived as many small gRPC buffers (heap); freed, their pages would stay
         # resident under the next round's (mmapped) R_j: return them now (large models only)
         trim_heap(4 * self.numel)

@@ -49,6 +49,7 @@ class ServerOptions:
     min_cohort: int = 1  # cohort runs: a round needs this many eligible clients (server.cohorts)
     client_timeout: float | None = None  # cohort runs: a member silent this long is not sampled (None: 60 s)
     shard: str | None = None  # 'I/N': this server holds shard I of N of the layers (docs/design.md §6.3)
+    pipeline: bool = False  # step LMO units while the uplinks stream in (server.pipelined); same bits
 
     def validate(self) -> "ServerOptions":
         if self.on_deadline not in ON_DEADLINE:

@@ -153,12 +153,14 @@ class RoundBarrier:
         if len(self._started[1] | self.submitted) == self.n:
             plan.release()
 
-    async def accept(self, s: Session, round_: int, frames: Sequence, train_loss: float,
-                     previous: pb.WireReport | None, payload: int, message: int) -> SubmissionKind:
+    async def accept(self, s: Session, round_: int, frames: Sequence | None, train_loss: float,
+                     previous: pb.WireReport | None, payload: int, message: int,
+                     decoded: tuple[list[torch.Tensor], int] | None = None) -> SubmissionKind:
         """Decode and store a new submission; start the round when it is the n-th. Returns the
-        classification at storing time (NEW, or another kind when the state moved meanwhile)."""
+        classification at storing time (NEW, or another kind when the state moved meanwhile).
+        `decoded`: (R_j, zeroed) already decoded frame by frame (--pipeline) instead of `frames`."""
         j = s.client_id
-        decoded, zeroed = [], 0
+        decoded, zeroed = decoded if decoded is not None else ([], 0)
         if frames:
             owned = isinstance(frames, list)
             try:

@@ -289,11 +289,15 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
         if kind == SubmissionKind.NEW:
             c.check_wire_report(h.round, previous, s.client_id)
             c.release_last_reply(s, h.round)
-            frames, total, message = await self._receive(h, it, first.ByteSize())
-            self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
-            # `frames` holds the only reference to the buffers; accept() empties it after decoding
-            kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
-            del frames
+            pipe = c.pipeline_for(h.round)
+            if pipe is None:
+                frames, total, message = await self._receive(h, it, first.ByteSize())
+                self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
+                # `frames` holds the only reference to the buffers; accept() empties it after decoding
+                kind = await c.accept(s, h.round, frames, h.train_loss, previous, total, message)
+                del frames
+            else:
+                kind = await self._submit_pipelined(h, s, it, first, call, pipe, previous)
         else:
             async for _ in it:  # a duplicate: read and drop, never apply
                 pass
@@ -304,12 +308,35 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             return h, s, kind, None
         return h, s, kind, c.reply_for(kind, h.round)
 
-    async def _receive(self, h: pb.SubmissionHeader, it, message: int) -> tuple[list, int, int]:
-        """Reassemble a new submission's chunks: (frames, their bytes, the messages' bytes)."""
+    async def _submit_pipelined(self, h, s, it, first, call, pipe, previous) -> SubmissionKind:
+        """A new submission under --pipeline (server.pipelined): each frame is decoded (and LMO units
+        stepped) as it completes; the submission is accepted once all are; refused, its frames are forgotten."""
+        c = self.c
+        sink = c.frame_sink(pipe, s.client_id, h.round)
+        kind = None
+        try:
+            _, total, message = await self._receive(h, it, first.ByteSize(), sink)
+            self.wire.uplink(call, h.round, s.client_id, h.round + 1, now=True)
+            try:
+                decoded = await sink.finish()
+            except FrameError as exc:
+                raise Rejected("INVALID_ARGUMENT", f"client {s.client_id} round {h.round}: {exc}; nothing was "
+                               "applied, resend a valid submission") from None
+            kind = await c.accept(s, h.round, None, h.train_loss, previous, total, message, decoded=decoded)
+            return kind
+        finally:
+            if kind != SubmissionKind.NEW:  # a task of its own: a cancelled call (the client went away) still forgets
+                await asyncio.shield(c._spawn(sink.abort()))
+
+    async def _receive(self, h: pb.SubmissionHeader, it, message: int, sink=None) -> tuple[list, int, int]:
+        """Reassemble a new submission's chunks: (frames in layer order, their bytes, the messages' bytes).
+        The frames arrive in `h.frame_order` (empty: layer order). `sink(layer, frame)`: each frame as soon as
+        it is complete (the returned frames are then empty)."""
         c = self.c
         t_first = None
         try:
             parts = chunking.Reassembler(h.frame_lengths, c.expected_frames(h.round), c.frame_limit)
+            order = chunking.stream_order(h.frame_order, len(h.frame_lengths))
             async for msg in it:
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -322,7 +349,13 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
                     raise FrameError(f"a chunk of {len(chunk)} bytes: at most {protocol.CHUNK_BYTES}")
                 message += chunking.received_chunk_size(msg, len(chunk))
                 parts.add(chunk)
-            frames, total = parts.frames(), parts.total
+                if sink is not None:
+                    for i, frame in parts.take_complete():
+                        sink(i if order is None else order[i], frame)
+            if sink is not None:
+                for i, frame in parts.take_complete():  # empty frames after the last byte
+                    sink(i if order is None else order[i], frame)
+            frames, total = chunking.in_layer_order(parts.frames(), order), parts.total
         except FrameError as exc:
             raise Rejected("INVALID_ARGUMENT", f"client {h.client_id} round {h.round}: {exc}") from None
         if c.events is not None:

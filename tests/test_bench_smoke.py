@@ -48,7 +48,7 @@ ROWS = {
 # this file's budget): their runs are tested end to end elsewhere (test_service_e2e, test_service_cli).
 # By hand: run_bench("bytes-wire" / "soak" / "startup", True, None, None, "", smoke=True); startup's
 # two ways of starting workers are tested in tests/test_spawn.py.
-NETWORKED_RUNS = {"bytes-wire", "federation", "peers", "soak", "startup"}  # peers: tests/test_peers.py
+NETWORKED_RUNS = {"bytes-wire", "federation", "peers", "pipeline", "soak", "startup"}  # peers: tests/test_peers.py
 
 
 def _has_events_hook() -> bool:

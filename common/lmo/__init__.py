@@ -45,6 +45,7 @@ from .batching import (
     SpectralGroup,
     available_cores,
     lmo_threads,
+    lmo_units,
     ns_step_flops,
     spectral_groups,
 )
@@ -64,7 +65,7 @@ from .norms import (
     matrix_dims,
     spectral_scale,
 )
-from .oracles import dual_norm, lmo_all, lmo_direction
+from .oracles import dual_norm, lmo_all, lmo_all_threads, lmo_direction
 
 __all__ = [
     "NORMS",
@@ -83,7 +84,9 @@ __all__ = [
     "ns_singular_value_band",
     "lmo_direction",
     "lmo_all",
+    "lmo_all_threads",
     "lmo_threads",
+    "lmo_units",
     "ns_step_flops",
     "spectral_groups",
     "dual_norm",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .newton_schulz import _normalise_, _ns_iterate, _schedule
+from .norms import matrix_dims
 
 # The fixed cost of one more Newton-Schulz batch, in FLOPs of one step: each batch makes ~4 calls
 # per step (Gram, b A + c A^2, diagonal, product) of ~5-10 us each, i.e. ~2 MFLOP at ~60 GFLOP/s
@@ -134,3 +135,20 @@ def lmo_threads(flops: float) -> int:
         return max(available_cores(), torch.get_num_threads())
     return torch.get_num_threads()
 
+
+def lmo_units(specs: Sequence, nbytes: Sequence[int]) -> list[list[int]]:
+    """The layers that must share one `lmo_all` call, sorted by their first layer: each group of spectral
+    matrices that `lmo_all` zero-pads into one batch (`spectral_groups.padded`) together, every other layer
+    alone (same-shape matrices may be split: each is its own product in a batch). A stacked (per-expert)
+    layer is its own Newton-Schulz call anyway. `nbytes`: each layer's size; empty layers are never batched.
+    `ServerState.lmo_blocks` packs these into blocks; the pipelined step (common.pipeline) steps them one by one."""
+    n = len(specs)
+    spectral = [i for i, s in enumerate(specs) if s.norm == "spectral" and not s.stacked and nbytes[i]]
+    units = []
+    for g in spectral_groups([matrix_dims(specs[i].shape) for i in spectral]):
+        members = [spectral[j] for j in g.idx]
+        units.extend([sorted(members)] if g.padded else ([i] for i in members))
+    batched = set(spectral)
+    units.extend([i] for i in range(n) if i not in batched)
+    units.sort(key=min)
+    return units

@@ -101,6 +101,26 @@ def lmo_direction(G: Tensor, spec: LayerSpec, ns_steps: int = 5, coeffs: str = "
     return _unit_lmo(G, spec.norm, ns_steps, coeffs, spec.stacked) * spec.scale
 
 
+def _plan_flops(groups, experts: Sequence[LayerSpec]) -> int:
+    """FLOPs of one Newton-Schulz step over `groups` (spectral_groups) and the stacked `experts`."""
+    flops = sum(g.step_flops for g in groups)
+    for s in experts:
+        e, rows, cols = block_dims(s)
+        flops += e * ns_step_flops(rows, cols)
+    return flops
+
+
+def lmo_all_threads(specs: Sequence[LayerSpec], ns_steps: int = 5) -> int:
+    """The thread count `lmo_all(Gs, specs, ns_steps, threads=None)` picks for non-empty float32 tensors of
+    `specs`' shapes on one device: a caller that splits one call into several (the pipelined step) passes
+    this count to each, so every piece runs as the whole call would."""
+    idx = [i for i, s in enumerate(specs) if s.norm == "spectral" and not s.stacked
+           and all(int(d) for d in s.shape)]
+    experts = [s for s in specs if s.norm == "spectral" and s.stacked and all(int(d) for d in s.shape)]
+    groups = spectral_groups([matrix_dims(specs[i].shape) for i in idx]) if idx else []
+    return lmo_threads(ns_steps * _plan_flops(groups, experts))
+
+
 def lmo_all(
     Gs: Sequence[Tensor],
     specs: Sequence[LayerSpec],
@@ -138,11 +158,7 @@ def lmo_all(
     plan = [(idx, g) for idx in by_kind.values()
             for g in spectral_groups([matrix_dims(specs[i].shape) for i in idx])]
     if threads is None:
-        flops = sum(g.step_flops for _, g in plan)
-        for i in experts:
-            e, rows, cols = block_dims(specs[i])
-            flops += e * ns_step_flops(rows, cols)
-        threads = lmo_threads(ns_steps * flops)
+        threads = lmo_threads(ns_steps * _plan_flops([g for _, g in plan], [specs[i] for i in experts]))
     previous = torch.get_num_threads()
     if threads != previous:
         torch.set_num_threads(threads)

@@ -151,6 +151,35 @@ def iter_chunks(frames: Iterable, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         yield b"".join(pieces)
 
 
+def stream_order(frame_order: Sequence[int], n: int) -> list[int] | None:
+    """SubmissionHeader.frame_order checked against the `n` frames announced: the layer of each frame in
+    stream order, or None for layer order (empty). A FrameError says what is wrong otherwise."""
+    order = [int(i) for i in frame_order]
+    if not order:
+        return None
+    if len(order) != n:
+        raise FrameError(f"frame_order lists {len(order)} layers, the header announces {n} frames: give one "
+                         "layer index per frame, or none for layer order")
+    bad = sorted({i for i in order if not 0 <= i < n})
+    if bad:
+        raise FrameError(f"frame_order names layer(s) {bad[:5]} outside 0..{n - 1}")
+    if len(set(order)) != n:
+        twice = sorted({i for i in order if order.count(i) > 1})
+        raise FrameError(f"frame_order lists layer(s) {twice[:5]} more than once: it must be a permutation of "
+                         f"0..{n - 1}")
+    return order
+
+
+def in_layer_order(frames: list, order: list[int] | None) -> list:
+    """Frames received in stream order `order` (`stream_order`), put in layer order."""
+    if order is None:
+        return frames
+    out: list = [None] * len(frames)
+    for s, layer in enumerate(order):
+        out[layer] = frames[s]
+    return out
+
+
 class Reassembler:
     """Collects `chunk` messages and cuts them back into frames of the announced lengths."""
 
@@ -173,6 +202,7 @@ class Reassembler:
         self.received = 0
         self._bufs: list[np.ndarray | bytearray | None] = [None] * len(self.lengths)
         self._fi, self._fo = 0, 0  # the frame being filled and the bytes it already has
+        self._taken, self._end = 0, 0  # take_complete: frames handed out, and the byte where they end
 
     def add(self, chunk: bytes) -> None:
         n = len(chunk)
@@ -202,6 +232,19 @@ class Reassembler:
             pos += take
             self._fo += take
         self.received += n
+
+    def take_complete(self) -> list[tuple[int, memoryview]]:
+        """The frames completed since the last call, as (index, writable memoryview), in frame order; the
+        Reassembler lets go of them (a consumer that decodes frames as they arrive, the pipelined server;
+        `frames()` then holds empty views in their place)."""
+        out = []
+        while self._taken < len(self.lengths) and self.received >= self._end + self.lengths[self._taken]:
+            i = self._taken
+            self._end += self.lengths[i]
+            b, self._bufs[i] = self._bufs[i], None
+            out.append((i, memoryview(b if b is not None else bytearray())))
+            self._taken += 1
+        return out
 
     def frames(self) -> list[memoryview]:
         """The frames, as writable memoryviews of their own buffers."""

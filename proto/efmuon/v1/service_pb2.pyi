@@ -95,7 +95,7 @@ class WireReport(_message.Message):
     def __init__(self, exchange: _Optional[int] = ..., up: _Optional[int] = ..., down: _Optional[int] = ...) -> None: ...
 
 class SubmissionHeader(_message.Message):
-    __slots__ = ("client_id", "session", "round", "frame_lengths", "train_loss", "previous", "idle", "init")
+    __slots__ = ("client_id", "session", "round", "frame_lengths", "train_loss", "previous", "idle", "init", "frame_order")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class SubmissionHeader(_message.Message):
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ORDER_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     round: int
@@ -112,7 +113,8 @@ class SubmissionHeader(_message.Message):
     previous: WireReport
     idle: bool
     init: bool
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., train_loss: _Optional[float] = ..., previous: _Optional[_Union[WireReport, _Mapping]] = ..., idle: _Optional[bool] = ..., init: _Optional[bool] = ...) -> None: ...
+    frame_order: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., train_loss: _Optional[float] = ..., previous: _Optional[_Union[WireReport, _Mapping]] = ..., idle: _Optional[bool] = ..., init: _Optional[bool] = ..., frame_order: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Submission(_message.Message):
     __slots__ = ("header", "chunk")

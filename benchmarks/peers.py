@@ -75,7 +75,9 @@ def level_setup(level: str) -> dict:
                "task_options": {}},
         smoke={"workers": 2, "target": 4.20, "eval_every": 2, "max_steps": 6, "repeats": 1,
                "settings": [("100 Mbit/s", "up=100mbit,down=100mbit")],
-               "task_options": {"d_model": 32, "context": 32, "batch_size": 8}})
+               "task_options": {"d_model": 32, "context": 32, "batch_size": 8},
+               # the suite's run: each hook's path once (PowerSGD at one rank) and efmuon's default
+               "variants": ["ddp fp32", "ddp fp16", "ddp powersgd-r8", "efmuon default"]})
 
 
 # ------------------------------------------------------------------------------------------- efmuon
@@ -250,6 +252,7 @@ def bench_peers(level: str) -> dict:
         print(f"  skipped: {reason}", flush=True)
         return _skipped(reason)
     setup = level_setup(level)
+    variants = setup.get("variants", VARIANTS)
     probe = subprocess.run(DDP_ENTRY + ["probe"], capture_output=True, text=True, timeout=120)
     batched = json.loads(probe.stdout.strip().splitlines()[-1])["batched_powerSGD_hook_error"] \
         if probe.returncode == 0 and probe.stdout.strip() else f"probe failed: {probe.stderr[-500:]}"
@@ -270,7 +273,7 @@ def bench_peers(level: str) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="efmuon-bench-peers-") as tmp:
         for rep in range(setup["repeats"]):
-            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
+            order = variants if rep % 2 == 0 else variants[::-1]
             for label, link in setup["settings"]:
                 for variant in order:
                     sub = tempfile.mkdtemp(dir=tmp)

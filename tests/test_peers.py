@@ -57,6 +57,7 @@ def test_ratios_pick_the_fastest_ddp_variant_and_compare_efmuon_default_to_it():
     assert r["least_bytes_ddp"] == "ddp fp16"  # a variant that never reached the target is not compared
 
 
+@pytest.mark.skipif(SKIP is None, reason="root and ip netns are here: the smoke run below probes it too")
 def test_batched_powersgd_probe_reports_the_failure_on_this_torch():
     # Act: its own process (it starts a gloo process group of one)
     p = subprocess.run(peers.DDP_ENTRY + ["probe"], capture_output=True, text=True, timeout=120)
@@ -86,7 +87,7 @@ def test_peers_smoke_runs_both_systems_behind_tbf(tmp_path):
 
     # Assert: a row per variant, every run ran to its end and counted bytes
     res = out["result"]
-    assert [r["variant"] for r in res["rows"]] == peers.VARIANTS
+    assert [r["variant"] for r in res["rows"]] == peers.level_setup("smoke")["variants"]
     setup = res["setup"]
     numel = ddp_peer.setup_of({"task": "gpt-char", "world": setup["workers"],
                                "task_options": setup["task_options"]}).numel
@@ -107,7 +108,9 @@ def test_peers_smoke_runs_both_systems_behind_tbf(tmp_path):
     fp32 = next(r for r in res["runs"] if r["variant"] == "ddp fp32")
     fp16 = next(r for r in res["runs"] if r["variant"] == "ddp fp16")
     assert fp16["wire_MB_per_worker"] < fp32["wire_MB_per_worker"]  # the fp16 hook halves the gradients' bytes
-    assert "AssertionError" in res["batched_powerSGD_hook_error"] or not torch.__version__.startswith("2.13")
+    err = res["batched_powerSGD_hook_error"]
+    if torch.__version__.startswith("2.13"):
+        assert "AssertionError" in err and "_orthogonalize" in err and "batched_powerSGD_hook" in err
     text = md.read_text()
     assert "<!-- bench:peers -->" in text and "efmuon bench peers --quick" in text and "efmuon default" in text
     assert json.loads(report.read_text())["bench"] == "peers"

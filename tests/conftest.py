@@ -74,6 +74,18 @@ def start(args: list[str], log_path) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, text=True)
 
 
+def finish(procs: list[subprocess.Popen], tmp, timeout: float = 120) -> list[int]:
+    """The exit codes of `procs` (each waited for up to `timeout`); kills any still running and prints the tail
+    of every *.log under `tmp` (pytest shows it when the test fails)."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        print("\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log"))))
+
+
 def wait_round(port: int, at_least: int, proc: subprocess.Popen, log, timeout: float = 60) -> int:
     """Poll the server's Status until it collects round >= at_least; returns that round. Connects only once its
     log says it listens (no reconnect backoff), and fails with the log's tail if `proc` exits or time runs out."""

@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import Harness, batches_of, efmuon_cli, free_port, loss_fn, make_cfg, reference_w, run_workers, server_model, start, tiny_model, wait_round
+from conftest import Harness, batches_of, efmuon_cli, finish, free_port, loss_fn, make_cfg, reference_w, run_workers, server_model, start, tiny_model, wait_round
 from efmuon.common.algorithm import params_sha256
 from efmuon.common.checkpoint import list_checkpoints, load_server
 from efmuon.common.compress import parse_spec
@@ -48,17 +48,6 @@ def reference(tmp_path_factory) -> str:
     out = efmuon_cli("simulate", *FLAGS, "--report", str(tmp / "sim.json"), "--plots", "none")
     assert out.returncode == 0, out.stderr
     return json.loads((tmp / "sim.json").read_text())["summary"]["w_sha256"]
-
-
-def finish(procs: list[subprocess.Popen], tmp, timeout: float = 120) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log")))
-        print(logs)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, start, wait_round
+from conftest import finish, free_port, start, wait_round
 
 CLI = [sys.executable, "-m", "efmuon.cli"]
 LSQ = ["--task", "lsq", "--task-option", "bias=true", "--workers", "4", "--uplink", "randk:0.5",
@@ -38,16 +38,6 @@ def simulated(proc: subprocess.Popen, tmp) -> dict:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     return json.loads((tmp / "sim.json").read_text())
-
-
-def finish(procs, tmp, timeout: float = 120) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        print("\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log"))))
 
 
 def merge(tmp) -> dict:

@@ -78,7 +78,7 @@ def bench_bytes_10m(level: str) -> dict:
     evaluated = [r for r in base["rounds"] if r.get("val_loss_w") is not None]
     at = min(len(evaluated) - 1, max(0, len(evaluated) // 2 - 1))
     target = evaluated[at]["val_loss_w"]
-    r0, up0, down0 = _rounds_to(base, target)
+    _, up0, down0 = _rounds_to(base, target)
     init0 = _init_bytes(base)
     rows = []
     for run in runs:
@@ -86,7 +86,7 @@ def bench_bytes_10m(level: str) -> dict:
         rnd, up, down = _rounds_to(rep, target)
         steady = rep["rounds"][-1]["bytes"]  # one round's payload, all workers (the steady state)
         bpp = {d: 8 * steady[d]["payload"] / WORKERS / n_params for d in ("up", "down")}
-        layers = "; ".join(f"{k}={v}" for k, v in {**run["uplink_layers"]}.items())
+        layers = "; ".join(f"{k}={v}" for k, v in run["uplink_layers"].items())
         rows.append({
             "pairing": run["label"], "uplink": run["uplink"] + (f" ({layers})" if layers else ""),
             "downlink": run["downlink"], "rounds_to_target": rnd,

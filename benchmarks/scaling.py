@@ -312,12 +312,16 @@ def bench_scaling(level: str) -> dict:
             "lmo_s", "down_encode_s", "send_s", "process_s", "compute_busy_s", "lmo_share", "busy_per_round",
             "cpu_per_round", "break_even_tokens", "processed_rounds", "submissions"]
     notes = _scaling_notes(params, rounds, uplink, downlink, payload, ws, compute_s)
+    # the sharded column (full, quick); the smoke level leaves it to `bench scaling-shards`' own smoke run
     sharded_n = by_level(level, full=16, quick=4, smoke=2)
-    sharded = sharded_rows(params, sharded_n, by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1]), rounds,
-                           uplink, downlink, _SynthClient, _scaling_row)
-    return {"result": rows, "sharded": sharded, "goals": _scaling_goals(rows, ws, compute_s) + sharded_goals(sharded),
-            "table": notes + "\n\n" + table(rows, cols) + "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n"
-            + table(sharded, SCOLS), "worker_step": ws}
+    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[])
+    sharded = sharded_rows(params, sharded_n, counts, rounds, uplink, downlink, _SynthClient, _scaling_row) \
+        if counts else []
+    text = notes + "\n\n" + table(rows, cols)
+    if sharded:
+        text += "\n\n" + sharded_notes(sharded_n, rounds) + "\n\n" + table(sharded, SCOLS)
+    return {"result": rows, "sharded": sharded, "worker_step": ws, "table": text,
+            "goals": _scaling_goals(rows, ws, compute_s) + (sharded_goals(sharded) if sharded else [])}
 
 
 @bench("scaling-shards")

@@ -123,6 +123,20 @@ def pytest_xdist_auto_num_workers(config):
     return (os.cpu_count() or 1) + 1
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Long tests first, so that no pytest worker starts a minute-long test while the others run out of work:
+    modules by their number of `slow` tests (most first), each module's `slow` tests before its others. A module's
+    tests stay together (its module-scoped fixtures are built once per worker)."""
+    def slow(item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = sorted(modules.values(), key=lambda its: -sum(map(slow, its)))  # stable: ties keep collection order
+    items[:] = [it for its in order for it in sorted(its, key=lambda it: not slow(it))]
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling  # lazy: only under pytest-xdist
 

@@ -6,13 +6,8 @@ import json
 import math
 
 import pytest
-import torch
 from efmuon.benchmarks import run_bench
 from efmuon.benchmarks.harness import BENCHES
-from efmuon.common.config import RunConfig
-from efmuon.common.lmo import assign_norms
-from efmuon.server.coordinator import Coordinator
-from efmuon.server.model import ServerModel
 
 # per bench: keys every result row has, and those of them that must be > 0
 ROWS = {
@@ -51,14 +46,6 @@ ROWS = {
 NETWORKED_RUNS = {"bytes-wire", "federation", "peers", "pipeline", "soak", "startup"}  # peers: tests/test_peers.py
 
 
-def _has_events_hook() -> bool:
-    """Coordinator.events exists (scaling reads the server only through it)."""
-    cfg = RunConfig(task="lsq", workers=1, rounds=1)
-    c = Coordinator(cfg, ServerModel(["w"], [torch.zeros(4, 4)], assign_norms([("w", (4, 4))])), quiet=True)
-    c.executor.shutdown()
-    return hasattr(c, "events")
-
-
 def test_every_bench_has_a_smoke_test():
     assert set(ROWS) | NETWORKED_RUNS == set(BENCHES)
 
@@ -66,8 +53,6 @@ def test_every_bench_has_a_smoke_test():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_bench_smoke_structure(name, tmp_path):
-    if name == "scaling" and not _has_events_hook():
-        pytest.skip("Coordinator.events is not there yet")
     report = tmp_path / f"{name}.json"
     md = tmp_path / "BENCHMARKS.md"
     out = run_bench(name, True, str(report), str(md), f"efmuon bench {name} --quick", smoke=True)

@@ -1,5 +1,5 @@
 """Sharded servers with real processes over 127.0.0.1 (docs/design.md §6.3): `efmuon server --shard 0/2` and
-`--shard 1/2` with 4 workers end in the W of one server (== `efmuon simulate`, tests/test_service_e2e.py), on
+`--shard 1/2` with 4 workers (a process each, or hosted by one or two processes) end in the W of one server (== `efmuon simulate`, tests/test_service_e2e.py), on
 lsq and gpt-char; a shard killed with SIGKILL and resumed from its checkpoint ends identical as well; the
 merged report has the whole model's w_sha256 and the summed bytes."""
 from __future__ import annotations
@@ -23,9 +23,25 @@ def shard(i: int, port: int, tmp, flags, *extra: str) -> subprocess.Popen:
                   "--report", str(tmp / f"shard{i}.json"), "--plots", "none", *extra], tmp / f"shard{i}.log")
 
 
-def workers(ports, tmp, n: int = 4) -> list[subprocess.Popen]:
+def workers(ports, tmp, groups=((0,), (1,), (2,), (3,))) -> list[subprocess.Popen]:
+    """A worker process per group of client ids: `--client-id J` for a group of one, else `--clients A,B,..`
+    (one process hosting those clients: each its own Worker and connections to every shard). Process i's log
+    is worker{i}.log."""
     servers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    return [start(["worker", "--server", servers, "--client-id", str(j)], tmp / f"worker{j}.log") for j in range(n)]
+    return [start(["worker", "--server", servers,
+                   *(["--client-id", str(g[0])] if len(g) == 1 else ["--clients", ",".join(map(str, g))])],
+                  tmp / f"worker{i}.log") for i, g in enumerate(groups)]
+
+
+def worker_lines(tmp, n: int) -> dict[int, str]:
+    """Client id -> the final stats line (`worker J: ...; w_sha256 H`) of every worker log under `tmp`."""
+    out = {}
+    for log in sorted(tmp.glob("worker*.log")):
+        for line in log.read_text().splitlines():
+            if line.startswith("worker ") and "w_sha256" in line:
+                out[int(line.split()[1].rstrip(":"))] = line
+    assert sorted(out) == list(range(n)), out
+    return out
 
 
 def simulate(tmp, flags) -> subprocess.Popen:
@@ -51,8 +67,11 @@ GPT_CHAR = ["--task", "gpt-char", "--workers", "4", "--eval-every", "2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[*LSQ, "--rounds", "5"], [*GPT_CHAR, "--rounds", "3"]], ids=["lsq", "gpt-char"])
-def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_merge(tmp_path, flags):
+@pytest.mark.parametrize("flags, groups", [
+    ([*LSQ, "--rounds", "5"], ((0,), (1,), (2,), (3,))),  # a process per worker
+    ([*GPT_CHAR, "--rounds", "3"], ((0, 1, 2, 3),)),      # one process hosting the 4 workers
+], ids=["lsq", "gpt-char"])
+def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_merge(tmp_path, flags, groups):
     sim = simulate(tmp_path, flags)
     ports = [free_port(), free_port()]
     servers = [shard(i, p, tmp_path, flags) for i, p in enumerate(ports)]
@@ -64,7 +83,7 @@ def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_mer
                                       "--client-id", "0"], capture_output=True, text=True, timeout=60)
 
         # Execute
-        codes = finish([*servers, *workers(ports, tmp_path)], tmp_path)
+        codes = finish([*servers, *workers(ports, tmp_path, groups)], tmp_path)
     finally:
         for p in servers:
             if p.poll() is None:
@@ -73,10 +92,9 @@ def test_two_shards_and_four_workers_end_in_one_servers_bits_and_the_reports_mer
     # Assert
     ref = simulated(sim, tmp_path)
     assert wrong.returncode != 0 and "shard order" in wrong.stderr and "Traceback" not in wrong.stderr
-    assert codes == [0] * 6
+    assert codes == [0] * (2 + len(groups))
     w = ref["summary"]["w_sha256"]
-    for j in range(4):
-        assert f"w_sha256 {w}" in (tmp_path / f"worker{j}.log").read_text()
+    assert all(line.endswith(f"w_sha256 {w}") for line in worker_lines(tmp_path, 4).values())
     s0 = json.loads((tmp_path / "shard0.json").read_text())["summary"]
     assert s0["shard"]["index"] == 0 and s0["w_sha256"] != w  # a shard's own hash is of its layers only
     merged = merge(tmp_path)
@@ -101,7 +119,7 @@ def test_a_shard_killed_and_resumed_ends_identical(tmp_path):
     servers = [shard(0, ports[0], tmp_path, flags),
                shard(1, ports[1], tmp_path, flags, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1")]
     wait_round(ports[1], 0, servers[1], tmp_path / "shard1.log")
-    procs = workers(ports, tmp_path)
+    procs = workers(ports, tmp_path, ((0, 1), (2, 3)))  # two processes, two clients each
     resumed = None
     try:
         killed_at = wait_round(ports[1], 3, servers[1], tmp_path / "shard1.log")
@@ -119,12 +137,12 @@ def test_a_shard_killed_and_resumed_ends_identical(tmp_path):
 
     # Assert
     ref = simulated(sim, tmp_path)["summary"]["w_sha256"]
-    assert codes == [0] * 6
+    assert codes == [0] * 4
     assert 3 <= killed_at < 10
     assert "resumed from" in (tmp_path / "shard1.log").read_text()
-    for j in range(4):
-        log = (tmp_path / f"worker{j}.log").read_text()
-        assert "reconnecting" in log and f"w_sha256 {ref}" in log
+    assert all(line.endswith(f"w_sha256 {ref}") for line in worker_lines(tmp_path, 4).values())
+    for i in range(2):
+        assert "reconnecting" in (tmp_path / f"worker{i}.log").read_text()
     assert merge(tmp_path)["summary"]["w_sha256"] == ref
 
 

@@ -13,7 +13,11 @@ Muon-preset LMO step the real optimizer takes (identity compressors, so EF21 red
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 from efmuon.common.errors import ConfigError
@@ -416,3 +420,22 @@ def test_the_config_accepts_exactly_the_tasks_and_presets_that_exist():
     assert config.PRESETS == tuple(lmo.PRESETS)
     for name in config.TASKS:
         assert tasks.make_task(name, 2) is not None
+
+
+def test_digits_are_sklearns_load_digits_exactly_without_importing_sklearn():
+    # Act: a fresh interpreter, so nothing has imported scikit-learn yet
+    code = ("import sys, numpy as np; from efmuon.common.tasks.digits import _digits_arrays; "
+            "data, target = _digits_arrays(); print('sklearn' in sys.modules); "
+            "np.save(sys.argv[1], data); np.save(sys.argv[2], target)")
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = f"{tmp}/x.npy", f"{tmp}/y.npy"
+        out = subprocess.run([sys.executable, "-c", code, a, b], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        data, target = np.load(a), np.load(b)
+
+    # Assert: the same arrays as scikit-learn's loader, and scikit-learn was never imported for them
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    assert out.stdout.split() == ["False"]
+    assert data.dtype == d.data.dtype and np.array_equal(data, d.data)
+    assert np.array_equal(target, d.target) and target.dtype.kind == "i"

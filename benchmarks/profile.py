@@ -21,9 +21,11 @@ the LMO (Newton-Schulz) and the rest (update, downlink encode, chunking) in the 
 `profile_nodes.step_split` measures on the final state.
 
 The round's wall time: the report's `rounds[k].seconds` (the step of S_k to round k's evaluation); the
-critical path inside it (from the step of S_k to the step of S_{k+1}, "step" events): the step, then the
-worker whose submission came in last (receiving S_k, decode + apply, gradient, encode, sending), the
-last decode and the aggregate: its compute, its transfers, and the rest (scheduling, waiting).
+critical path inside it (from the step of S_k to the step of S_{k+1}, "step" events), consecutive
+intervals: the step, publishing S_k, then the worker whose submission came in last (receiving S_k,
+decode + apply, gradient, encode, sending), the last submission's decode (with its wait for the compute
+thread) and the aggregate (with the ledger's bookkeeping): its compute, its transfers and the rest
+(publishing). The wait for slower workers is not on it: the slowest worker is.
 
 DDP (profile_nodes.ddp_rank): torch DDP (gloo, 127.0.0.1) with ddp_peer's model, batches and optimizers
 (torch.optim.Muon + AdamW): batch, forward, backward (the bucket allreduce overlapped) and optimizer step.
@@ -56,7 +58,7 @@ PHASES = [
     ("update_encode", "server: step, update + downlink encode + chunking", None),
     ("crit_compute", "critical path: compute", None),
     ("crit_transfer", "critical path: transfers", None),
-    ("crit_other", "critical path: the rest (scheduling, waiting)", None),
+    ("crit_other", "critical path: the rest (publishing S_k)", None),
     ("round", "round (report rounds[k].seconds) / DDP step", "step"),
 ]
 DDP_ROWS = [("batch", "DDP: batch"), ("forward", "DDP: forward"),
@@ -108,15 +110,14 @@ def per_round(events: list, traces: dict, report: dict, rounds: range) -> list[d
                           "recv_done": rc}
         last = max(workers, key=lambda j: workers[j]["recv_done"])
         w = workers[last]
-        decodes = ev["decode", k]
-        last_decode = max(decodes, key=lambda d: d[1]) if decodes else (p0, p0)
-        server = {"decode": [d1 - d0 for d0, d1 in decodes], "idle": recvs[0][0] - prev_p1 if recvs else 0.0,
-                  "barrier": max(r[1] for r in recvs) - min(r[1] for r in recvs),
+        server = {"decode": [d1 - d0 for d0, d1 in ev["decode", k]],
+                  "idle": recvs[0][0] - prev_p1, "barrier": max(r[1] for r in recvs) - min(r[1] for r in recvs),
                   "aggregate": (p1 - p0) - step_k, "step": s1 - s0}
-        wall = next_s0 - s0
-        compute = (s1 - s0) + w["apply"] + w["gradient"] + w["encode"] + (last_decode[1] - last_decode[0]) \
-            + server["aggregate"]
+        # the critical path, consecutive intervals of [s0, next_s0]: step of S_k | publish | receiving S_k |
+        # decode + apply, gradient, encode | sending | last decode (queued) | aggregate, evaluation, ledger
+        compute = (s1 - s0) + (w["apply"] + w["gradient"] + w["encode"]) + (p0 - w["recv_done"]) + (next_s0 - p0)
         transfer = w["received_s_k"] + w["sending"]
+        wall = next_s0 - s0
         out.append({"round": k, "wall_s": wall, "round_s": secs.get(k), "server": server,
                     "workers": {j: {p: v[p] for p in (*WORKER_PHASES, "received_s_k")} for j, v in workers.items()},
                     "crit": {"compute": compute, "transfer": transfer, "other": wall - compute - transfer,

@@ -23,6 +23,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -79,28 +80,37 @@ def efmuon_run(cfg: RunConfig, processes: bool, split_repeats: int = 3) -> dict:
     c = build_coordinator(cfg, quiet=True)
     events: list[tuple[str, int, float, float]] = []
     c.events = lambda what, k, t0, t1: events.append((what, k, t0, t1))
-    traces: dict[int, list] = {}
+    procs: list = []
+    threads: list = []
 
-    async def workers(port: int) -> None:
+    def start(port: int) -> None:  # once the server listens; collected after the run (serve may return first)
         addr = f"127.0.0.1:{port}"
-        if processes:
-            procs = [spawn("profile-worker", {"server": addr, "client_id": j}) for j in range(c.n)]
-            try:
-                outs = await asyncio.gather(*(asyncio.to_thread(read_json, p) for p in procs))
-                for p in procs:
-                    await asyncio.to_thread(p.wait, 60)
-            finally:
-                kill_leftovers(procs)
-        else:
-            outs = await asyncio.gather(*(asyncio.to_thread(traced_worker, addr, j) for j in range(c.n)))
-        for out in outs:
-            traces[int(out["client_id"])] = [tuple(m) for m in out["trace"]]
+        for j in range(c.n):
+            if processes:
+                procs.append(spawn("profile-worker", {"server": addr, "client_id": j}))
+            else:
+                box: dict = {}
+                t = threading.Thread(target=lambda j=j, box=box: box.update(out=traced_worker(addr, j)), daemon=True)
+                t.start()
+                threads.append((t, box))
 
     try:
-        report = asyncio.run(serve(c, "127.0.0.1", 0, on_ready=workers))
+        report = asyncio.run(serve(c, "127.0.0.1", 0, on_ready=start))
+        if processes:
+            outs = [read_json(p) for p in procs]
+            for p in procs:
+                p.wait(60)
+        else:
+            for t, _ in threads:
+                t.join(60)
+            if any("out" not in box for _, box in threads):
+                raise RuntimeError("a worker thread failed (its traceback is printed above)")
+            outs = [box["out"] for _, box in threads]
         split = step_split(c, split_repeats)
     finally:
+        kill_leftovers(procs)
         c.executor.shutdown(wait=True)
+    traces = {int(out["client_id"]): [tuple(m) for m in out["trace"]] for out in outs}
     return {"events": events, "traces": traces, "report": report, "split": split}
 
 

@@ -18,7 +18,7 @@ and on the server: each submission's decode ("decode"), idle until the round's f
 (from the previous "process" end), the barrier (first to last submission in), the aggregate ("process"
 minus its "step": apply G, bookkeeping), the step that made S_k (the "step" of round k-1), split into
 the LMO (Newton-Schulz) and the rest (update, downlink encode, chunking) in the proportion
-`profile_nodes.step_split` measures on the final state.
+`profile_nodes.step_split` measures on the final state (`lmo_fraction`).
 
 The round's wall time: the report's `rounds[k].seconds` (the step of S_k to round k's evaluation); the
 critical path inside it (from the step of S_k to the step of S_{k+1}, "step" events), consecutive
@@ -137,9 +137,7 @@ def summarize(rounds: list[dict], split: dict, ddp: dict[str, list[float]], warm
     med["decode"] = _med([d for r in rounds for d in r["server"]["decode"]])
     for p in ("idle", "barrier", "aggregate", "step"):
         med[p] = _med([r["server"][p] for r in rounds])
-    whole = split["step_s"] + split["plan_s"]
-    frac = split["lmo_s"] / whole if whole > 0 else 0.0
-    med["lmo"] = med["step"] * frac
+    med["lmo"] = med["step"] * split["lmo_fraction"]
     med["update_encode"] = med["step"] - med["lmo"]
     for p in ("compute", "transfer", "other"):
         med[f"crit_{p}"] = _med([r["crit"][p] for r in rounds])

@@ -51,13 +51,16 @@ def worker_main(spec: dict) -> None:
 
 
 def step_split(c, repeats: int) -> dict[str, float]:
-    """Median seconds of the step's parts on the run's final state: the LMO of every block (`lmo_all` as
-    `ServerState.step` calls it), the whole step (LMO, update, downlink encode) and `Plan.build`."""
+    """The step's parts on the run's final state, `repeats` times after one warm-up: the LMO of every block
+    (`lmo_all` as `ServerState.step` calls it), then the whole step (LMO, update, downlink encode) and
+    `Plan.build`; median seconds of each, and `lmo_fraction`: the median of each repeat's LMO / (step +
+    build), at most 1 (the two are timed back to back, so both see the same load; alone, a busy machine can
+    make the LMO slower than the step that holds it)."""
     from ..common.lmo import lmo_all
 
     st, cfg = c.state, c.cfg
-    lmo, step, plan = [], [], []
-    for _ in range(repeats):
+    lmo, step, plan, frac = [], [], [], []
+    for rep in range(repeats + 1):
         t0 = time.perf_counter()
         for block in st.lmo_blocks():
             specs = [st.specs[i] for i in block]
@@ -68,10 +71,14 @@ def step_split(c, repeats: int) -> dict[str, float]:
         t2 = time.perf_counter()
         Plan.build(st.round + 1, frames)
         t3 = time.perf_counter()
+        if rep == 0:  # warm-up
+            continue
         lmo.append(t1 - t0)
         step.append(t2 - t1)
         plan.append(t3 - t2)
-    return {"lmo_s": statistics.median(lmo), "step_s": statistics.median(step), "plan_s": statistics.median(plan)}
+        frac.append(min(1.0, (t1 - t0) / (t3 - t1)) if t3 > t1 else 0.0)
+    return {"lmo_s": statistics.median(lmo), "step_s": statistics.median(step), "plan_s": statistics.median(plan),
+            "lmo_fraction": statistics.median(frac)}
 
 
 def efmuon_run(cfg: RunConfig, processes: bool, split_repeats: int = 3) -> dict:

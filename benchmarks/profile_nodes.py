@@ -29,10 +29,12 @@ import time
 import torch
 
 from ..common.config import RunConfig
+from ..common.lmo import lmo_all
 from ..server.app import build_coordinator
 from ..server.plan import Plan
 from ..server.service import serve
 from ..worker.task import for_task
+from .ddp_peer import optimizers, setup_of
 from .proc import kill_leftovers, read_json, spawn
 
 
@@ -56,8 +58,6 @@ def step_split(c, repeats: int) -> dict[str, float]:
     `Plan.build`; median seconds of each, and `lmo_fraction`: the median of each repeat's LMO / (step +
     build), at most 1 (the two are timed back to back, so both see the same load; alone, a busy machine can
     make the LMO slower than the step that holds it)."""
-    from ..common.lmo import lmo_all
-
     st, cfg = c.state, c.cfg
     lmo, step, plan, frac = [], [], [], []
     for rep in range(repeats + 1):
@@ -129,8 +129,6 @@ def ddp_rank(rank: int, world: int, port: int, options: dict, steps: int, out: s
     """One DDP rank (module docstring); rank 0 writes {phase: [seconds per step]} to `out`."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from .ddp_peer import optimizers, setup_of
 
     torch.set_num_threads(1)
     setup = setup_of({"task": "gpt-char", "task_options": options, "world": world})

@@ -167,10 +167,12 @@ def rows_of(model: str, workers: int, med: dict, n_rounds: int) -> list[dict]:
 
 
 def profile_model(name: str, workers: int, rounds: int, warm: int, processes: bool, ddp_steps: int,
-                  options: dict | None = None) -> dict:
-    """One model's profile: {model, workers, rounds, ..., med, per_round, rows}."""
+                  options: dict | None = None, lmo_threads: int = 0) -> dict:
+    """One model's profile: {model, workers, rounds, ..., med, per_round, rows}. `lmo_threads`: the run's
+    --lmo-threads (0: automatic, the default)."""
     opts = dict(MODELS[name] if options is None else options)
-    cfg = RunConfig(task="gpt-char", workers=workers, rounds=rounds, eval_every=rounds, task_options=dict(opts))
+    cfg = RunConfig(task="gpt-char", workers=workers, rounds=rounds, eval_every=rounds, task_options=dict(opts),
+                    lmo_threads=lmo_threads)
     run = efmuon_run(cfg, processes)
     analysed = range(warm, rounds)
     per = per_round(run["events"], run["traces"], run["report"], analysed)
@@ -181,6 +183,7 @@ def profile_model(name: str, workers: int, rounds: int, warm: int, processes: bo
                "downlink": c.get("downlink"), "parameters": run["report"]["summary"].get("parameters"),
                "round_s": med["round"], "ddp_step_s": med["ddp_step"],
                "round/ddp": med["round"] / med["ddp_step"] if med["round"] and med["ddp_step"] else None,
+               "lmo_threads": lmo_threads or "auto", "lmo_fraction": run["split"]["lmo_fraction"],
                "workers_as": "processes" if processes else "threads", "ddp_world": workers if processes else 1}
     print(f"  {name}, {workers} workers: round {med['round']:.4f} s, DDP step {med['ddp_step']:.4f} s "
           f"({summary['round/ddp']:.2f}x); critical path: compute {med['crit_compute']:.4f} s, transfers "
@@ -205,7 +208,7 @@ def bench_profile(level: str) -> dict:
     goals = [goal(f"{m['model']} ({m['workers']} workers, loopback): efmuon round / DDP step",
                   round(m["round/ddp"], 3), f"<= {GOAL_RATIO}", m["round/ddp"] <= GOAL_RATIO) for m in models]
     summary_cols = ["model", "workers", "rounds", "parameters", "uplink", "downlink", "round_s", "ddp_step_s",
-                    "round/ddp", "workers_as", "ddp_world"]
+                    "round/ddp", "lmo_threads", "workers_as", "ddp_world"]
     text = table(models, summary_cols) + "\n\n" + table(rows, ["model", "phase", "efmuon_s", "share", "ddp_s"])
     return {"result": {"models": [{k: v for k, v in m.items() if k != "rows"} for m in models], "rows": rows},
             "goals": goals, "table": text}

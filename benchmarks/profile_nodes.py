@@ -52,15 +52,20 @@ def worker_main(spec: dict) -> None:
     print(json.dumps(traced_worker(spec["server"], int(spec["client_id"]))), flush=True)
 
 
+SPLIT_SECONDS, MAX_SPLIT_REPEATS = 1.0, 50
+
+
 def step_split(c, repeats: int) -> dict[str, float]:
-    """The step's parts on the run's final state, `repeats` times after one warm-up: the LMO of every block
+    """The step's parts on the run's final state, `repeats` times after one warm-up (more, up to
+    MAX_SPLIT_REPEATS, where that takes under SPLIT_SECONDS): the LMO of every block
     (`lmo_all` as `ServerState.step` calls it), then the whole step (LMO, update, downlink encode) and
     `Plan.build`; median seconds of each, and `lmo_fraction`: the median of each repeat's LMO / (step +
     build), at most 1 (the two are timed back to back, so both see the same load; alone, a busy machine can
     make the LMO slower than the step that holds it)."""
     st, cfg = c.state, c.cfg
     lmo, step, plan, frac = [], [], [], []
-    for rep in range(repeats + 1):
+    rep, total = 0, repeats + 1
+    while rep < total:
         t0 = time.perf_counter()
         for block in st.lmo_blocks():
             specs = [st.specs[i] for i in block]
@@ -71,7 +76,9 @@ def step_split(c, repeats: int) -> dict[str, float]:
         t2 = time.perf_counter()
         Plan.build(st.round + 1, frames)
         t3 = time.perf_counter()
-        if rep == 0:  # warm-up
+        rep += 1
+        if rep == 1:  # warm-up; a small model repeats for about a second (its ratio is noisy on a busy machine)
+            total = max(total, min(MAX_SPLIT_REPEATS, 1 + int(SPLIT_SECONDS / max(t3 - t0, 1e-6))))
             continue
         lmo.append(t1 - t0)
         step.append(t2 - t1)

@@ -91,7 +91,7 @@ def step_split(c, repeats: int) -> dict[str, float]:
 def efmuon_run(cfg: RunConfig, processes: bool, split_repeats: int = 3) -> dict:
     """One traced run (module docstring): {events: [(what, round, t0, t1)], traces: {client: [(step, t)]},
     report, split (`step_split`)}."""
-    threads = torch.get_num_threads()  # build_coordinator (and worker threads) set the run's: restored below
+    torch_threads = torch.get_num_threads()  # build_coordinator (and worker threads) set the run's: restored below
     c = build_coordinator(cfg, quiet=True)
     events: list[tuple[str, int, float, float]] = []
     c.events = lambda what, k, t0, t1: events.append((what, k, t0, t1))
@@ -125,7 +125,7 @@ def efmuon_run(cfg: RunConfig, processes: bool, split_repeats: int = 3) -> dict:
     finally:
         kill_leftovers(procs)
         c.executor.shutdown(wait=True)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
     traces = {int(out["client_id"]): [tuple(m) for m in out["trace"]] for out in outs}
     return {"events": events, "traces": traces, "report": report, "split": split}
 

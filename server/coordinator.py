@@ -95,8 +95,9 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts, Pipelining):
         events("recv", round, t_first_byte, t_complete)   a submission's chunks were reassembled
                                                           (the servicer's Exchange, first chunk to last)
         events("process", k, t0, t1)                      around round k's processing (`_process`)
-        events("decode", round, t0, t1)                   a submission's frames were decoded (`accept`, the
-                                                          compute thread's work as the loop awaited it)
+        events("decode", round, t0, t1)                   a submission's frames were decoded (`accept`: from
+                                                          the call to its result, a wait for the compute
+                                                          thread included; --pipeline decodes frame by frame)
         events("step", k, t0, t1)                         round k's step and reply (S_{k+1}: LMO, update,
                                                           downlink encode, chunking; k < rounds)
         events("record_down", round, t, t)                a reply was streamed to a client

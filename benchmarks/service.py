@@ -9,6 +9,7 @@ figures, as in a real deployment. MODE is one of:
     serve    a real Coordinator + servicer for the synthetic model (`nodes.serve_main`)
     worker   a real `efmuon.worker.Worker` for it (`nodes.worker_main`)
     idle     the framework baseline (`nodes.idle_main`)
+    profile-worker  a real worker of the server's task with `Worker.trace` on (`profile_nodes.worker_main`)
 
 JSON is the helper's spec (a dict). Every helper prints one JSON line when ready or done.
 """
@@ -18,9 +19,11 @@ import json
 import sys
 
 from .nodes import idle_main, serve_main, worker_main
+from .profile_nodes import worker_main as profile_worker_main
 from .transport import sink_main
 
-MODES = {"sink": sink_main, "serve": serve_main, "worker": worker_main, "idle": idle_main}
+MODES = {"sink": sink_main, "serve": serve_main, "worker": worker_main, "idle": idle_main,
+         "profile-worker": profile_worker_main}
 
 
 def main(argv: list[str]) -> None:

@@ -54,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-10m, bytes-wire, codecs, lmo, methods, moe, lr-robustness, peers, pipeline, transport, scaling, scaling-shards, federation, memory, soak, startup",
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-10m, bytes-wire, codecs, lmo, methods, moe, lr-robustness, peers, pipeline, profile, transport, scaling, scaling-shards, federation, memory, soak, startup",
                        description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
                                    "--markdown updates its section of BENCHMARKS.md.")
-    b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak")
+    b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak | "
+                   "pipeline | profile | ... (all of them: `efmuon --help`, BENCHMARKS.md)")
     b.add_argument("--quick", action="store_true", help="a few seconds: a smoke version")
     b.add_argument("--report", metavar="PATH.json", help="write the JSON result here")
     b.add_argument("--markdown", metavar="BENCHMARKS.md", help="update this file's section for the benchmark")

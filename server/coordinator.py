@@ -95,6 +95,11 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts, Pipelining):
         events("recv", round, t_first_byte, t_complete)   a submission's chunks were reassembled
                                                           (the servicer's Exchange, first chunk to last)
         events("process", k, t0, t1)                      around round k's processing (`_process`)
+        events("decode", round, t0, t1)                   a submission's frames were decoded (`accept`: from
+                                                          the call to its result, a wait for the compute
+                                                          thread included; --pipeline decodes frame by frame)
+        events("step", k, t0, t1)                         round k's step and reply (S_{k+1}: LMO, update,
+                                                          downlink encode, chunking; k < rounds)
         events("record_down", round, t, t)                a reply was streamed to a client
                                                           (round = plan.round - 1)
         events("frame", round, t, t)                      --pipeline: an uplink frame was complete
@@ -289,6 +294,8 @@ class Coordinator(Sessions, RoundBarrier, Persistence, Cohorts, Pipelining):
             self.last_plan.release()
         full = self.cohorts and self.needs_full_w(k + 1, cohort or [])
         plan = await self._run(self._step_and_plan, k, full)
+        if self.events is not None:
+            self.events("step", k, self._step_t0, time.perf_counter())
         self.report_units(k)
         return plan
 

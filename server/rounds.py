@@ -163,9 +163,12 @@ class RoundBarrier:
         decoded, zeroed = decoded if decoded is not None else ([], 0)
         if frames:
             owned = isinstance(frames, list)
+            t0 = time.perf_counter()
             try:
                 decoded, zeroed = await self._run(self.state.decode_uplink, j, frames if owned else list(frames),
                                                   round_ == 0, owned)
+                if self.events is not None:
+                    self.events("decode", round_, t0, time.perf_counter())
             except FrameError as exc:
                 raise Rejected("INVALID_ARGUMENT", f"client {j} round {round_}: {exc}; nothing was applied, resend a "
                                "valid submission") from None

@@ -38,7 +38,43 @@ ROWS = {
                                                                  "worker_peak_MB"}),
     "lr-robustness": (lambda r: r, {"preset", "x_tuned", "lr", "final_val_loss_w", "diverged", "seconds"},
                       {"lr", "x_tuned"}),
+    "profile": (lambda r: r["rows"], {"model", "workers", "rounds", "phase", "key", "efmuon_s", "share", "ddp_s"},
+                {"workers", "rounds"}),
 }
+
+
+def check_profile(result: dict) -> None:
+    """bench profile: every phase of both sides, none negative, and the intervals it adds up inside a round."""
+    from efmuon.benchmarks.profile import DDP_ROWS, PHASES, WORKER_PHASES
+
+    for m in result["models"]:
+        rows = {r["key"]: r for r in result["rows"] if r["model"] == m["model"]}
+        assert set(rows) == {k for k, _, _ in PHASES} | {f"ddp_{k}" for k, _ in DDP_ROWS}
+        for key, _, ddp in PHASES:
+            assert rows[key]["efmuon_s"] is not None and rows[key]["efmuon_s"] >= 0, key
+            assert (rows[key]["ddp_s"] is not None) == (ddp is not None), key
+        assert all(rows[f"ddp_{k}"]["ddp_s"] > 0 for k, _ in DDP_ROWS)
+        assert rows["round"]["efmuon_s"] == m["round_s"] and rows["round"]["ddp_s"] == m["ddp_step_s"]
+        assert m["round/ddp"] == pytest.approx(m["round_s"] / m["ddp_step_s"])
+        assert len(m["per_round"]) == m["rounds"] >= 1
+        for r in m["per_round"]:
+            wall = r["wall_s"]  # the step of S_k to the step of S_{k+1}; the report's seconds end inside it
+            assert 0 < r["round_s"] <= wall
+            assert set(map(int, r["workers"])) == set(range(m["workers"]))  # JSON keys
+            for w in r["workers"].values():
+                assert all(w[p] >= 0 for p in (*WORKER_PHASES, "received_s_k")), w
+                # receiving S_k .. its submission in: inside the round
+                assert w["received_s_k"] + w["apply"] + w["gradient"] + w["encode"] + w["sending"] <= wall + 1e-9
+            srv = r["server"]
+            assert len(srv["decode"]) == m["workers"] and min(srv["decode"]) >= 0
+            assert min(srv["idle"], srv["barrier"], srv["aggregate"], srv["step"]) >= 0
+            assert srv["step"] + srv["idle"] + srv["barrier"] <= wall + 1e-9
+            crit = r["crit"]
+            assert min(crit["compute"], crit["transfer"], crit["other"]) >= 0
+            assert crit["compute"] + crit["transfer"] + crit["other"] == pytest.approx(wall)
+
+
+CHECKS = {"profile": check_profile}  # more than the rows' structure
 # Real networked runs (a server and worker processes each, ~10 s apiece even at the smoke level, over
 # this file's budget): their runs are tested end to end elsewhere (test_service_e2e, test_service_cli).
 # By hand: run_bench("bytes-wire" / "soak" / "startup", True, None, None, "", smoke=True); startup's
@@ -76,3 +112,5 @@ def test_bench_smoke_structure(name, tmp_path):
             assert row[k] > 0, f"{k} = {row[k]}"
     text = md.read_text()
     assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text
+    if name in CHECKS:
+        CHECKS[name](data["result"])

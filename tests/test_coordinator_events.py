@@ -34,14 +34,21 @@ async def test_events_report_each_submission_each_round_and_each_reply_in_order(
         await server.stop(0)
         c.executor.shutdown(wait=True)
 
-    # Assert: rounds 0..R each have 2 submissions received, one processing, 2 replies streamed
+    # Assert: rounds 0..R each have 2 submissions received and decoded, one processing, 2 replies streamed;
+    # rounds 0..R-1 a step (S_{k+1})
     rounds = range(cfg.rounds + 1)
-    expected = {("recv", k): 2 for k in rounds} | {("process", k): 1 for k in rounds} | \
-        {("record_down", k): 2 for k in rounds}
+    expected = {("recv", k): 2 for k in rounds} | {("decode", k): 2 for k in rounds} | \
+        {("process", k): 1 for k in rounds} | {("record_down", k): 2 for k in rounds} | \
+        {("step", k): 1 for k in range(cfg.rounds)}
     assert Counter((what, k) for what, k, _, _ in seen) == expected
     assert all(t0 <= t1 for _, _, t0, t1 in seen)
     assert all(t0 == t1 for what, _, t0, t1 in seen if what == "record_down")
     for k in rounds:
         (p0, p1), = [(t0, t1) for what, r, t0, t1 in seen if what == "process" and r == k]
         assert all(t1 <= p0 for what, r, _, t1 in seen if what == "recv" and r == k)  # received, then processed
+        assert all(t1 <= p0 for what, r, _, t1 in seen if what == "decode" and r == k)  # decoded before it too
+        assert all(p0 <= t0 and t1 <= p1 for what, r, t0, t1 in seen if what == "step" and r == k)  # inside it
         assert all(t0 >= p1 for what, r, t0, _ in seen if what == "record_down" and r == k)  # then streamed
+    recvs = sorted(t1 for what, _, _, t1 in seen if what == "recv")
+    decodes = sorted(t0 for what, _, t0, _ in seen if what == "decode")
+    assert all(d >= r for r, d in zip(recvs, decodes))  # each decode starts after its submission was received

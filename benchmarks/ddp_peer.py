@@ -101,21 +101,43 @@ def register_hook(ddp, hook: str) -> None:
 
 
 def rank_main(spec: dict) -> dict:
-    """One DDP rank (module docstring). Writes and returns {rank, evals: [{step, val_loss, train_s, bytes}],
-    step_s, steps, start_bytes}."""
+    """One DDP rank (module docstring): trains with spec["hook"], or with each of spec["hooks"] in turn on one
+    process group (the suite's smoke run: one start-up and rendezvous for several variants), each from the
+    seed's initial parameters. Writes and returns {rank, runs: [{hook, evals: [{step, val_loss, train_s, bytes}],
+    step_s, steps, start_s, start_bytes, end_bytes}]}, bytes counted from each run's own start (the first
+    run's from before `init_process_group`); rank 0 of a spec with "probe" also probes batched_powerSGD_hook
+    after the group is gone ("batched_powerSGD_hook_error")."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     rank, world, dev = int(spec["rank"]), int(spec["world"]), spec.get("dev", "eth0")
-    setup = setup_of(spec)
-    task, model = setup.task, setup.model
     b0 = counters(dev) if dev else 0
     t_init = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"tcp://{spec['master']}:{spec['port']}", rank=rank,
                             world_size=world, timeout=__import__("datetime").timedelta(seconds=300))
+    runs = []
+    for hook in spec.get("hooks") or [spec["hook"]]:
+        runs.append(_train(spec, hook, rank, dev, b0, t_init))
+        b0, t_init = (counters(dev) if dev else 0), time.perf_counter()
+    dist.destroy_process_group()
+    out = {"rank": rank, "runs": runs}
+    if spec.get("probe") and rank == 0:
+        out["batched_powerSGD_hook_error"] = probe_batched()
+    if spec.get("out"):
+        with open(spec["out"], "w") as fh:
+            json.dump(out, fh)
+    return out
+
+
+def _train(spec: dict, hook: str, rank: int, dev: str, b0: int, t_init: float) -> dict:
+    """One training run with `hook` on the process group that exists: to the target or max_steps."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    setup = setup_of(spec)
+    task, model = setup.task, setup.model
     ddp = DDP(model)
-    register_hook(ddp, spec["hook"])
+    register_hook(ddp, hook)
     opts = optimizers(model, spec)
     start_s = time.perf_counter() - t_init
     start_bytes = (counters(dev) - b0) if dev else 0
@@ -146,13 +168,8 @@ def rank_main(spec: dict) -> dict:
             if val <= target:
                 break
     dist.barrier()
-    dist.destroy_process_group()
-    out = {"rank": rank, "hook": spec["hook"], "evals": evals, "steps": len(step_s), "step_s": step_s,
-           "start_s": start_s, "start_bytes": start_bytes, "end_bytes": (counters(dev) - b0) if dev else 0}
-    if spec.get("out"):
-        with open(spec["out"], "w") as fh:
-            json.dump(out, fh)
-    return out
+    return {"hook": hook, "evals": evals, "steps": len(step_s), "step_s": step_s, "start_s": start_s,
+            "start_bytes": start_bytes, "end_bytes": (counters(dev) - b0) if dev else 0}
 
 
 def probe_batched() -> str:

@@ -23,6 +23,8 @@ efmuon runs exactly the rounds to the target: `efmuon simulate`'s arithmetic (th
 bit; `sim_round`) finds the round first, in process, and the networked run's validation loss at it is checked
 against it (`same_as_sim`). Repeats are interleaved (repeat r runs every setting and variant, in reversed
 order on odd r) and rows report the median.
+The suite's smoke level launches its DDP variants together, one after the other on one process group
+(`ddp_peer.rank_main` with several hooks: one start-up); every other level gives each run its own launch.
 """
 from __future__ import annotations
 
@@ -143,10 +145,13 @@ def run_efmuon(setup: dict, variant: str, link: str, sim: dict, tmp: str) -> dic
 
 
 # ------------------------------------------------------------------------------------------- DDP
-def run_ddp(setup: dict, variant: str, link: str, tmp: str) -> dict:
-    """One DDP run: its own star of namespaces (one per rank, every rank's link shaped both ways), ranks
-    started with `ip netns exec`, the namespaces deleted at the end whatever happens."""
-    hook, n = variant.split(" ", 1)[1], setup["workers"]
+def run_ddp(setup: dict, variants: list[str], link: str, tmp: str, probe: bool = False) -> list[dict]:
+    """DDP runs, one per variant, by one launch of the ranks (one process group; the smoke level's several
+    variants share its start-up): their own star of namespaces (one per rank, every rank's link shaped both
+    ways), ranks started with `ip netns exec`, the namespaces deleted at the end whatever happens. `probe`:
+    rank 0 probes batched_powerSGD_hook at the end; the first row then has "batched_powerSGD_hook_error"."""
+    hooks, n = [v.split(" ", 1)[1] for v in variants], setup["workers"]
+    what = ", ".join(variants)
     profile = parse_link(link)
     star = Star(n)
     procs: list[subprocess.Popen] = []
@@ -157,9 +162,9 @@ def run_ddp(setup: dict, variant: str, link: str, tmp: str) -> dict:
             star.shape(j, profile, netem=False)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
         for j in range(n):
-            spec = {"rank": j, "world": n, "master": client_addr(0), "port": PORT, "hook": hook, "task": "gpt-char",
+            spec = {"rank": j, "world": n, "master": client_addr(0), "port": PORT, "hooks": hooks, "task": "gpt-char",
                     "task_options": setup["task_options"], "seed": 0, "eval_every": setup["eval_every"],
-                    "target": setup["target"], "max_steps": setup["max_steps"], "dev": "eth0",
+                    "target": setup["target"], "max_steps": setup["max_steps"], "dev": "eth0", "probe": probe,
                     "out": os.path.join(tmp, f"rank{j}.json")}
             path = os.path.join(tmp, f"spec{j}.json")
             with open(path, "w") as fh:
@@ -167,16 +172,16 @@ def run_ddp(setup: dict, variant: str, link: str, tmp: str) -> dict:
             with open(os.path.join(tmp, f"rank{j}.log"), "w") as log:  # a file, not a pipe: no rank blocks on it
                 procs.append(subprocess.Popen(star.exec_prefix(star.clients[j]) + DDP_ENTRY + ["rank", path],
                                               env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + RUN_TIMEOUT
+        deadline = time.monotonic() + RUN_TIMEOUT * len(variants)
         for j, p in enumerate(procs):
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{variant}: rank {j} still running after {RUN_TIMEOUT:.0f} s") from None
+                raise RuntimeError(f"{what}: rank {j} still running after {RUN_TIMEOUT * len(variants):.0f} s") from None
         failed = {j: open(os.path.join(tmp, f"rank{j}.log")).read()[-2000:] for j, p in enumerate(procs)
                   if p.returncode != 0}
         if failed:
-            raise RuntimeError(f"{variant}: DDP rank(s) failed: {failed}")
+            raise RuntimeError(f"{what}: DDP rank(s) failed: {failed}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -188,17 +193,24 @@ def run_ddp(setup: dict, variant: str, link: str, tmp: str) -> dict:
     for j in range(n):
         with open(os.path.join(tmp, f"rank{j}.json")) as fh:
             ranks.append(json.load(fh))
-    ev0 = ranks[0]["evals"][-1]
-    reached = ev0["val_loss"] <= setup["target"]
-    at = [r["evals"][-1] for r in ranks]
-    return {"system": "ddp", "variant": variant, "reached": reached,
-            "steps_to_target": ev0["step"] if reached else None,
-            "time_to_target_s": ev0["train_s"] if reached else None, "train_s": ev0["train_s"],
-            "steps": ev0["step"], "val_loss": ev0["val_loss"], "same_as_sim": None,
-            "wire_MB_per_worker": statistics.mean(e["bytes"] for e in at) / 1e6,
-            "max_rank_wire_MB": max(e["bytes"] for e in at) / 1e6,
-            "start_MB_per_worker": statistics.mean(r["start_bytes"] for r in ranks) / 1e6,
-            "run_wall_s": wall, "mechanism": "tbf"}
+    rows = []
+    for i, variant in enumerate(variants):
+        runs = [r["runs"][i] for r in ranks]
+        ev0 = runs[0]["evals"][-1]
+        reached = ev0["val_loss"] <= setup["target"]
+        at = [r["evals"][-1] for r in runs]
+        rows.append({"system": "ddp", "variant": variant, "reached": reached,
+                     "steps_to_target": ev0["step"] if reached else None,
+                     "time_to_target_s": ev0["train_s"] if reached else None, "train_s": ev0["train_s"],
+                     "steps": ev0["step"], "val_loss": ev0["val_loss"], "same_as_sim": None,
+                     "wire_MB_per_worker": statistics.mean(e["bytes"] for e in at) / 1e6,
+                     "max_rank_wire_MB": max(e["bytes"] for e in at) / 1e6,
+                     "start_MB_per_worker": statistics.mean(r["start_bytes"] for r in runs) / 1e6,
+                     "run_wall_s": wall / len(variants), "mechanism": "tbf",
+                     **({"launch": what} if len(variants) > 1 else {})})
+    if probe:
+        rows[0]["batched_powerSGD_hook_error"] = ranks[0]["batched_powerSGD_hook_error"]
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- the bench
@@ -253,10 +265,6 @@ def bench_peers(level: str) -> dict:
         return _skipped(reason)
     setup = level_setup(level)
     variants = setup.get("variants", VARIANTS)
-    probe = subprocess.run(DDP_ENTRY + ["probe"], capture_output=True, text=True, timeout=120)
-    batched = json.loads(probe.stdout.strip().splitlines()[-1])["batched_powerSGD_hook_error"] \
-        if probe.returncode == 0 and probe.stdout.strip() else f"probe failed: {probe.stderr[-500:]}"
-    print(f"  batched_powerSGD_hook on torch: {batched or 'works'}", flush=True)
     jobs = [(setup, up, down) for up, down in EFMUON_VARIANTS.values()]
     if level == "smoke":  # a few rounds of a tiny model: cheaper here than starting two processes
         threads = torch.get_num_threads()
@@ -270,21 +278,40 @@ def bench_peers(level: str) -> dict:
     for v, s in sims.items():
         print(f"  {v}: validation loss {s['val_loss']:.4f} at round {s['round']} in simulate "
               f"({'target reached' if s['reached'] else 'target NOT reached'})", flush=True)
+    # the smoke level launches its DDP variants together (one start-up); otherwise each its own launch, so
+    # every run starts from a fresh interpreter, as the efmuon runs do
+    together = level == "smoke"
+    batched = None  # batched_powerSGD_hook's error, from rank 0 of the first DDP launch
     runs = []
     with tempfile.TemporaryDirectory(prefix="efmuon-bench-peers-") as tmp:
         for rep in range(setup["repeats"]):
             order = variants if rep % 2 == 0 else variants[::-1]
+            launches = [[v] for v in order if v in EFMUON_VARIANTS]
+            ddp = [v for v in order if v not in EFMUON_VARIANTS]
+            launches += [ddp] if together and ddp else [[v] for v in ddp]
+            if not together:
+                launches.sort(key=lambda vs: order.index(vs[0]))
             for label, link in setup["settings"]:
-                for variant in order:
+                for launch in launches:
                     sub = tempfile.mkdtemp(dir=tmp)
-                    r = (run_efmuon(setup, variant, link, sims[variant], sub) if variant in EFMUON_VARIANTS
-                         else run_ddp(setup, variant, link, sub))
-                    r.update(setting=label, link=link, repeat=rep)
-                    runs.append(r)
-                    tt = r["time_to_target_s"]
-                    print(f"  [{rep}] {label:16s} {variant:18s} steps {r['steps']:>4} val {r['val_loss']:.4f} "
-                          f"to target {'-' if tt is None else f'{tt:.1f} s'}  {r['wire_MB_per_worker']:.2f} MB/worker "
-                          f"(run {r['run_wall_s']:.0f} s)", flush=True)
+                    if launch[0] in EFMUON_VARIANTS:
+                        got = [run_efmuon(setup, launch[0], link, sims[launch[0]], sub)]
+                    else:
+                        got = run_ddp(setup, launch, link, sub, probe=batched is None)
+                        if batched is None:
+                            batched = got[0].pop("batched_powerSGD_hook_error")
+                            print(f"  batched_powerSGD_hook on torch: {batched or 'works'}", flush=True)
+                    for r in got:
+                        r.update(setting=label, link=link, repeat=rep)
+                        runs.append(r)
+                        tt = r["time_to_target_s"]
+                        print(f"  [{rep}] {label:16s} {r['variant']:18s} steps {r['steps']:>4} val {r['val_loss']:.4f} "
+                              f"to target {'-' if tt is None else f'{tt:.1f} s'}  {r['wire_MB_per_worker']:.2f} "
+                              f"MB/worker (run {r['run_wall_s']:.0f} s)", flush=True)
+    if batched is None:  # no DDP variant ran: probe on its own
+        probe = subprocess.run(DDP_ENTRY + ["probe"], capture_output=True, text=True, timeout=120)
+        batched = json.loads(probe.stdout.strip().splitlines()[-1])["batched_powerSGD_hook_error"] \
+            if probe.returncode == 0 and probe.stdout.strip() else f"probe failed: {probe.stderr[-500:]}"
     rows = _median_rows(runs, setup["settings"])
     rat = ratios(rows, setup["settings"])
     goals = []

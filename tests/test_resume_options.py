@@ -134,7 +134,8 @@ def test_resume_refuses_a_security_file_changed_since(tmp_path, certs):
     # Prepare: a short TLS + token run that checkpoints at its end
     ckpt, port = tmp_path / "ckpt", free_port()
     srv = secure_server(port, tmp_path, certs, "--checkpoint-dir", str(ckpt), "--tls-cert", str(certs / "server.pem"),
-                        "--tls-key", str(certs / "server.key"), "--token-file", str(certs / "tokens.txt"))
+                        "--tls-key", str(certs / "server.key"), "--token-file", str(certs / "tokens.txt"),
+                        "--rounds", "3")
     workers = [secure_worker(port, j, tmp_path, certs) for j in range(2)]
     assert [w.wait(180) for w in workers] + [srv.wait(60)] == [0, 0, 0], (tmp_path / "server.log").read_text()
     # Execute: the token file changes (a token added), then --resume without the security flags

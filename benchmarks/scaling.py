@@ -330,7 +330,7 @@ def bench_scaling_shards(level: str) -> dict:
     params = by_level(level, full=10_485_760, quick=1 << 20, smoke=1 << 19)
     n = by_level(level, full=16, quick=4, smoke=2)
     rounds = by_level(level, full=6, quick=3, smoke=3)
-    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[1, 2])
+    counts = by_level(level, full=[1, 2, 4], quick=[1, 2, 4], smoke=[2])  # smoke: the sharded path only
     rows = sharded_rows(params, n, counts, rounds, "topk:0.1", "topk:0.1", _SynthClient, _scaling_row)
     return {"result": rows, "goals": sharded_goals(rows),
             "table": f"Synthetic model: {params / 1e6:.1f}M parameters in spectral 256x1024 matrices, uplink and downlink "

@@ -144,6 +144,8 @@ async def test_a_stalled_worker_meets_the_round_deadline(policy):
             else:
                 await asyncio.sleep(0.01)
         results = await asyncio.gather(*runs, return_exceptions=True)
+        # the summary is written after the last reply went out: wait for it (a loaded machine is slow there)
+        await asyncio.wait_for(h.coordinator.finished.wait(), 60)
         status = await h.stub.Status(pb.StatusRequest())
 
     if policy == "fail":

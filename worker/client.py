@@ -352,6 +352,8 @@ class Worker:
                     header = msg.header
                     if not header.resync and isinstance(frames, LazyUplink):
                         frames.release()
+                        if self.pending is not None and self.pending[1] is frames:  # as a list's: emptied
+                            self.pending = (self.pending[0], [], self.pending[2])
                         self._acknowledged = True
                     elif not header.resync and isinstance(frames, list):
                         frames.clear()

@@ -1,7 +1,8 @@
-"""The worker's half of the pipelined round (worker.uplink): its uplink frames are encoded while the
-Exchange stream is sent, in the pipelined server's LMO-unit order, and the downlink is decoded frame by
-frame as it arrives, with the bits of the eager worker (make_uplink, then apply_downlink) - with or without
-`--pipeline`, across a connection cut mid-upload, and for a compressor of data-dependent size (topk)."""
+"""The worker's half of the pipelined round (worker.uplink): with a server that pipelines (`--pipeline`, its
+Join reply says so) the worker encodes its uplink frames while the Exchange stream is sent, in the server's
+LMO-unit order, and decodes the downlink frame by frame as it arrives, with the bits of the sequential
+worker (make_uplink, then apply_downlink) - also across a connection cut mid-upload, and for a compressor
+of data-dependent size (topk, encoded before sending)."""
 from __future__ import annotations
 
 import asyncio
@@ -131,15 +132,16 @@ async def wide_run(monkeypatch, cfg, pipeline: bool, eager: bool = False, cut_ro
     return c, stats, seen, at_cut, workers
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-async def test_the_worker_sends_its_first_frames_before_it_has_encoded_the_last_and_keeps_the_bits(
-        monkeypatch, pipeline):
+async def test_the_worker_sends_its_first_frames_before_it_has_encoded_the_last_and_keeps_the_bits(monkeypatch):
     cfg = make_cfg(workers=2, rounds=3, uplink="identity", downlink="quant:8")
-    ref, ref_stats, *_ = await wide_run(monkeypatch, cfg, False, eager=True)
+    ref, ref_stats, *_ = await wide_run(monkeypatch, cfg, True, eager=True)
     monkeypatch.undo()
 
-    c, stats, seen, _, workers = await wide_run(monkeypatch, cfg, pipeline)
+    c, stats, seen, _, workers = await wide_run(monkeypatch, cfg, True)
+    plain, plain_stats, plain_seen, _, plain_workers = await wide_run(monkeypatch, cfg, False)
 
+    # Assert: with --pipeline (the Join reply says so) the worker pipelines, with a sequential server it does not
+    assert workers[1].pipelined and not plain_workers[1].pipelined
     n = len(workers[1].state.W)
     for k in range(1, cfg.rounds + 1):
         encoded = [t1 for what, r, _, t1 in seen if what == "uplink_frame" and r == k]
@@ -147,9 +149,11 @@ async def test_the_worker_sends_its_first_frames_before_it_has_encoded_the_last_
         assert len(encoded) == n and len(chunks) >= 2, k
         assert min(chunks) < max(encoded), k  # frame 0 went to gRPC before the last frame was encoded
     assert sum(1 for what, *_ in seen if what == "downlink_frame") == n * cfg.rounds
+    assert not any(what in ("uplink_frame", "downlink_frame") for what, *_ in plain_seen)
     want = ref.report.summary["w_sha256"]
-    assert c.report.summary["w_sha256"] == want and [s["w_sha256"] for s in stats] == [want, want]
-    assert [s["w_sha256"] for s in ref_stats] == [want, want] and c.state_sha256() == ref.state_sha256()
+    for run, st in [(ref, ref_stats), (c, stats), (plain, plain_stats)]:
+        assert run.report.summary["w_sha256"] == want and [s["w_sha256"] for s in st] == [want, want]
+        assert run.state_sha256() == ref.state_sha256()
 
 
 async def test_a_connection_cut_mid_upload_resends_the_same_frames_and_keeps_the_bits(monkeypatch):

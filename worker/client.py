@@ -31,9 +31,10 @@ benchmark reads the process's RSS there; with no hook, a step costs one attribut
 stream is sent), ("uplink_chunk", k, t, t) just before each uplink chunk message goes to gRPC, and
 ("downlink_frame", k, t0, t1) per downlink frame decoded as it arrived.
 
-Pipelining (docs/design.md "Pipelined rounds"): outside cohort runs and worker checkpoints, the uplink is
-a `LazyUplink` (encoded frame by frame while it is sent, in the pipelined server's LMO-unit order) and
-each downlink frame is decoded as soon as it is complete; W += S once every layer is in.
+Pipelining (docs/design.md "Pipelined rounds"): with a server that pipelines its rounds (`--pipeline`, its
+Join reply says so), outside cohort runs and worker checkpoints, the uplink is a `LazyUplink` (encoded
+frame by frame while it is sent, in the server's LMO-unit order) and each downlink frame is decoded as
+soon as it is complete; W += S once every layer is in. The bits are those of the sequential worker.
 """
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ class Worker:
         self.sampled = 0  # rounds this client computed (cohort runs: those it was sampled in)
         self.late = 0  # of which dropped as a straggler
         self.catchup_bytes = 0
+        self.pipelined = False  # the server said it pipelines its rounds (Join): so does this worker
         self._S: list[torch.Tensor] = []  # the downlink decoded so far (`_read_reply`)
         self._streamed = False
 
@@ -217,6 +219,7 @@ class Worker:
         specs = self.specs if self.specs is not None else model_specs(self.model, cfg)
         self.next_round = int(header.next_round)
         self.cohorts = runs_cohorts(cfg)
+        self.pipelined = bool(header.pipeline)  # the server steps its rounds pipelined (--pipeline)
         if self.cohorts and self._speed is None:
             self._speed = ComputeScale(cfg, self.client_id, federation_size(cfg))
         if header.resync:
@@ -434,10 +437,10 @@ class Worker:
                 self._snapshot = Snapshot(self.state, k)
             t0 = time.perf_counter()
             loss, g = self._gradients(k)
-            if self.cohorts or self.checkpoint_dir:  # a checkpoint saves the frames; a cohort round may be late
+            if self.pipelined and not (self.cohorts or self.checkpoint_dir):  # (a checkpoint saves the frames)
+                frames = lazy_uplink(self.state, g, self.cfg, self.events)  # encoded while sent (worker.uplink)
+            else:
                 frames = self.state.make_uplink(g, consume=True)
-            else:  # encoded while the Exchange stream is sent (worker.uplink)
-                frames = lazy_uplink(self.state, g, self.cfg, self.events)
             self._traced("make_uplink")
             del g
             if self._speed is not None:
@@ -472,7 +475,7 @@ class Worker:
             self._next_submission()
         k, frames, loss = self.pending
         try:
-            header, S = self.exchange(k, frames, loss, decode=True)
+            header, S = self.exchange(k, frames, loss, decode=self.pipelined)
         except WorkerError as exc:
             if isinstance(exc, WorkerStopped) or self.conn.stopped is not None:
                 raise WorkerStopped(self.conn.stopped) from None
@@ -490,7 +493,10 @@ class Worker:
         if header.round != k + 1:
             raise ProtocolError(f"the server sent the downlink of round {header.round} after round {k}")
         self.pending = None
-        self.state.add_downlink(S)  # state.round = k + 1 (S decoded as it arrived, `exchange`)
+        if self.pipelined:
+            self.state.add_downlink(S)  # state.round = k + 1 (S decoded as it arrived, `exchange`)
+        else:
+            self.state.apply_downlink(S, consume=True)  # state.round = k + 1
         self._traced("apply_downlink")
         self.next_round = k + 1
         del S

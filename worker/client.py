@@ -323,7 +323,7 @@ class Worker:
                     header, parts, down_message = self._read_reply(call, frames, decode)
                 except grpc.RpcError as exc:
                     raise silence.failure(f"Exchange of round {round_}", exc) from None
-        except BaseException:
+        except Exception:
             if lazy:  # every frame encoded exactly once, whatever became of the call (the resend's bytes)
                 frames.finish()
             raise

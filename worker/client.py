@@ -324,6 +324,7 @@ class Worker:
                 except grpc.RpcError as exc:
                     raise silence.failure(f"Exchange of round {round_}", exc) from None
         except Exception:
+            self._S = []  # a downlink decoded in part
             if lazy:  # every frame encoded exactly once, whatever became of the call (the resend's bytes)
                 frames.finish()
             raise

@@ -75,7 +75,7 @@ from .reconnect import (
     retryable,
 )
 from .silence import Silence
-from .uplink import LazyUplink, lazy_uplink
+from .uplink import LazyUplink, StreamedDownlink, lazy_uplink
 
 __all__ = ["Connection", "Worker", "WorkerError", "WorkerStopped", "split_address"]
 
@@ -150,8 +150,7 @@ class Worker:
         self.late = 0  # of which dropped as a straggler
         self.catchup_bytes = 0
         self.pipelined = False  # the server said it pipelines its rounds (Join): so does this worker
-        self._S: list[torch.Tensor] = []  # the downlink decoded so far (`_read_reply`)
-        self._streamed = False
+        self._down: StreamedDownlink | None = None  # the downlink decoded as it arrives (`_read_reply`)
 
     def _traced(self, step: str) -> None:
         if self.trace is not None:
@@ -324,7 +323,7 @@ class Worker:
                 except grpc.RpcError as exc:
                     raise silence.failure(f"Exchange of round {round_}", exc) from None
         except Exception:
-            self._S = []  # a downlink decoded in part
+            self._down = None  # a downlink decoded in part
             if lazy:  # every frame encoded exactly once, whatever became of the call (the resend's bytes)
                 frames.finish()
             raise
@@ -337,16 +336,14 @@ class Worker:
             "down": {"payload": parts.total, "message": down_message},
             "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
         self._traced("exchange")
-        if decode and self._streamed:
-            return header, self._decoded(header, parts)
-        return header, parts.frames()
+        down, self._down = self._down, None
+        return header, down.result(parts) if down is not None else parts.frames()
 
     def _read_reply(self, call, frames, decode: bool = False) -> tuple[pb.DownlinkHeader | None, chunking.Reassembler, int]:
         """The Exchange reply: its header (None when there was none), S's frames and the messages' bytes.
         Empties `frames` once the header says the round was applied (`exchange`). `decode`: each frame of S
-        is decoded as soon as it is complete (into `self._S`, `_decoded`), its buffer freed."""
+        is decoded as soon as it is complete (`self._down`, a `StreamedDownlink`), its buffer freed."""
         header, parts, down_message = None, None, 0
-        streamed = False
         try:
             for msg in call:
                 if header is None:
@@ -365,40 +362,20 @@ class Worker:
                     layers = len(self.state.W)
                     parts = chunking.Reassembler(expected_frames(header), None if header.catchup_frame_lengths
                                                  else (0, layers))
-                    streamed = self._streamed = decode and not (header.resync or header.done
-                                                                or header.catchup_frame_lengths)
-                    self._S = []
+                    if decode and not (header.resync or header.done or header.catchup_frame_lengths):
+                        self._down = StreamedDownlink(self.state, header.round, self.events)
                 elif msg.WhichOneof("part") == "chunk":
                     chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
                     down_message += chunking.received_chunk_size(msg, len(chunk))
                     parts.add(chunk)
-                    if streamed:
-                        self._decode_complete(header.round, parts)
+                    if self._down is not None:
+                        self._down.take(parts)
                 else:
                     down_message += msg.ByteSize()
         except (FrameError, ProtocolError):
             call.cancel()
             raise
         return header, parts, down_message
-
-    def _decode_complete(self, k: int, parts: chunking.Reassembler) -> None:
-        """Decode the downlink frames `parts` completed since the last call (in layer order) into `self._S`."""
-        for i, frame in parts.take_complete():
-            t0 = time.perf_counter()
-            self._S.append(self.state.decode_downlink(i, frame))
-            del frame
-            if self.events is not None:
-                self.events("downlink_frame", k, t0, time.perf_counter())
-
-    def _decoded(self, header: pb.DownlinkHeader, parts: chunking.Reassembler) -> list[torch.Tensor]:
-        """S, decoded as its frames arrived (`_read_reply`); a FrameError unless it holds every layer."""
-        if parts.received != parts.total:
-            raise FrameError(f"received {parts.received} frame bytes, the header announced {parts.total}")
-        self._decode_complete(header.round, parts)  # frames of no bytes complete with no chunk
-        S, self._S = self._S, []
-        if len(S) != len(self.state.specs):
-            raise FrameError(f"downlink: expected {len(self.state.specs)} layer frames, got {len(S)}")
-        return S
 
     def leave(self, reason: str = "") -> None:
         req = pb.LeaveRequest(client_id=self.client_id or 0, session=self.session, reason=reason[:4096])

@@ -1,5 +1,6 @@
-"""The lazy uplink (docs/design.md §4 "Pipelined rounds"): round k's frames encoded one by one while the
-Exchange stream is sent, in the order a pipelined server steps its LMO units.
+"""The worker's side of a pipelined round (docs/design.md §4 "Pipelined rounds"): the lazy uplink, round k's
+frames encoded one by one while the Exchange stream is sent, in the order a pipelined server steps its LMO
+units; and the streamed downlink, each frame of S decoded as soon as it has arrived.
 
 `WorkerState.make_uplink` encodes every layer before the first byte leaves. `LazyUplink` holds the
 checked gradients instead and encodes layer i (`WorkerState.uplink_frame`: M_i, the frame of R_i,
@@ -25,9 +26,10 @@ import torch
 
 from ..common.algorithm import WorkerState
 from ..common.compress import Compressor
-from ..common.errors import ProtocolError
+from ..common.errors import FrameError, ProtocolError
 from ..common.lmo import LayerSpec
 from ..common.pipeline import uplink_order
+from ..common.wire.chunking import Reassembler
 
 Events = Callable[[str, int, float, float], None]
 
@@ -119,3 +121,32 @@ def lazy_uplink(state: WorkerState, grads: list[torch.Tensor], cfg, events: Even
     if lengths is None:
         return state.make_uplink(grads, consume=True)
     return LazyUplink(state, grads, uplink_order(state.specs, cfg), lengths, events)
+
+
+class StreamedDownlink:
+    """The downlink S_k decoded frame by frame as the reply's chunks arrive (`take` after each chunk), each
+    frame's buffer freed once decoded (`WorkerState.decode_downlink`: nothing of the state changes; the
+    worker adds S to W once every layer is in, `add_downlink`). ("downlink_frame", k, t0, t1) per frame."""
+
+    def __init__(self, state: WorkerState, k: int, events: Events | None = None):
+        self.state, self.k, self.events = state, k, events
+        self.S: list[torch.Tensor] = []
+
+    def take(self, parts: Reassembler) -> None:
+        """Decode the frames `parts` completed since the last call (they complete in layer order)."""
+        for i, frame in parts.take_complete():
+            t0 = time.perf_counter()
+            self.S.append(self.state.decode_downlink(i, frame))
+            del frame
+            if self.events is not None:
+                self.events("downlink_frame", self.k, t0, time.perf_counter())
+
+    def result(self, parts: Reassembler) -> list[torch.Tensor]:
+        """S, every layer; a FrameError when the reply was short or did not hold every layer."""
+        if parts.received != parts.total:
+            raise FrameError(f"received {parts.received} frame bytes, the header announced {parts.total}")
+        self.take(parts)  # frames of no bytes complete without a chunk
+        S, self.S = self.S, []
+        if len(S) != len(self.state.specs):
+            raise FrameError(f"downlink: expected {len(self.state.specs)} layer frames, got {len(S)}")
+        return S

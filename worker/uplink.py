@@ -9,7 +9,7 @@ stream in gRPC's own thread, so encoding frame i + 1 overlaps the sending of fra
 independent, so any order gives `make_uplink`'s bits. Each frame is encoded exactly once (under a
 lock: a stream of a failed call may still be running while the worker resends) and kept until the
 server's reply acknowledges the round (`release`), so a resend after a reconnect sends the same bytes;
-`finish` encodes whatever the stream did not reach (the worker calls it when a call ends, whichever way).
+`finish` encodes whatever the stream did not reach (the worker calls it when a call fails).
 
 The header announces `frame_lengths` before any frame exists: `fixed_lengths` computes them from the
 shapes when every layer's compressor writes frames of a size set by the shape alone (identity and the
@@ -90,9 +90,13 @@ class LazyUplink:
     def stream(self) -> Iterator[bytes]:
         """The frames in stream order, each encoded when it is reached; stops once released."""
         for s in range(len(self.layers)):
-            if self.released:
-                return
-            yield self.frame(s)
+            try:
+                f = self.frame(s)
+            except ProtocolError:
+                if self.released:  # the server answered before it read everything (a 'done' reply)
+                    return
+                raise
+            yield f
 
     def finish(self) -> None:
         """Encode every frame not yet encoded (nothing once released): the state then holds the whole round."""

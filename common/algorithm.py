@@ -43,7 +43,7 @@ from .compress import Compressor, parse_spec
 from .preset_steps import PresetSteps
 from .config import RunConfig
 from .errors import ConfigError, FrameError, ProtocolError
-from .lmo import LayerSpec, dual_norm, lmo_all, lmo_all_threads, lmo_units
+from .lmo import LayerSpec, dual_norm, lmo_all, lmo_all_threads, lmo_blocks
 
 UP, DOWN, INIT = 1, 2, 3
 _MASK64 = (1 << 63) - 1
@@ -395,23 +395,10 @@ class ServerState(PresetSteps):
         Matrices that `lmo_all` zero-pads into one batch (`spectral_groups`) stay in one block (split,
         the padded shape and with it the rounding could change); same-shape matrices may be split, each
         is its own product in a batch. The first MuonMax step needs every direction at once."""
-        n = len(self.specs)
-        nbytes = [4 * x.numel() for x in self.X]
-        budget = max(self.LMO_BLOCK_MIN_BYTES, self.LMO_BLOCK_FRACTION * sum(nbytes))
-        if sum(nbytes) <= budget or (self.cfg.preset in MUONMAX and self.stale_nuclear is None):
-            return [list(range(n))]
-        units = lmo_units(self.specs, nbytes)  # layers that must share an lmo_all call
-        blocks, cur, size = [], [], 0
-        for u in units:
-            b = sum(nbytes[i] for i in u)
-            if cur and size + b > budget:
-                blocks.append(sorted(cur))
-                cur, size = [], 0
-            cur += u
-            size += b
-        if cur:
-            blocks.append(sorted(cur))
-        return blocks
+        if self.cfg.preset in MUONMAX and self.stale_nuclear is None:
+            return [list(range(len(self.specs)))]
+        return lmo_blocks(self.specs, [4 * x.numel() for x in self.X], self.LMO_BLOCK_MIN_BYTES,
+                          self.LMO_BLOCK_FRACTION)
 
     def step(self) -> list[bytes]:
         """One server step: X += t lmo(G); frames = C_down(X - W); W += decode(frames). Returns the frames.
@@ -544,38 +531,54 @@ class WorkerState:
             raise FrameError(f"downlink: expected {len(self.specs)} layer frames, got {len(frames)}")
         drop = consume and isinstance(frames, list)
         S = []
-        for i, (c, s) in enumerate(zip(self.down, self.specs)):
+        for i in range(len(self.specs)):
             f = frames[i]
             if drop:
                 frames[i] = None
-            S.append(c.decode(f, s.shape, device=self.device))
+            S.append(self.decode_downlink(i, f))
             del f
-        for w, s in zip(self.W, S):
+        self.add_downlink(S)
+
+    def decode_downlink(self, i: int, frame) -> torch.Tensor:
+        """S_i, layer i's downlink frame decoded (a FrameError if it is bad); nothing changes."""
+        return self.down[i].decode(frame, self.specs[i].shape, device=self.device)
+
+    def add_downlink(self, S: Sequence[torch.Tensor]) -> None:
+        """W <- W + S for S decoded layer by layer (`decode_downlink`): `apply_downlink`'s second half."""
+        for w, s in zip(self.W, S, strict=True):
             w.add_(s)
         self.round += 1
 
     def make_uplink(self, grads: Sequence[torch.Tensor], consume: bool = False) -> list[bytes]:
         """M_j <- (1-beta) M_j + beta g; R_j = C_up(M_j - G_j); G_j += R_j. Returns R_j's frames.
         `consume`: `grads` is a list this call empties, freeing each gradient once it is used."""
+        checked = self.checked_gradients(grads, consume)
+        return [self.uplink_frame(i, checked.pop(0)) for i in range(len(self.specs))]
+
+    def checked_gradients(self, grads: Sequence[torch.Tensor], consume: bool = False) -> list[torch.Tensor]:
+        """The gradients `make_uplink` takes, checked (shapes, finite) and as float32 on this device.
+        `consume`: `grads` is a list this call empties."""
         checked = self._check_grads(grads)
         if consume and isinstance(grads, list):
             grads.clear()
+        return checked
+
+    def uplink_frame(self, i: int, g: torch.Tensor) -> bytes:
+        """Layer i of `make_uplink` (round `self.round`): M_i <- (1-beta) M_i + beta g, the frame of
+        R_i = C_up(M_i - G_i), G_i += R_i. The layers are independent: called once per layer, in any order,
+        it computes `make_uplink`'s bits (worker.uplink encodes them lazily while the stream is sent)."""
+        comp, s = self.up[i], self.specs[i]
         beta = float(self.cfg.beta)
-        k = self.round
-        frames = []
-        for i, (comp, s) in enumerate(zip(self.up, self.specs)):
-            g, checked[i] = checked[i], None
-            self.M[i].mul_(1.0 - beta).add_(g, alpha=beta)
-            del g
-            seed = frame_seed(self.cfg.seed, UP, k, i, self.client)
-            if self.error is not None:  # ef14: send C(M + e), keep the residual
-                v = self.M[i] + self.error[i]
-                frame = comp.encode(v, seed)
-                r = comp.decode(frame, s.shape, device=self.device)
-                self.error[i] = v.sub_(r)
-                self.Gj[i] = r
-            else:
-                frame = comp.encode(self.M[i] - self.Gj[i], seed)
-                self.Gj[i].add_(comp.decode(frame, s.shape, device=self.device))
-            frames.append(frame)
-        return frames
+        self.M[i].mul_(1.0 - beta).add_(g, alpha=beta)
+        del g
+        seed = frame_seed(self.cfg.seed, UP, self.round, i, self.client)
+        if self.error is not None:  # ef14: send C(M + e), keep the residual
+            v = self.M[i] + self.error[i]
+            frame = comp.encode(v, seed)
+            r = comp.decode(frame, s.shape, device=self.device)
+            self.error[i] = v.sub_(r)
+            self.Gj[i] = r
+        else:
+            frame = comp.encode(self.M[i] - self.Gj[i], seed)
+            self.Gj[i].add_(comp.decode(frame, s.shape, device=self.device))
+        return frame

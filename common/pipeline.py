@@ -25,6 +25,7 @@ buffer), a shard's state. Pure functions of the state; no transport here.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -33,7 +34,7 @@ import torch
 from .algorithm import MUONMAX, ServerState, lr_at
 from .config import RunConfig
 from .errors import FrameError, ProtocolError
-from .lmo import lmo_all, lmo_units
+from .lmo import LayerSpec, lmo_all, lmo_blocks, lmo_units
 
 
 def unsupported(cfg: RunConfig, state: ServerState | None = None) -> str | None:
@@ -47,6 +48,32 @@ def unsupported(cfg: RunConfig, state: ServerState | None = None) -> str | None:
     if state is not None and state.layer_ids != list(range(len(state.specs))):
         return "a shard's server steps its layers as one block"
     return None
+
+
+def step_units(specs: Sequence[LayerSpec], blocks: Sequence[Sequence[int]],
+               nbytes: Sequence[int]) -> list[tuple[list[int], list[list[int]]]]:
+    """(block, its LMO units as model layer indices) for each of `step`'s blocks, in the order the
+    pipelined step takes them (`PipelinedStep`, `uplink_order`)."""
+    out = []
+    for block in blocks:
+        block = list(block)
+        units = lmo_units([specs[i] for i in block], [nbytes[i] for i in block])
+        out.append((block, [[block[x] for x in u] for u in units]))
+    return out
+
+
+def uplink_order(specs: Sequence[LayerSpec], cfg: RunConfig) -> list[int] | None:
+    """The order a worker streams its uplink frames in (`SubmissionHeader.frame_order`): the layers of the
+    pipelined step's LMO units, unit after unit, as `PipelinedStep` steps them (the blocks of
+    `ServerState.lmo_blocks` with its default sizes), so a pipelined server completes its first units
+    early. None when that is layer order, or the run's rounds are not pipelined (`unsupported`).
+    Any order gives the same bits: the server puts the frames back in layer order."""
+    if unsupported(cfg) is not None:
+        return None
+    nbytes = [4 * math.prod(s.shape) for s in specs]
+    blocks = lmo_blocks(specs, nbytes, ServerState.LMO_BLOCK_MIN_BYTES, ServerState.LMO_BLOCK_FRACTION)
+    order = [i for _, units in step_units(specs, blocks, nbytes) for u in units for i in u]
+    return None if order == list(range(len(specs))) else order
 
 
 class PipelinedStep:
@@ -63,12 +90,10 @@ class PipelinedStep:
         self.zeroed: dict[int, int] = {j: 0 for j in self.clients}
         self.have = [0] * n_layers  # how many clients' frame of layer i are decoded
         self.owner: dict[tuple[int, int], object] = {}  # (client, layer) -> the stream that sent it
-        nbytes = [4 * x.numel() for x in state.X]
         self.units: list[tuple[list[int], int]] = []  # (layers, lmo threads)
-        for block in state.lmo_blocks():
+        for block, units in step_units(state.specs, state.lmo_blocks(), [4 * x.numel() for x in state.X]):
             threads = state.block_threads([state.specs[i] for i in block])
-            for u in lmo_units([state.specs[i] for i in block], [nbytes[i] for i in block]):
-                self.units.append(([block[x] for x in u], threads))
+            self.units += [(u, threads) for u in units]
         self.unit_of = [0] * n_layers
         for u, (layers, _) in enumerate(self.units):
             for i in layers:

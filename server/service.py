@@ -155,7 +155,8 @@ class ParameterServer(pb_grpc.ParameterServerServicer):
             fields, chunks, payload = await c.join_payload(s, resume)
             header = pb.JoinReply(header=pb.JoinHeader(
                 client_id=s.client_id, session=s.token, protocol_version=protocol.PROTOCOL_VERSION,
-                config=c.config_bytes, workers=c.n, rounds=c.rounds, **fields, **c.shard_fields()))
+                config=c.config_bytes, workers=c.n, rounds=c.rounds, pipeline=c.pipeline_off is None, **fields,
+                **c.shard_fields()))
             sent = header.ByteSize()
             yield header
             for chunk in chunks:

@@ -26,6 +26,15 @@ Tracing: `worker.trace = fn` (None by default, settable any time) has `fn(step)`
 each step of the loop, with step one of "join", "exchange", "gradients", and "apply_downlink",
 "make_uplink", "init_uplink" right after the worker called that WorkerState method. The memory
 benchmark reads the process's RSS there; with no hook, a step costs one attribute test.
+`worker.events = fn` (None by default) has `fn(what, round, t0, t1)` called (perf_counter times) for
+("uplink_frame", k, t0, t1) per uplink frame encoded (worker.uplink: possibly on gRPC's thread, while the
+stream is sent), ("uplink_chunk", k, t, t) just before each uplink chunk message goes to gRPC, and
+("downlink_frame", k, t0, t1) per downlink frame decoded as it arrived.
+
+Pipelining (docs/design.md "Pipelined rounds"): with a server that pipelines its rounds (`--pipeline`, its
+Join reply says so), outside cohort runs and worker checkpoints, the uplink is a `LazyUplink` (encoded
+frame by frame while it is sent, in the server's LMO-unit order) and each downlink frame is decoded as
+soon as it is complete; W += S once every layer is in. The bits are those of the sequential worker.
 """
 from __future__ import annotations
 
@@ -66,6 +75,7 @@ from .reconnect import (
     retryable,
 )
 from .silence import Silence
+from .uplink import LazyUplink, StreamedDownlink, lazy_uplink
 
 __all__ = ["Connection", "Worker", "WorkerError", "WorkerStopped", "split_address"]
 
@@ -89,6 +99,7 @@ class Worker:
     """
 
     trace: Callable[[str], None] | None = None  # called with each step's name (module docstring)
+    events: Callable[[str, int, float, float], None] | None = None  # timed events (module docstring)
     group = None  # rank 0 of a torch.distributed worker group (worker.group.lead sets it), or None
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -138,6 +149,8 @@ class Worker:
         self.sampled = 0  # rounds this client computed (cohort runs: those it was sampled in)
         self.late = 0  # of which dropped as a straggler
         self.catchup_bytes = 0
+        self.pipelined = False  # the server said it pipelines its rounds (Join): so does this worker
+        self._down: StreamedDownlink | None = None  # the downlink decoded as it arrives (`_read_reply`)
 
     def _traced(self, step: str) -> None:
         if self.trace is not None:
@@ -205,6 +218,7 @@ class Worker:
         specs = self.specs if self.specs is not None else model_specs(self.model, cfg)
         self.next_round = int(header.next_round)
         self.cohorts = runs_cohorts(cfg)
+        self.pipelined = bool(header.pipeline)  # the server steps its rounds pipelined (--pipeline)
         if self.cohorts and self._speed is None:
             self._speed = ComputeScale(cfg, self.client_id, federation_size(cfg))
         if header.resync:
@@ -273,31 +287,46 @@ class Worker:
         return None
 
     # ------------------------------------------------------------------ one round on the wire
-    def exchange(self, round_: int, frames: list[bytes], train_loss: float, idle: bool = False,
-                 init: bool = False) -> tuple[pb.DownlinkHeader, list]:
-        """Send this round's frames; return the reply's header and S's frames.
+    def exchange(self, round_: int, frames: list[bytes] | LazyUplink, train_loss: float, idle: bool = False,
+                 init: bool = False, decode: bool = False) -> tuple[pb.DownlinkHeader, list]:
+        """Send this round's frames; return the reply's header and S's frames (`decode`: S itself, each
+        layer decoded as soon as its frame is in, `WorkerState.decode_downlink`).
 
+        `frames` is a list, or a `LazyUplink` (worker.uplink) whose frames are encoded while the stream is
+        sent, in its order (`frame_order`); should the call fail, its frames not yet sent are encoded then,
+        so the pending submission is whole and a resend sends the same bytes.
         The server replies only once it has applied the round, so when the reply's header arrives (and
         it is not a re-sync) the frames can never be needed again: a list `frames` is emptied then
         (the pending submission shares it), which frees one model copy before the downlink is
         reassembled (BENCHMARKS.md, memory). `_resume_round` accounts for it after a lost connection.
         The call's deadline is the barrier's wait plus its bytes (`reconnect.call_timeout`)."""
         self.conn.check_stopped()
-        up_payload = sum(map(len, frames))
+        lazy = isinstance(frames, LazyUplink)
+        lengths = frames.lengths if lazy else [len(f) for f in frames]
+        up_payload = sum(lengths)
         timeout = call_timeout(EXCHANGE_WAIT_S, up_payload + self._model_bytes)
         h = pb.SubmissionHeader(client_id=self.client_id, session=self.session, round=round_,
-                                frame_lengths=[len(f) for f in frames], train_loss=train_loss, idle=idle, init=init)
+                                frame_lengths=lengths, train_loss=train_loss, idle=idle, init=init,
+                                frame_order=(frames.order or []) if lazy else [])
         if self._wire is not None and not idle:
             h.previous.CopyFrom(self._wire)
         sizes: list[int] = []
-        with Silence(self.conn) as silence:
-            try:
-                call = self.conn.stub.Exchange(submission_messages(h, frames, sizes), timeout=timeout,
-                                               metadata=self.conn.metadata)
-                silence.watch(call)
-                header, parts, down_message = self._read_reply(call, frames)
-            except grpc.RpcError as exc:
-                raise silence.failure(f"Exchange of round {round_}", exc) from None
+        events = self.events
+        sending = None if events is None else (lambda: events("uplink_chunk", round_, *(time.perf_counter(),) * 2))
+        try:
+            with Silence(self.conn) as silence:
+                try:
+                    stream = submission_messages(h, frames.stream() if lazy else frames, sizes, sending)
+                    call = self.conn.stub.Exchange(stream, timeout=timeout, metadata=self.conn.metadata)
+                    silence.watch(call)
+                    header, parts, down_message = self._read_reply(call, frames, decode)
+                except grpc.RpcError as exc:
+                    raise silence.failure(f"Exchange of round {round_}", exc) from None
+        except Exception:
+            self._down = None  # a downlink decoded in part
+            if lazy:  # every frame encoded exactly once, whatever became of the call (the resend's bytes)
+                frames.finish()
+            raise
         if header is None:
             raise ProtocolError(f"the server closed the Exchange of round {round_} without a reply")
         if not idle:
@@ -307,30 +336,45 @@ class Worker:
             "down": {"payload": parts.total, "message": down_message},
             "wire": None if self._wire is None else {"up": self._wire.up, "down": self._wire.down}})
         self._traced("exchange")
-        return header, parts.frames()
+        down, self._down = self._down, None
+        return header, down.result(parts) if down is not None else parts.frames()
 
-    def _read_reply(self, call, frames: list[bytes]) -> tuple[pb.DownlinkHeader | None, chunking.Reassembler, int]:
+    def _read_reply(self, call, frames, decode: bool = False) -> tuple[pb.DownlinkHeader | None, chunking.Reassembler, int]:
         """The Exchange reply: its header (None when there was none), S's frames and the messages' bytes.
-        Empties `frames` once the header says the round was applied (`exchange`)."""
+        Empties `frames` once the header says the round was applied (`exchange`). `decode`: each frame of S
+        is decoded as soon as it is complete (`self._down`, a `StreamedDownlink`), its buffer freed."""
         header, parts, down_message = None, None, 0
-        for msg in call:
-            if header is None:
-                down_message += msg.ByteSize()
-                if msg.WhichOneof("part") != "header":
-                    raise ProtocolError("the server's Exchange reply did not start with a header")
-                header = msg.header
-                if not header.resync and isinstance(frames, list):
-                    frames.clear()
-                    self._acknowledged = True
-                layers = len(self.state.W)
-                parts = chunking.Reassembler(expected_frames(header), None if header.catchup_frame_lengths
-                                             else (0, layers))
-            elif msg.WhichOneof("part") == "chunk":
-                chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
-                down_message += chunking.received_chunk_size(msg, len(chunk))
-                parts.add(chunk)
-            else:
-                down_message += msg.ByteSize()
+        try:
+            for msg in call:
+                if header is None:
+                    down_message += msg.ByteSize()
+                    if msg.WhichOneof("part") != "header":
+                        raise ProtocolError("the server's Exchange reply did not start with a header")
+                    header = msg.header
+                    if not header.resync and isinstance(frames, LazyUplink):
+                        frames.release()
+                        if self.pending is not None and self.pending[1] is frames:  # as a list's: emptied
+                            self.pending = (self.pending[0], [], self.pending[2])
+                        self._acknowledged = True
+                    elif not header.resync and isinstance(frames, list):
+                        frames.clear()
+                        self._acknowledged = True
+                    layers = len(self.state.W)
+                    parts = chunking.Reassembler(expected_frames(header), None if header.catchup_frame_lengths
+                                                 else (0, layers))
+                    if decode and not (header.resync or header.done or header.catchup_frame_lengths):
+                        self._down = StreamedDownlink(self.state, header.round, self.events)
+                elif msg.WhichOneof("part") == "chunk":
+                    chunk = msg.chunk  # a view (ReceivedChunk) or, for an odd encoding, a copy: read once
+                    down_message += chunking.received_chunk_size(msg, len(chunk))
+                    parts.add(chunk)
+                    if self._down is not None:
+                        self._down.take(parts)
+                else:
+                    down_message += msg.ByteSize()
+        except (FrameError, ProtocolError):
+            call.cancel()
+            raise
         return header, parts, down_message
 
     def leave(self, reason: str = "") -> None:
@@ -371,7 +415,10 @@ class Worker:
                 self._snapshot = Snapshot(self.state, k)
             t0 = time.perf_counter()
             loss, g = self._gradients(k)
-            frames = self.state.make_uplink(g, consume=True)
+            if self.pipelined and not (self.cohorts or self.checkpoint_dir):  # (a checkpoint saves the frames)
+                frames = lazy_uplink(self.state, g, self.cfg, self.events)  # encoded while sent (worker.uplink)
+            else:
+                frames = self.state.make_uplink(g, consume=True)
             self._traced("make_uplink")
             del g
             if self._speed is not None:
@@ -406,7 +453,7 @@ class Worker:
             self._next_submission()
         k, frames, loss = self.pending
         try:
-            header, S = self.exchange(k, frames, loss)
+            header, S = self.exchange(k, frames, loss, decode=self.pipelined)
         except WorkerError as exc:
             if isinstance(exc, WorkerStopped) or self.conn.stopped is not None:
                 raise WorkerStopped(self.conn.stopped) from None
@@ -424,7 +471,10 @@ class Worker:
         if header.round != k + 1:
             raise ProtocolError(f"the server sent the downlink of round {header.round} after round {k}")
         self.pending = None
-        self.state.apply_downlink(S, consume=True)  # state.round = k + 1
+        if self.pipelined:
+            self.state.add_downlink(S)  # state.round = k + 1 (S decoded as it arrived, `exchange`)
+        else:
+            self.state.apply_downlink(S, consume=True)  # state.round = k + 1
         self._traced("apply_downlink")
         self.next_round = k + 1
         del S

@@ -8,24 +8,29 @@ whose chunks are read-only views of gRPC's bytes. The wire bytes are the generat
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..common.wire.chunking import chunk_deserializer, iter_chunk_messages
 from ..v1 import service_pb2 as pb
 from ..v1 import service_pb2_grpc as pb_grpc
 
 
-def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list) -> Iterator[pb.Submission | bytes]:
+def submission_messages(header: pb.SubmissionHeader, frames: Iterable, sizes: list,
+                        sending: Callable[[], None] | None = None) -> Iterator[pb.Submission | bytes]:
     """The Exchange request stream: the header message (a pb.Submission), then the frames as chunk
     messages already serialized (`iter_chunk_messages`; the stub of `client_stub` sends them as they are).
+    `frames` is consumed as the stream goes (worker.uplink encodes each frame when it is reached).
 
     Appends each message's serialized size to `sizes` (the `message` byte level): for the chunk
-    messages that is their length, so nothing is serialized a second time."""
+    messages that is their length, so nothing is serialized a second time. `sending()`, when given,
+    is called just before each chunk message is handed to gRPC."""
     first = pb.Submission(header=header)
     sizes.append(first.ByteSize())
     yield first
     for message in iter_chunk_messages(frames, pb.Submission):
         sizes.append(len(message))
+        if sending is not None:
+            sending()
         yield message
 
 

@@ -152,3 +152,22 @@ def lmo_units(specs: Sequence, nbytes: Sequence[int]) -> list[list[int]]:
     units.extend([i] for i in range(n) if i not in batched)
     units.sort(key=min)
     return units
+
+
+def lmo_blocks(specs: Sequence, nbytes: Sequence[int], min_bytes: int, fraction: float) -> list[list[int]]:
+    """The layer blocks of `ServerState.lmo_blocks` (its docstring): the whole model when it is at most
+    max(min_bytes, fraction x model) bytes, else consecutive runs of `lmo_units` of about that size."""
+    budget = max(min_bytes, fraction * sum(nbytes))
+    if sum(nbytes) <= budget:
+        return [list(range(len(specs)))]
+    blocks, cur, size = [], [], 0
+    for u in lmo_units(specs, nbytes):  # layers that must share an lmo_all call
+        b = sum(nbytes[i] for i in u)
+        if cur and size + b > budget:
+            blocks.append(sorted(cur))
+            cur, size = [], 0
+        cur += u
+        size += b
+    if cur:
+        blocks.append(sorted(cur))
+    return blocks

@@ -41,7 +41,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., protocol_version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., client_name: _Optional[str] = ..., resume_round: _Optional[int] = ..., rejoin: _Optional[bool] = ...) -> None: ...
 
 class JoinHeader(_message.Message):
-    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted", "register", "idle", "shard_index", "shard_count", "shard_layers")
+    __slots__ = ("client_id", "session", "protocol_version", "config", "workers", "rounds", "next_round", "frame_lengths", "resync", "estimator_frame_lengths", "submitted", "register", "idle", "shard_index", "shard_count", "shard_layers", "pipeline")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class JoinHeader(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     SHARD_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     protocol_version: int
@@ -74,7 +75,8 @@ class JoinHeader(_message.Message):
     shard_index: int
     shard_count: int
     shard_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ..., register: _Optional[bool] = ..., idle: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., shard_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    pipeline: bool
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config: _Optional[bytes] = ..., workers: _Optional[int] = ..., rounds: _Optional[int] = ..., next_round: _Optional[int] = ..., frame_lengths: _Optional[_Iterable[int]] = ..., resync: _Optional[bool] = ..., estimator_frame_lengths: _Optional[_Iterable[int]] = ..., submitted: _Optional[bool] = ..., register: _Optional[bool] = ..., idle: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., shard_layers: _Optional[_Iterable[int]] = ..., pipeline: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "chunk")

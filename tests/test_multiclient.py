@@ -146,8 +146,10 @@ def test_link_mix_shapes_each_hosted_client_as_client_links_gives(tmp_path):
         assert got["profile"] == name and got["mechanism"] == "relay"
         assert got["up"]["configured_bps"] == prof.up_bps and got["down"]["configured_bps"] == prof.down_bps
         assert got["delay_s"] == prof.delay_s
-        # timed by the client's own relay in its worker process: its connection went through the shaper
-        assert got["up"]["transfers"] >= 1 and got["down"]["join"]["transfers"] >= 1
+        # timed by the client's own relay in its worker process: its connection went through the shaper. (Not
+        # the join's downlink: on a loaded machine the relay may deliver the whole initial W in one read, whose
+        # duration it cannot see, and a transfer of unknown duration is left out of the achieved rate.)
+        assert got["up"]["transfers"] >= 1
 
 
 @pytest.mark.slow

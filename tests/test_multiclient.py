@@ -147,8 +147,8 @@ def test_link_mix_shapes_each_hosted_client_as_client_links_gives(tmp_path):
         assert got["up"]["configured_bps"] == prof.up_bps and got["down"]["configured_bps"] == prof.down_bps
         assert got["delay_s"] == prof.delay_s
         # timed by the client's own relay in its worker process: its connection went through the shaper. (Not
-        # the join's downlink: on a loaded machine the relay may deliver the whole initial W in one read, whose
-        # duration it cannot see, and a transfer of unknown duration is left out of the achieved rate.)
+        # the join's downlink: once, at load 11, it had no timed transfer of >= 64 KiB; the join's rate is
+        # informational, reported apart from the rounds', and not what this test is about.)
         assert got["up"]["transfers"] >= 1
 
 

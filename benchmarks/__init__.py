@@ -17,6 +17,8 @@
     ddp_peer    one DDP rank of `peers` (`python -m efmuon.benchmarks.ddp_peer rank SPEC.json`), the
                 batched_powerSGD_hook probe and the lr sweep
     pipeline    round time with and without --pipeline (run_local), and a DDP (gloo) step of the same model
+    rounds      gpt-char rounds and payload bytes to peers' target per variant (pairing, lr, beta, per-layer
+                rule) vs the default pairing and identity (issue 15, item 3)
   and what the service benchmarks share:
     synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
     proc        starting helper processes, reading their JSON, /proc memory and CPU figures
@@ -31,7 +33,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, peers, pipeline, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, peers, pipeline, robustness, rounds, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

@@ -41,6 +41,10 @@ ROWS = {
     "memory": (lambda r: r, {"params", "model_MB", "idle_MB", "server_peak_MB", "worker_peak_MB",
                              "server_copies", "worker_copies"}, {"params", "idle_MB", "server_peak_MB",
                                                                  "worker_peak_MB"}),
+    "rounds": (lambda r: r["rows"], {"variant", "uplink", "downlink", "lr", "beta", "layers", "rounds_to_target",
+                                     "total_MB_per_worker", "rounds_x_default", "bytes_x_default",
+                                     "rounds_x_identity", "bytes_x_identity"},
+               {"rounds_to_target", "total_MB_per_worker", "rounds_x_default", "bytes_x_identity"}),
     "lr-robustness": (lambda r: r, {"preset", "x_tuned", "lr", "final_val_loss_w", "diverged", "seconds"},
                       {"lr", "x_tuned"}),
 }

@@ -1,0 +1,103 @@
+"""`efmuon bench rounds`: fewer extra rounds for the compressed default (issue 15, item 3).
+
+The default pairing (quant:3:256 up / sign:256 down) needed ~35% more rounds than identity to gpt-char's
+validation loss 1.90 at the task's lr 0.05 / beta 0.15. Each variant here (pairing + lr + beta + per-layer
+rule) counts the rounds to the target exactly as `efmuon bench peers` does (`peers.sim_rounds_to_target`:
+`efmuon simulate`'s in-process arithmetic, the networked run's bit for bit; constant lr, evaluated every
+`eval_every` rounds, the first evaluation at or below the target) and the payload per worker up to it, the
+join phase included (as `efmuon simulate`'s report counts bytes). Rows compare every variant to two of the
+same run: the default pairing as it was (lr 0.05 / beta 0.15) and identity both ways at the same settings.
+
+The variants run two at a time in child processes (one torch thread each), since a run is one core's work.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import torch
+
+from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK
+from .harness import bench, by_level, goal, table
+from .peers import level_setup, sim_rounds_to_target
+
+# the settings the default pairing was tuned at (the gpt-char task's defaults before this bench)
+OLD = {"lr": 0.05, "beta": 0.15}
+
+# (label, uplink, downlink, RunConfig keys over peers' settings); the first two are the references
+VARIANTS = [
+    ("default as it was", DEFAULT_UPLINK, DEFAULT_DOWNLINK, OLD),
+    ("identity", "identity", "identity", OLD),
+]
+
+
+def _describe(extra: dict) -> dict:
+    """The row's columns for a variant's settings: lr, beta and the per-layer rules, spelt out."""
+    rules = [f"up {k}={v}" for k, v in (extra.get("uplink_layers") or {}).items()]
+    rules += [f"down {k}={v}" for k, v in (extra.get("downlink_layers") or {}).items()]
+    rules += [f"lr_mult {k}={v}" for k, v in (extra.get("lr_mult") or {}).items()]
+    return {"lr": extra.get("lr"), "beta": extra.get("beta"), "layers": "; ".join(rules) or "-"}
+
+
+def rows_of(variants: list, results: list[dict]) -> list[dict]:
+    """One row per variant with its ratios to the first two (the default as it was, identity): rounds to the
+    target and payload MB per worker to it (None where a variant never reached the target)."""
+    rows = []
+    for (label, up, down, extra), r in zip(variants, results):
+        total = r["up_MB_per_worker"] + r["down_MB_per_worker"]
+        rows.append({"variant": label, "uplink": up, "downlink": down, **_describe(extra), "reached": r["reached"],
+                     "rounds_to_target": r["round"] if r["reached"] else None, "val_loss": r["val_loss"],
+                     "up_MB_per_worker": r["up_MB_per_worker"] if r["reached"] else None,
+                     "down_MB_per_worker": r["down_MB_per_worker"] if r["reached"] else None,
+                     "total_MB_per_worker": total if r["reached"] else None})
+    for ref, tag in ((rows[0], "default"), (rows[1], "identity")):
+        for row in rows:
+            ok = row["reached"] and ref["reached"]
+            row[f"rounds_x_{tag}"] = row["rounds_to_target"] / ref["rounds_to_target"] if ok else None
+            row[f"bytes_x_{tag}"] = row["total_MB_per_worker"] / ref["total_MB_per_worker"] if ok else None
+    return rows
+
+
+def _setup(level: str) -> tuple[dict, list]:
+    setup = level_setup("smoke" if level == "smoke" else level)
+    return setup, by_level(level, full=VARIANTS, quick=VARIANTS, smoke=VARIANTS[:2] + VARIANTS[-1:])
+
+
+@bench("rounds")
+def bench_rounds(level: str) -> dict:
+    """Rounds and payload bytes to gpt-char's target per variant (pairing, lr, beta, per-layer rule) vs the default."""
+    setup, variants = _setup(level)
+    jobs = [(setup, up, down, dict(extra)) for _, up, down, extra in variants]
+    if level == "smoke":  # a few rounds of a tiny model: cheaper here than starting two processes
+        threads = torch.get_num_threads()
+        try:
+            results = [sim_rounds_to_target(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        with mp.get_context("spawn").Pool(2) as pool:
+            results = pool.map(sim_rounds_to_target, jobs, chunksize=1)
+    rows = rows_of(variants, results)
+    for row in rows:
+        print(f"  {row['variant']:40s} rounds {row['rounds_to_target'] or '-':>4} "
+              f"MB {row['total_MB_per_worker'] or float('nan'):.3f}", flush=True)
+    best = min((r for r in rows[2:] if r["reached"]), default=None,
+               key=lambda r: (r["rounds_to_target"], r["total_MB_per_worker"]))
+    cheap = [r for r in rows[2:] if r["bytes_x_default"] is not None and r["bytes_x_default"] <= 1.0]
+    fewest = min(cheap, default=None, key=lambda r: (r["rounds_to_target"], r["total_MB_per_worker"]))
+    goals = [goal("fewest rounds to the target at <= the default's bytes, / the default's rounds",
+                  fewest and round(fewest["rounds_x_default"], 3), "< 1.0",
+                  bool(fewest and fewest["rounds_x_default"] < 1.0))]
+    cols = ["variant", "uplink", "downlink", "lr", "beta", "layers", "rounds_to_target", "up_MB_per_worker",
+            "down_MB_per_worker", "total_MB_per_worker", "rounds_x_default", "bytes_x_default", "rounds_x_identity",
+            "bytes_x_identity", "val_loss"]
+    notes = (f"gpt-char ({setup['task_options'] or 'default options'}), {setup['workers']} workers, seed 0, constant "
+             f"lr; rounds to validation loss **{setup['target']}**, evaluated every {setup['eval_every']} rounds (cap "
+             f"{setup['max_steps']}), counted as `efmuon bench peers` counts them (`peers.sim_rounds_to_target`, "
+             f"in process). MB: payload per worker to the target, the join phase included (W_0 down and the "
+             f"initial gradient up, uncompressed). *_x_default: / the first row (the "
+             f"default pairing at the old task settings lr {OLD['lr']} / beta {OLD['beta']}); *_x_identity: / "
+             f"identity both ways at those settings. layers: per-layer compressor rules (first match wins) and "
+             f"per-norm lr multipliers (default: the task's, sign 8).")
+    return {"result": {"rows": rows, "setup": setup, "variants": [list(v) for v in variants]}, "goals": goals,
+            "best": best and best["variant"], "fewest_at_default_bytes": fewest and fewest["variant"],
+            "table": notes + "\n\n" + table(rows, cols)}

@@ -49,3 +49,21 @@ def test_rows_compare_every_variant_to_the_default_and_identity():
     assert rows[0]["rounds_x_default"] == 1.0 and rows[1]["bytes_x_identity"] == 1.0
     assert never["rounds_to_target"] is None and never["total_MB_per_worker"] is None
     assert never["rounds_x_default"] is None and never["bytes_x_identity"] is None
+
+
+def test_rows_at_another_seed_compare_to_the_references_at_that_seed():
+    # Arrange: the default and a tuned variant at seed 1; identity ran at seed 0 only
+    old, new = {"lr": 0.05, "beta": 0.15}, {"lr": 0.1, "beta": 0.5}
+    variants = [("default", "quant:3:256", "sign:256", old), ("identity", "identity", "identity", old),
+                ("default s1", "quant:3:256", "sign:256", {**old, "seed": 1}),
+                ("tuned s1", "quant:3:256", "sign:256", {**new, "seed": 1})]
+    results = [{"round": r, "reached": True, "val_loss": 1.9, "up_MB_per_worker": mb, "down_MB_per_worker": 0.0}
+               for r, mb in ((140, 10.0), (100, 100.0), (160, 12.0), (120, 9.0))]
+
+    # Act
+    rows = rounds.rows_of(variants, results)
+
+    # Assert
+    assert rows[3]["seed"] == 1 and rows[3]["rounds_x_default"] == 0.75 and rows[3]["bytes_x_default"] == 0.75
+    assert rows[2]["rounds_x_default"] == 1.0
+    assert rows[3]["rounds_x_identity"] is None  # identity did not run at seed 1

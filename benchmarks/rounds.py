@@ -13,10 +13,12 @@ The variants run two at a time in child processes (one torch thread each), since
 from __future__ import annotations
 
 import multiprocessing as mp
+import statistics
 
 import torch
 
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK
+from ..common.tasks.gptchar import GptCharTask
 from .harness import bench, by_level, goal, table
 from .peers import level_setup, sim_rounds_to_target
 
@@ -112,24 +114,37 @@ def bench_rounds(level: str) -> dict:
     for row in rows:
         print(f"  {row['variant']:40s} rounds {row['rounds_to_target'] or '-':>4} "
               f"MB {row['total_MB_per_worker'] or float('nan'):.3f}", flush=True)
-    best = min((r for r in rows[2:] if r["reached"]), default=None,
+    return {"result": {"rows": rows, "setup": setup, "variants": [list(v) for v in variants]}, **summary(setup, rows)}
+
+
+def summary(setup: dict, rows: list[dict]) -> dict:
+    """The goals, the best variants and the table of `rows_of`'s rows (at seed 0, peers' own measurement, for
+    the fewest rounds; over every seed for the task's own lr / beta)."""
+    seed0 = [r for r in rows[2:] if r["seed"] == 0]
+    best = min((r for r in seed0 if r["reached"]), default=None,
                key=lambda r: (r["rounds_to_target"], r["total_MB_per_worker"]))
-    cheap = [r for r in rows[2:] if r["bytes_x_default"] is not None and r["bytes_x_default"] <= 1.0]
-    fewest = min(cheap, default=None, key=lambda r: (r["rounds_to_target"], r["total_MB_per_worker"]))
-    goals = [goal("fewest rounds to the target at <= the default's bytes, / the default's rounds",
+    cheap = [r for r in seed0 if r["bytes_x_default"] is not None and r["bytes_x_default"] <= 1.0]
+    fewest = min(cheap, default=None, key=lambda r: (r["rounds_x_default"], r["bytes_x_default"]))
+    task = GptCharTask.defaults
+    mine = [r["rounds_x_default"] for r in rows[2:] if r["uplink"] == DEFAULT_UPLINK and r["downlink"] ==
+            DEFAULT_DOWNLINK and r["layers"] == "-" and (r["lr"], r["beta"]) == (task["lr"], task["beta"])]
+    mean = statistics.mean(mine) if mine and None not in mine else None
+    goals = [goal("seed 0: fewest rounds to the target at <= the default's bytes, / the default's rounds",
                   fewest and round(fewest["rounds_x_default"], 3), "< 1.0",
-                  bool(fewest and fewest["rounds_x_default"] < 1.0))]
+                  bool(fewest and fewest["rounds_x_default"] < 1.0)),
+             goal(f"the default pairing at gpt-char's lr {task['lr']} / beta {task['beta']}: rounds / the default "
+                  f"as it was, mean over {len(mine)} seed(s)", mean and round(mean, 3), "< 1.0",
+                  bool(mean and mean < 1.0))]
     cols = ["variant", "uplink", "downlink", "lr", "beta", "seed", "layers", "rounds_to_target", "up_MB_per_worker",
             "down_MB_per_worker", "total_MB_per_worker", "rounds_x_default", "bytes_x_default", "rounds_x_identity",
             "bytes_x_identity", "val_loss"]
-    notes = (f"gpt-char ({setup['task_options'] or 'default options'}), {setup['workers']} workers, seed 0, constant "
-             f"lr; rounds to validation loss **{setup['target']}**, evaluated every {setup['eval_every']} rounds (cap "
+    notes = (f"gpt-char ({setup['task_options'] or 'default options'}), {setup['workers']} workers, seed 0 unless the "
+             f"row says, constant lr; rounds to validation loss **{setup['target']}**, evaluated every {setup['eval_every']} rounds (cap "
              f"{setup['max_steps']}), counted as `efmuon bench peers` counts them (`peers.sim_rounds_to_target`, "
              f"in process). MB: payload per worker to the target, the join phase included (W_0 down and the "
              f"initial gradient up, uncompressed). *_x_default: / the first row (the "
              f"default pairing at the old task settings lr {OLD['lr']} / beta {OLD['beta']}) at the row's seed; "
              f"*_x_identity: / identity both ways at those settings, at the row's seed. layers: per-layer compressor rules (first match wins) and "
              f"per-norm lr multipliers (default: the task's, sign 8).")
-    return {"result": {"rows": rows, "setup": setup, "variants": [list(v) for v in variants]}, "goals": goals,
-            "best": best and best["variant"], "fewest_at_default_bytes": fewest and fewest["variant"],
+    return {"goals": goals, "best": best and best["variant"], "fewest_at_default_bytes": fewest and fewest["variant"],
             "table": notes + "\n\n" + table(rows, cols)}

@@ -40,6 +40,7 @@ import torch
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
 from ..common.links import parse_link
 from ..common.model import evaluate
+from ..common.tasks.gptchar import GptCharTask
 from ..server.netns import NetnsError, Star, check_available, client_addr
 from ..simulate.sync import SyncSim
 from . import ddp_peer
@@ -317,7 +318,7 @@ def bench_peers(level: str) -> dict:
              f"{ddp_peer.MUON_MOMENTUM}, nesterov) on the blocks' matrices + AdamW (lr {ddp_peer.ADAMW_LR}, betas "
              f"{ddp_peer.ADAMW_BETAS}) on embeddings and head, constant lr, no weight decay; PowerSGD: "
              f"start_powerSGD_iter {ddp_peer.POWERSGD_START}, error feedback, warm start. efmuon: the task's lr "
-             f"0.05 / beta 0.15, constant; default = {DEFAULT_UPLINK} up / {DEFAULT_DOWNLINK} down. "
+             f"{GptCharTask.defaults['lr']} / beta {GptCharTask.defaults['beta']}, constant; default = {DEFAULT_UPLINK} up / {DEFAULT_DOWNLINK} down. "
              f"`batched_powerSGD_hook`: {batched or 'works'} (not benchmarked). time_to_target_s: training "
              f"seconds, start-up, join/rendezvous and evaluations excluded (module docstring of "
              f"benchmarks/peers.py). wire_MB_per_worker: Ethernet frames both ways to the target, start-up "

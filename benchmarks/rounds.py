@@ -1,7 +1,7 @@
 """`efmuon bench rounds`: fewer extra rounds for the compressed default (issue 15, item 3).
 
 The default pairing (quant:3:256 up / sign:256 down) needed ~35% more rounds than identity to gpt-char's
-validation loss 1.90 at the task's lr 0.05 / beta 0.15. Each variant here (pairing + lr + beta + per-layer
+validation loss 1.90 at the task's former lr 0.05 / beta 0.15 (now 0.075 / 0.3, from this bench). Each variant here (pairing + lr + beta + per-layer
 rule) counts the rounds to the target exactly as `efmuon bench peers` does (`peers.sim_rounds_to_target`:
 `efmuon simulate`'s in-process arithmetic, the networked run's bit for bit; constant lr, evaluated every
 `eval_every` rounds, the first evaluation at or below the target) and the payload per worker up to it, the

@@ -19,6 +19,8 @@
     pipeline    round time with and without --pipeline (run_local), and a DDP (gloo) step of the same model
     profile     where an efmuon round's time goes (worker / server phases, critical path) next to a DDP step's
     profile_nodes  its traced run (server here, workers as processes or threads) and its DDP ranks
+    rounds      gpt-char rounds and payload bytes to peers' target per variant (pairing, lr, beta, per-layer
+                rule) vs the default pairing and identity (issue 15, item 3)
   and what the service benchmarks share:
     synthetic   the synthetic model (spectral 256x1024 matrices), its config and uplink frames
     proc        starting helper processes, reading their JSON, /proc memory and CPU figures
@@ -33,7 +35,7 @@ from __future__ import annotations
 import json
 
 from ..common.errors import ConfigError
-from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, peers, pipeline, profile, robustness, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
+from . import algorithm, bytes_gpt, bytes_wire, federation, memory, moe, peers, pipeline, profile, robustness, rounds, scaling, scaling_shards, soak, startup, transport  # noqa: F401 - importing them registers their benchmarks
 from .harness import BENCHES, machine, update_markdown
 
 

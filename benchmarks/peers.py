@@ -42,6 +42,7 @@ import torch
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, RunConfig
 from ..common.links import parse_link
 from ..common.model import evaluate
+from ..common.tasks.gptchar import GptCharTask
 from ..server.netns import NetnsError, Star, check_available, client_addr
 from ..simulate.sync import SyncSim
 from . import ddp_peer
@@ -83,28 +84,36 @@ def level_setup(level: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- efmuon
-def _efmuon_cfg(setup: dict, uplink: str, downlink: str, rounds: int) -> RunConfig:
-    return RunConfig(task="gpt-char", task_options=dict(setup["task_options"]), workers=setup["workers"],
-                     rounds=rounds, eval_every=setup["eval_every"], schedule="constant", uplink=uplink,
-                     downlink=downlink, threads=1, seed=0)
+def _efmuon_cfg(setup: dict, uplink: str, downlink: str, rounds: int, **extra) -> RunConfig:
+    return RunConfig(**{"task": "gpt-char", "task_options": dict(setup["task_options"]), "workers": setup["workers"],
+                        "rounds": rounds, "eval_every": setup["eval_every"], "schedule": "constant",
+                        "uplink": uplink, "downlink": downlink, "threads": 1, "seed": 0, **extra})
 
 
 def sim_rounds_to_target(args: tuple) -> dict:
     """In process (efmuon simulate's SyncSim, the networked run's arithmetic): the first evaluated round whose
-    validation loss is <= target, or the cap. {round, val_loss, reached}."""
-    setup, uplink, downlink = args
+    validation loss is <= target, or the cap. {round, val_loss, reached, up_MB_per_worker, down_MB_per_worker}:
+    the payload per worker up to that round, the join phase included (as `efmuon simulate`'s report counts it).
+    `args`: (setup, uplink, downlink) or (setup, uplink, downlink, {RunConfig key: value} over peers' settings)."""
+    setup, uplink, downlink, *more = args
     torch.set_num_threads(1)
     cap, every, target = setup["max_steps"], setup["eval_every"], setup["target"]
-    sim = SyncSim(_efmuon_cfg(setup, uplink, downlink, cap))
+    sim = SyncSim(_efmuon_cfg(setup, uplink, downlink, cap, **(more[0] if more else {})))
     sim.join()
+
+    def result(k: int, val, reached: bool) -> dict:
+        mb = {d: sum(c[d]["payload"] for c in sim.per_client.values()) / sim.n / 1e6 for d in ("up", "down")}
+        return {"round": k, "val_loss": val, "reached": reached, "up_MB_per_worker": mb["up"],
+                "down_MB_per_worker": mb["down"]}
+
     val = None
     for k in range(1, cap + 1):
         sim.round(k)
         if k % every == 0 or k == cap:
             val = evaluate(sim.eval_model, sim.server.W, sim.task.eval_loss)
             if val <= target:
-                return {"round": k, "val_loss": val, "reached": True}
-    return {"round": cap, "val_loss": val, "reached": False}
+                return result(k, val, True)
+    return result(cap, val, False)
 
 
 def efmuon_args(setup: dict, uplink: str, downlink: str, rounds: int, link: str) -> list[str]:
@@ -336,7 +345,7 @@ def bench_peers(level: str) -> dict:
              f"{ddp_peer.MUON_MOMENTUM}, nesterov) on the blocks' matrices + AdamW (lr {ddp_peer.ADAMW_LR}, betas "
              f"{ddp_peer.ADAMW_BETAS}) on embeddings and head, constant lr, no weight decay; PowerSGD: "
              f"start_powerSGD_iter {ddp_peer.POWERSGD_START}, error feedback, warm start. efmuon: the task's lr "
-             f"0.05 / beta 0.15, constant; default = {DEFAULT_UPLINK} up / {DEFAULT_DOWNLINK} down. "
+             f"{GptCharTask.defaults['lr']} / beta {GptCharTask.defaults['beta']}, constant; default = {DEFAULT_UPLINK} up / {DEFAULT_DOWNLINK} down. "
              f"`batched_powerSGD_hook`: {batched or 'works'} (not benchmarked). time_to_target_s: training "
              f"seconds, start-up, join/rendezvous and evaluations excluded (module docstring of "
              f"benchmarks/peers.py). wire_MB_per_worker: Ethernet frames both ways to the target, start-up "

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-10m, bytes-wire, codecs, lmo, methods, moe, lr-robustness, peers, pipeline, profile, transport, scaling, scaling-shards, federation, memory, soak, startup",
+    b = sub.add_parser("bench", help="benchmarks: bytes, bytes-10m, bytes-wire, codecs, lmo, methods, moe, lr-robustness, peers, pipeline, profile, rounds, transport, scaling, scaling-shards, federation, memory, soak, startup",
                        description="Run one benchmark: prints a table, writes JSON with a goals list, and with "
                                    "--markdown updates its section of BENCHMARKS.md.")
     b.add_argument("name", help="bytes | bytes-wire | codecs | lmo | methods | transport | scaling | memory | soak | "

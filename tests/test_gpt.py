@@ -76,7 +76,7 @@ def test_gpt_char_is_unchanged():
     t = make_task("gpt-char", 4)
     names = [n for n, _ in t.build_model().named_parameters()]
     assert names[-1] == "lm_head.weight" and len(names) == 2 + 4 * 2 + 1
-    assert t.defaults["lr"] == 0.05 and t.options["d_model"] == 64
+    assert t.defaults["lr"] == 0.075 and t.defaults["beta"] == 0.3 and t.options["d_model"] == 64
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import sys
 import pytest
 from efmuon.cli import build_parser, main
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
+from conftest import CLI
+
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

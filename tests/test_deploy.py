@@ -30,11 +30,10 @@ from cryptography import x509
 from efmuon.cli import build_parser
 from efmuon.common.shards import parse_shard
 from efmuon.server.certs import make_dev_certs
-from conftest import free_port
+from conftest import CLI, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-CLI = [sys.executable, "-m", "efmuon.cli"]
 GRPC_PORT, METRICS_PORT = 50051, 9100
 
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,6 @@ from efmuon.server.cohorts import mean_estimators
 from efmuon.server.options import ServerOptions
 from efmuon.worker import Worker
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from efmuon.worker import Worker, WorkerError
 from efmuon.worker.connection import Connection
 from efmuon.worker.security import Security
 from efmuon.worker.silence import SILENCE_S
-from conftest import free_port, start
+from conftest import CLI, free_port, start
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "5"]
 HANG_GUARD = 120.0  # seconds; a worker that ignored its timeouts would live 300 s (the default) or forever
 

@@ -9,11 +9,10 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import Harness, batches_of, loss_fn, make_cfg, tiny_model
+from conftest import CLI, Harness, batches_of, loss_fn, make_cfg, tiny_model
 from efmuon.cli import main
 from efmuon.common.config import RunConfig
 from efmuon.common.federation import client_links
@@ -25,7 +24,6 @@ from efmuon.worker.hosting import (
     run_clients,
 )
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "digits", "--workers", "6", "--rounds", "4", "--uplink", "topk:0.2", "--downlink", "natural"]
 
 

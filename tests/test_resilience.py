@@ -10,7 +10,6 @@ import math
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -29,7 +28,6 @@ from efmuon.v1 import service_pb2 as pb
 from efmuon.worker import Worker, WorkerError
 
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "30", "--uplink", "topk:0.2", "--downlink", "natural"]
-CLI = [sys.executable, "-m", "efmuon.cli"]
 
 
 def server(port: int, tmp, *extra: str) -> subprocess.Popen:

@@ -14,7 +14,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +24,8 @@ from efmuon.common.wire.credentials import auth_metadata, channel_credentials, r
 from efmuon.server.certs import make_dev_certs
 from efmuon.v1 import service_pb2 as pb
 from efmuon.v1 import service_pb2_grpc as pb_grpc
-from conftest import free_port, start
+from conftest import CLI, free_port, start
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
 FLAGS = ["--task", "lsq", "--workers", "2", "--rounds", "40", "--uplink", "topk:0.2", "--downlink", "natural"]
 
 

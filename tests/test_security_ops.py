@@ -34,7 +34,8 @@ from efmuon.worker.client import Connection
 from efmuon.worker.security import Security, check_transport, is_loopback_host
 from test_service_protocol import batches_of, loss_fn, make_cfg, reference_w, server_model, tiny_model
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
+from conftest import CLI
+
 RUN = ["--task", "lsq", "--workers", "2", "--rounds", "3", "--uplink", "topk:0.2", "--downlink", "natural"]
 TOKEN = "t" * 32
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from conftest import finish, free_port, start, wait_round
+from conftest import CLI, finish, free_port, start, wait_round
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
 LSQ = ["--task", "lsq", "--task-option", "bias=true", "--workers", "4", "--uplink", "randk:0.5",
        "--downlink", "rankk:2"]
 

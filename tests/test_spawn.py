@@ -13,7 +13,8 @@ import time
 import pytest
 from efmuon.server.spawn import ForkServer
 
-CLI = [sys.executable, "-m", "efmuon.cli"]
+from conftest import CLI
+
 RUN = ["run", "--task", "lsq", "--workers", "2", "--rounds", "3", "--plots", "none"]
 
 

@@ -32,8 +32,9 @@ from efmuon.cli.worker import add_worker_flags
 from efmuon.common.errors import ConfigError
 from efmuon.worker.group import GroupError, group_ranks, split_batch, world_size
 
+from conftest import CLI
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "efmuon.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2"]
 # a small gpt-char; batch_size 8: each of a group's 2 ranks computes 4 windows
 TASK = ["--task", "gpt-char", "--task-option", "d_model=16", "--task-option", "n_layers=1", "--task-option",

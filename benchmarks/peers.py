@@ -116,6 +116,20 @@ def sim_rounds_to_target(args: tuple) -> dict:
     return result(cap, val, False)
 
 
+def sims_to_target(jobs: list[tuple], in_process: bool) -> list[dict]:
+    """`sim_rounds_to_target` of each job: here, one after the other (a few rounds of a tiny model, cheaper than
+    starting processes; this process's torch threads put back after), or two at a time in child processes
+    (a run is one core's work)."""
+    if in_process:
+        threads = torch.get_num_threads()
+        try:
+            return [sim_rounds_to_target(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    with mp.get_context("spawn").Pool(2) as pool:
+        return pool.map(sim_rounds_to_target, jobs, chunksize=1)
+
+
 def efmuon_args(setup: dict, uplink: str, downlink: str, rounds: int, link: str) -> list[str]:
     args = ["run", "--task", "gpt-char", "--workers", str(setup["workers"]), "--rounds", str(rounds),
             "--eval-every", str(setup["eval_every"]), "--schedule", "constant", "--uplink", uplink,
@@ -275,15 +289,7 @@ def bench_peers(level: str) -> dict:
     setup = level_setup(level)
     variants = setup.get("variants", VARIANTS)
     jobs = [(setup, up, down) for up, down in EFMUON_VARIANTS.values()]
-    if level == "smoke":  # a few rounds of a tiny model: cheaper here than starting two processes
-        threads = torch.get_num_threads()
-        try:
-            sims = {v: sim_rounds_to_target(job) for v, job in zip(EFMUON_VARIANTS, jobs)}
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        with mp.get_context("spawn").Pool(2) as pool:
-            sims = dict(zip(EFMUON_VARIANTS, pool.map(sim_rounds_to_target, jobs, chunksize=1)))
+    sims = dict(zip(EFMUON_VARIANTS, sims_to_target(jobs, in_process=level == "smoke")))
     for v, s in sims.items():
         print(f"  {v}: validation loss {s['val_loss']:.4f} at round {s['round']} in simulate "
               f"({'target reached' if s['reached'] else 'target NOT reached'})", flush=True)
@@ -295,11 +301,11 @@ def bench_peers(level: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="efmuon-bench-peers-") as tmp:
         for rep in range(setup["repeats"]):
             order = variants if rep % 2 == 0 else variants[::-1]
-            launches = [[v] for v in order if v in EFMUON_VARIANTS]
-            ddp = [v for v in order if v not in EFMUON_VARIANTS]
-            launches += [ddp] if together and ddp else [[v] for v in ddp]
-            if not together:
-                launches.sort(key=lambda vs: order.index(vs[0]))
+            if together:
+                ddp = [v for v in order if v not in EFMUON_VARIANTS]
+                launches = [[v] for v in order if v in EFMUON_VARIANTS] + ([ddp] if ddp else [])
+            else:
+                launches = [[v] for v in order]
             for label, link in setup["settings"]:
                 for launch in launches:
                     sub = tempfile.mkdtemp(dir=tmp)

@@ -7,7 +7,6 @@ downlink, the workers' gradients and uplinks), so evaluation is outside it (`--e
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from ..common.tasks.factory import make_task
 from ..server.local import run_local
 from ..server.options import ServerOptions
 from .harness import bench, by_level, goal, table
+from .proc import free_port
 
 # the models: gpt-char as the task ships it, and a wider, deeper one
 MODELS = {"gpt-char": {}, "gpt-char-d256x4": {"d_model": 256, "n_layers": 4}}
@@ -63,9 +63,7 @@ def _ddp_rank(rank: int, world: int, port: int, opts: dict, steps: int, out: str
 
 def ddp_step_s(opts: dict, world: int, steps: int) -> float:
     """Median seconds of one DDP step (forward, backward, all-reduce, update) of `world` gloo processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="efmuon-bench-ddp-") as tmp:
         out = os.path.join(tmp, "median")
         mp.spawn(_ddp_rank, args=(world, port, opts, steps, out), nprocs=world, join=True)

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 ENTRY = "efmuon.benchmarks.service"  # the helper processes' entry point (service.MODES)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a gloo rendezvous, a helper's server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:

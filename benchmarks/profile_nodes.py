@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -35,7 +34,7 @@ from ..server.plan import Plan
 from ..server.service import serve
 from ..worker.task import for_task
 from .ddp_peer import optimizers, setup_of
-from .proc import kill_leftovers, read_json, spawn
+from .proc import free_port, kill_leftovers, read_json, spawn
 
 
 def traced_worker(server: str, client_id: int) -> dict:
@@ -174,9 +173,7 @@ def ddp_profile(options: dict, world: int, steps: int) -> dict[str, list[float]]
     """{phase: [seconds per step]} of rank 0 of `world` gloo ranks (processes; world 1: this process)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="efmuon-bench-profile-") as tmp:
         out = os.path.join(tmp, "ddp.json")
         if world == 1:

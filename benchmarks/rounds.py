@@ -12,15 +12,13 @@ The variants run two at a time in child processes (one torch thread each), since
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 
-import torch
 
 from ..common.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK
 from ..common.tasks.gptchar import GptCharTask
 from .harness import bench, by_level, goal, table
-from .peers import level_setup, sim_rounds_to_target
+from .peers import level_setup, sims_to_target
 
 # the settings the default pairing was tuned at (the gpt-char task's defaults before this bench)
 OLD = {"lr": 0.05, "beta": 0.15}
@@ -101,15 +99,7 @@ def bench_rounds(level: str) -> dict:
     """Rounds and payload bytes to gpt-char's target per variant (pairing, lr, beta, per-layer rule) vs the default."""
     setup, variants = _setup(level)
     jobs = [(setup, up, down, dict(extra)) for _, up, down, extra in variants]
-    if level == "smoke":  # a few rounds of a tiny model: cheaper here than starting two processes
-        threads = torch.get_num_threads()
-        try:
-            results = [sim_rounds_to_target(job) for job in jobs]
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        with mp.get_context("spawn").Pool(2) as pool:
-            results = pool.map(sim_rounds_to_target, jobs, chunksize=1)
+    results = sims_to_target(jobs, in_process=level == "smoke")
     rows = rows_of(variants, results)
     for row in rows:
         print(f"  {row['variant']:40s} rounds {row['rounds_to_target'] or '-':>4} "

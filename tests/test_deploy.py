@@ -305,13 +305,20 @@ def test_kubernetes_manifests_validate_against_the_kubernetes_schemas(k8s):
         kv.validate(bad, version, strict=True)
 
 
-def test_kubernetes_server_service_and_indexed_workers_agree(k8s, tmp_path):
-    # Prepare
-    service = find(k8s, "Service", "efmuon-server")
-    server_job, workers_job = find(k8s, "Job", "efmuon-server"), find(k8s, "Job", "efmuon-workers")
+def server_and_workers(docs: dict, service_name: str) -> tuple:
+    """(the Service, the server Job, the workers Job, the server's pod template, its container, the workers'
+    container) of a set of manifests: the Jobs efmuon-server and efmuon-workers, one container each."""
+    service = find(docs, "Service", service_name)
+    server_job, workers_job = find(docs, "Job", "efmuon-server"), find(docs, "Job", "efmuon-workers")
     pod = server_job["spec"]["template"]
     (server_c,) = pod["spec"]["containers"]
     (worker_c,) = workers_job["spec"]["template"]["spec"]["containers"]
+    return service, server_job, workers_job, pod, server_c, worker_c
+
+
+def test_kubernetes_server_service_and_indexed_workers_agree(k8s, tmp_path):
+    # Prepare
+    service, server_job, workers_job, pod, server_c, worker_c = server_and_workers(k8s, "efmuon-server")
     index_env = next(e for e in worker_c["env"] if e["name"] == "EFMUON_CLIENT_ID")
 
     # Execute: the server's args and each worker's (index J) through efmuon's parser
@@ -395,11 +402,7 @@ def test_kubernetes_sharded_servers_headless_service_and_workers_agree(k8s, tmp_
     # Prepare: the sharded manifests (an Indexed Job of shard servers behind a headless Service)
     docs = k8s_sharded()
     sharded = {"sharded/" + name: ds for name, ds in docs.items()}
-    service = find(sharded, "Service", "efmuon-shards")
-    servers, workers_job = find(sharded, "Job", "efmuon-server"), find(sharded, "Job", "efmuon-workers")
-    pod = servers["spec"]["template"]
-    (server_c,) = pod["spec"]["containers"]
-    (worker_c,) = workers_job["spec"]["template"]["spec"]["containers"]
+    service, servers, workers_job, pod, server_c, worker_c = server_and_workers(sharded, "efmuon-shards")
     shard_env = next(e for e in server_c["env"] if e["name"] == "SHARD")
     index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     kv = pytest.importorskip("kubernetes_validate")
